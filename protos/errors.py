@@ -1,0 +1,110 @@
+"""The project's one error hierarchy.
+
+Every error a worker can report maps to a ``google.rpc.Code``: that is what a lease's
+status carries back to the scheduler and what a client finally sees. Lower-level errors
+(``grpc.RpcError``, ``OSError``) are translated into these once, at the boundary where
+they are caught; as an error rises, callers add context with :meth:`ReapiError.within`.
+
+    ReapiError                      code            meaning
+    ├── InvalidArgument             INVALID_ARGUMENT the request itself is wrong (a bad
+    │                                                name, path, proto or digest)
+    ├── FailedPrecondition          FAILED_PRECONDITION
+    │   └── MissingBlobs                             blobs absent from the CAS (every
+    │                                                missing digest listed)
+    ├── NotFound                    NOT_FOUND        a path inside a Directory is absent
+    ├── AlreadyExists               ALREADY_EXISTS   a path inside a Directory is taken
+    ├── DataLoss                    DATA_LOSS        bytes that do not match their digest
+    ├── ResourceExhausted           RESOURCE_EXHAUSTED  disk full, cache full of pins
+    ├── Unavailable                 UNAVAILABLE      a server that does not answer
+    ├── DeadlineExceeded            DEADLINE_EXCEEDED
+    └── Internal                    INTERNAL         a bug or a broken host (sandbox set-up)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+from . import code_pb2, error_details_pb2, status_pb2
+
+if TYPE_CHECKING:
+    from reapi_worker.storage.digests import Digest
+
+
+class ReapiError(Exception):
+    """An error with the google.rpc code it maps to and a human reason."""
+
+    code: int = code_pb2.UNKNOWN
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+    def within(self, context: str) -> "ReapiError":
+        """Prefix the reason with what was being done ("staging input root: ...")."""
+        self.reason = f"{context}: {self.reason}"
+        self.args = (self.reason,)
+        return self
+
+    def to_status(self) -> status_pb2.Status:
+        """The google.rpc.Status a lease or an ExecuteResponse carries for this error."""
+        return status_pb2.Status(code=self.code, message=self.reason)
+
+    def __str__(self) -> str:
+        return self.reason
+
+
+class InvalidArgument(ReapiError):
+    code = code_pb2.INVALID_ARGUMENT
+
+
+class FailedPrecondition(ReapiError):
+    code = code_pb2.FAILED_PRECONDITION
+
+
+class MissingBlobs(FailedPrecondition):
+    """Blobs the CAS does not have. Clients re-upload exactly the digests listed in the
+    PreconditionFailure's ``MISSING`` violations, so every missing one must be named."""
+
+    def __init__(self, digests: Iterable["Digest"], context: str = "") -> None:
+        self.digests = sorted(set(digests))
+        listed = ", ".join(str(d) for d in self.digests[:5])
+        more = f" and {len(self.digests) - 5} more" if len(self.digests) > 5 else ""
+        prefix = f"{context}: " if context else ""
+        super().__init__(f"{prefix}{len(self.digests)} blob(s) missing from CAS: {listed}{more}")
+
+    def to_status(self) -> status_pb2.Status:
+        failure = error_details_pb2.PreconditionFailure()
+        for digest in self.digests:
+            failure.violations.add(type="MISSING", subject=f"blobs/{digest.hash}/{digest.size_bytes}")
+        status = super().to_status()
+        status.details.add().Pack(failure)
+        return status
+
+
+class NotFound(ReapiError):
+    code = code_pb2.NOT_FOUND
+
+
+class AlreadyExists(ReapiError):
+    code = code_pb2.ALREADY_EXISTS
+
+
+class DataLoss(ReapiError):
+    code = code_pb2.DATA_LOSS
+
+
+class ResourceExhausted(ReapiError):
+    code = code_pb2.RESOURCE_EXHAUSTED
+
+
+class Unavailable(ReapiError):
+    code = code_pb2.UNAVAILABLE
+
+
+class DeadlineExceeded(ReapiError):
+    code = code_pb2.DEADLINE_EXCEEDED
+
+
+class Internal(ReapiError):
+    code = code_pb2.INTERNAL
