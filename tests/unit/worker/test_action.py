@@ -1,0 +1,102 @@
+"""Checks on the client-controlled parts of an Action and Command."""
+
+import pytest
+from google.protobuf.duration_pb2 import Duration
+
+from reapi_worker.protos import re_pb2
+from reapi_worker.protos.errors import InvalidArgument, MissingBlobs
+from reapi_worker.storage.content import MemoryStore
+from reapi_worker.storage.digests import Digest, serialize
+from reapi_worker.worker.action import OutputKind, RootMode, load_action
+
+
+def _store_action(store, command, **action_fields):
+    command_digest = store.write(serialize(command))
+    root_digest = store.write(serialize(re_pb2.Directory()))
+    action = re_pb2.Action(command_digest=command_digest.to_proto(), input_root_digest=root_digest.to_proto(), **action_fields)
+    return store.write(serialize(action))
+
+
+def test_outputs_are_relative_to_the_working_directory():
+    store = MemoryStore()
+    command = re_pb2.Command(
+        arguments=["true"], working_directory="src/pkg", output_paths=["out/a", "b"], output_files=["c"],
+        output_directories=["d"],
+    )
+    spec = load_action(store, _store_action(store, command))
+    assert [(o.path, o.components, o.kind) for o in spec.outputs] == [
+        ("out/a", ("src", "pkg", "out", "a"), OutputKind.PATH),
+        ("b", ("src", "pkg", "b"), OutputKind.PATH),
+        ("c", ("src", "pkg", "c"), OutputKind.FILE),
+        ("d", ("src", "pkg", "d"), OutputKind.DIRECTORY),
+    ]
+    assert spec.working_directory == ("src", "pkg")
+
+
+@pytest.mark.parametrize("field", ["output_paths", "output_files", "output_directories"])
+@pytest.mark.parametrize("path", ["../escape", "a/../../b", "/etc/passwd"])
+def test_output_path_escaping_the_root_is_refused(field, path):
+    store = MemoryStore()
+    command = re_pb2.Command(arguments=["true"], **{field: [path]})
+    with pytest.raises(InvalidArgument, match=field):
+        load_action(store, _store_action(store, command))
+
+
+@pytest.mark.parametrize("workdir", ["..", "/abs", "a/../.."])
+def test_working_directory_outside_the_root_is_refused(workdir):
+    store = MemoryStore()
+    command = re_pb2.Command(arguments=["true"], working_directory=workdir)
+    with pytest.raises(InvalidArgument, match="working_directory"):
+        load_action(store, _store_action(store, command))
+
+
+def test_empty_arguments_are_refused():
+    store = MemoryStore()
+    with pytest.raises(InvalidArgument, match="arguments"):
+        load_action(store, _store_action(store, re_pb2.Command()))
+
+
+def test_malformed_command_bytes_name_the_digest():
+    store = MemoryStore()
+    bogus = store.write(b"\xff\xff\xff\xff not a proto")
+    root = store.write(serialize(re_pb2.Directory()))
+    action = re_pb2.Action(command_digest=bogus.to_proto(), input_root_digest=root.to_proto())
+    with pytest.raises(InvalidArgument, match=bogus.hash):
+        load_action(store, store.write(serialize(action)))
+
+
+def test_missing_command_is_reported_as_missing_blob():
+    store = MemoryStore()
+    absent = Digest.of_bytes(b"never stored")
+    root = store.write(serialize(re_pb2.Directory()))
+    action = re_pb2.Action(command_digest=absent.to_proto(), input_root_digest=root.to_proto())
+    with pytest.raises(MissingBlobs) as raised:
+        load_action(store, store.write(serialize(action)))
+    assert raised.value.digests == [absent]
+
+
+def test_platform_properties_choose_root_mode_and_network():
+    store = MemoryStore()
+    command = re_pb2.Command(arguments=["true"])
+    platform = re_pb2.Platform(properties=[
+        re_pb2.Platform.Property(name="network", value="on"),
+        re_pb2.Platform.Property(name="rootMode", value="chroot"),
+    ])
+    spec = load_action(store, _store_action(store, command, platform=platform, timeout=Duration(seconds=7)))
+    assert spec.root_mode is RootMode.CHROOT
+    assert spec.network is True
+    assert spec.timeout == 7.0
+
+
+def test_unknown_root_mode_is_refused():
+    store = MemoryStore()
+    platform = re_pb2.Platform(properties=[re_pb2.Platform.Property(name="rootMode", value="vm")])
+    with pytest.raises(InvalidArgument, match="rootMode"):
+        load_action(store, _store_action(store, re_pb2.Command(arguments=["x"]), platform=platform))
+
+
+def test_defaults_are_host_tools_without_network_or_timeout():
+    store = MemoryStore()
+    spec = load_action(store, _store_action(store, re_pb2.Command(arguments=["x"], environment_variables=[
+        re_pb2.Command.EnvironmentVariable(name="A", value="1")])))
+    assert (spec.root_mode, spec.network, spec.timeout, spec.environment) == (RootMode.HOST_TOOLS, False, None, {"A": "1"})
