@@ -97,6 +97,18 @@ class LocalContent(ContentStore):
         protects the blob once it arrives."""
 
 
+    def fetch_tree(self, root: Digest) -> None:
+        """Make every Directory proto of the tree under ``root`` local in as few round
+        trips as the store can (GetTree for a remote one). Stores without a remote have
+        nothing to fetch; a lazily loaded tree still reports what is missing."""
+
+    def upload_missing(self, digests: Iterable[Digest]) -> set[Digest]:
+        """Make ``digests`` readable by whoever reads the ActionResult: a store in front of
+        a remote CAS uploads what the remote lacks and returns those digests. A purely
+        local store is already where the reader looks: nothing to do."""
+        return set()
+
+
 class MemoryStore(ContentStore):
     """A ContentStore in a dict: the in-repo fake for unit tests. Thread-safe."""
 

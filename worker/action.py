@@ -13,25 +13,15 @@ from google.protobuf.message import DecodeError
 
 from reapi_worker.protos import re_pb2
 from reapi_worker.protos.errors import InvalidArgument
+from reapi_worker.sandbox.request import RootMode
 from reapi_worker.storage.content import ContentStore
 from reapi_worker.storage.digests import Digest
 from reapi_worker.storage.paths import RelPath, split_relative
 
-# Platform property keys this worker understands (advertised by the bot).
+# Platform property keys this worker understands (advertised by the bot). ``rootMode``
+# takes a :class:`RootMode` value: ``host-tools`` (default) or ``chroot``.
 ROOT_MODE_KEY = "rootMode"
 NETWORK_KEY = "network"
-
-
-class RootMode(enum.Enum):
-    """How the input root is presented to the command (platform property ``rootMode``).
-
-    ``host-tools`` (default): the input root is the working tree at a fixed path; the
-    host's /usr, /bin, /lib*, /etc are visible read-only (Bazel, recc).
-    ``chroot``: the input root becomes ``/`` and must carry its own tools (BuildStream).
-    """
-
-    HOST_TOOLS = "host-tools"
-    CHROOT = "chroot"
 
 
 class OutputKind(enum.Enum):

@@ -16,14 +16,24 @@ Errors (all from :mod:`reapi_worker.protos.errors`):
 
 * ``InvalidArgument`` — a bad name or path, a symlink target the policy refuses,
   a non-canonical Directory proto, a tar member we refuse;
-* ``NotFound`` — the path (or its parent) does not exist, or a component is not a directory;
+* ``NotFound`` — the path (or its parent) does not exist, or a component is not a directory
+  (a symlink is never a directory here), or ``read_bytes`` names a non-file;
 * ``AlreadyExists`` — the destination of ``rename``/``copy``/``mkdir`` exists
-  (``write_bytes`` and ``symlink`` replace a non-directory entry);
+  (``write_bytes`` and ``symlink`` replace a non-directory entry but never a directory),
+  a non-directory is in the way of ``descend(create=True)``, or ``export_files``'s
+  destination is not an empty directory;
 * ``FailedPrecondition`` — ``remove`` of a non-empty directory without ``recursive``;
 * ``MissingBlobs`` — a blob the tree refers to is not in the store.
 
-An operation that fails changes nothing: checks happen before the first write.
+An operation that fails changes nothing: checks happen before the first write. (An I/O
+error in the middle of a filesystem write, e.g. a full disk, can still leave part of it.)
 Instances are not thread-safe; one action edits its own tree.
+
+Symlink targets are checked against the policy at the link's position relative to the
+root of the whole tree (the Directory the caller first built), also for a Directory got
+from ``descend``; moving a subtree to a shallower place re-checks the links it holds.
+A ``descend``-ed FileSystemDirectory names a path: after that path is renamed away the
+handle no longer refers to it (a CasDirectory node moves with the rename).
 """
 
 from __future__ import annotations
@@ -32,10 +42,13 @@ import abc
 import enum
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 from ..digests import Digest
 from ..paths import SymlinkPolicy
+
+if TYPE_CHECKING:
+    from ._importing import ImportSource
 
 
 class FileType(enum.Enum):
@@ -63,14 +76,23 @@ class FileStat:
 
 @dataclass(slots=True)
 class ImportResult:
-    """What :meth:`Directory.import_files` did, path by path (relative to the target)."""
+    """What :meth:`Directory.import_files` did, path by path (relative to the target),
+    each list in walk order.
+
+    ``imported`` holds every entry written or created (files, symlinks and directories
+    that did not exist; directories merged into existing ones are not listed);
+    ``overwritten`` the subset of ``imported`` that replaced an existing entry;
+    ``ignored`` the entries left out by the filter (a directory stands for its whole
+    subtree) or kept because ``overwrite`` was False.
+    """
 
     imported: list[str] = field(default_factory=list)
     overwritten: list[str] = field(default_factory=list)
     ignored: list[str] = field(default_factory=list)
 
 
-# Called with each source path relative to the import root; False leaves it out.
+# Called with each source path relative to the import root, directories included;
+# False leaves it out (for a directory: with everything below it).
 ImportFilter = Callable[[str], bool]
 
 
@@ -85,11 +107,15 @@ class Directory(abc.ABC):
     @abc.abstractmethod
     def descend(self, path: str, create: bool = False) -> "Directory":
         """The subdirectory at ``path`` (``""`` is self), creating missing ones if asked.
-        Edits through the returned object are edits of this tree."""
+        Edits through the returned object are edits of this tree. NotFound if a component
+        is missing (without ``create``) or not a directory; with ``create``, a
+        non-directory in the way is AlreadyExists (as for mkdir)."""
 
     @abc.abstractmethod
     def stat(self, path: str) -> FileStat:
-        """Describe the entry at ``path`` without following a final symlink."""
+        """Describe the entry at ``path`` without following a final symlink (``""`` is
+        this directory). On a filesystem tree a file's digest means hashing it and a
+        directory's digest means hashing its whole subtree."""
 
     def exists(self, path: str) -> bool:
         from reapi_worker.protos.errors import NotFound
@@ -113,7 +139,7 @@ class Directory(abc.ABC):
 
     @abc.abstractmethod
     def read_bytes(self, path: str) -> bytes:
-        """The bytes of the regular file at ``path``."""
+        """The bytes of the regular file at ``path`` (NotFound for anything else)."""
 
     @abc.abstractmethod
     def write_bytes(self, path: str, data: bytes, executable: bool = False) -> None:
@@ -136,7 +162,8 @@ class Directory(abc.ABC):
 
     @abc.abstractmethod
     def remove(self, path: str, recursive: bool = False) -> None:
-        """Remove a file, symlink or (empty, unless ``recursive``) directory."""
+        """Remove a file, symlink or (empty, unless ``recursive``) directory. The
+        directory itself (``""``) cannot be removed: InvalidArgument."""
 
     @abc.abstractmethod
     def rename(self, src: str, dst: str) -> None:
@@ -173,7 +200,24 @@ class Directory(abc.ABC):
         """Write this tree to the local directory ``dest`` (created if absent; must be
         empty if present). With ``can_link`` a CAS tree hardlinks its files from the
         local cache and copies only where a link is impossible (another file system,
-        link-count limit)."""
+        link-count limit).
+
+        Exported files are mode 0444, or 0555 if executable, whether linked from the
+        cache or copied, so a staged input is never writable through its mode; a
+        filesystem tree always copies. Directories are created 0755 (less the umask).
+        ``dest`` is opened without following a symlink."""
+
+    # -- internal part: used between backends, not by callers ------------------------
+
+    def _import_source(self) -> "ImportSource":
+        """This tree as the source of another tree's ``import_files``.
+
+        The default reads through the public API (``walk`` and ``read_bytes``); backends
+        override it with something cheaper.
+        """
+        from ._importing import DirectorySource
+
+        return DirectorySource(self)
 
     @abc.abstractmethod
     def digest(self) -> Digest:

@@ -1,0 +1,396 @@
+""":class:`BubblewrapRunner`: the :class:`~.runner.Runner` that isolates with bubblewrap.
+
+One run, step by step (each step's *why* is in the code):
+
+1. The confinement (cgroup or rlimits) is created for the action's limits.
+2. The output files are opened by the worker, so the sandbox needs no access to their paths.
+3. The process is spawned as ``[join cgroup] [setpriv to the sandbox uid] bwrap --args FD --
+   COMMAND``: it is inside its cgroup before it exists as bubblewrap, so before anything can
+   fork. The options (from the pure :func:`~.bwrap_args.bwrap_arguments`) go through a pipe.
+4. bubblewrap reports its init's pid on ``--info-fd`` and then waits on ``--block-fd`` after
+   setting up the mounts. The runner opens a pidfd on the init — from then on it can kill
+   the whole pid namespace without any pid-reuse race — and releases it. The timeout starts.
+5. The runner waits on a pidfd of bubblewrap's monitor (no polling; with a ``cancel`` event,
+   it wakes every 50 ms to look at it). On timeout or cancel it SIGKILLs the init (the
+   kernel then kills every process of the namespace), the monitor, and, as a second line,
+   everything in the cgroup.
+6. The monitor is reaped. It exits as soon as the command has, and its init — the pid
+   namespace — dies with it (``--die-with-parent``); the runner SIGKILLs the init anyway and
+   waits on its pidfd, which turns readable only once the kernel has emptied the namespace.
+   So when ``run`` returns, nothing of the action is alive, cgroup or not.
+   ``--json-status-fd`` says whether the command was exec'd at all: if not, bubblewrap's own
+   message in the stderr file (nothing else can have written there yet) says whether the
+   command was not found / not executable (127 / 126) or the sandbox could not be set up.
+7. Cgroup figures are read (see :mod:`.usage` for why not ``wait4``), leftovers killed, the
+   cgroup removed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import logging
+import os
+import re
+import select
+import shutil
+import signal
+import subprocess
+import threading
+import time
+
+from .bwrap_args import ControlFds, HostLayout, bwrap_arguments
+from .errors import SandboxSetupError
+from .identity import RunAs, effective_run_as, sandbox_can_protect_hardlinks, setpriv_prefix
+from .limits import Confinement, ResourceController
+from .request import SandboxRequest
+from .result import SandboxResult
+from .runner import Runner
+from .usage import ResourceUsage
+
+log = logging.getLogger(__name__)
+
+#: How often ``run`` looks at a ``cancel`` event while the command runs (the contract is 0.2 s).
+CANCEL_POLL_SECONDS = 0.05
+#: How long to wait for the sandbox's init to vanish after the monitor has exited.
+INIT_EXIT_GRACE_SECONDS = 2.0
+#: The tail of the stderr file read to explain a failed set-up.
+_STDERR_TAIL = 4096
+_EXEC_FAILURE = re.compile(r"^bwrap: execvp (?P<command>.*): (?P<reason>[^\n]*)$", re.MULTILINE)
+_NOT_FOUND = {os.strerror(errno.ENOENT), os.strerror(errno.ENOTDIR)}
+
+
+class BubblewrapRunner(Runner):
+    """Runs requests in bubblewrap sandboxes (see the module docstring for one run).
+
+    * ``bwrap_path`` — the bubblewrap binary (looked up on the worker's PATH once, here).
+    * ``run_as`` — the host identity of every sandbox; ``None`` = automatic (65534:65534 when
+      the worker is root, else the worker itself). See :mod:`.identity` for why.
+    * ``controller`` — limits and the second kill line; the composition root passes the one
+      :func:`~.probe.choose_resource_controller` picked. ``None`` = choose now.
+    * ``layout`` — the host paths a HOST_TOOLS sandbox shows; ``None`` = probe the host now.
+
+    Raises SandboxSetupError when bubblewrap or setpriv is missing or ``run_as`` is not
+    possible. Thread-safe.
+    """
+
+    def __init__(
+        self,
+        bwrap_path: str = "bwrap",
+        *,
+        run_as: RunAs | None = None,
+        controller: ResourceController | None = None,
+        layout: HostLayout | None = None,
+        setpriv_path: str = "setpriv",
+    ) -> None:
+        found = shutil.which(bwrap_path)
+        if found is None:
+            raise SandboxSetupError(f"bubblewrap ({bwrap_path}) is not installed")
+        self.bwrap_path = found
+        self.run_as = effective_run_as(run_as)
+        self._drop: tuple[str, ...] = ()
+        if self.run_as is not None:
+            setpriv = shutil.which(setpriv_path)
+            if setpriv is None:
+                raise SandboxSetupError("util-linux setpriv is needed to run the sandbox unprivileged")
+            self._drop = setpriv_prefix(setpriv, self.run_as)
+        if controller is None:
+            from .probe import choose_resource_controller
+
+            controller = choose_resource_controller()
+        self.controller = controller
+        self.layout = HostLayout.probe() if layout is None else layout
+        self.protects_hardlinks = sandbox_can_protect_hardlinks(run_as)
+
+    @property
+    def host_ids(self) -> tuple[int, int]:
+        """The host uid/gid the sandbox runs as — what the build directory's directories must
+        be owned by (:func:`~.identity.prepare_build_dir`)."""
+        if self.run_as is None:
+            return os.geteuid(), os.getegid()
+        return self.run_as.uid, self.run_as.gid
+
+    def run(self, request: SandboxRequest, cancel: threading.Event | None = None) -> SandboxResult:
+        started = time.monotonic()
+        confinement = self.controller.confine(request.limits)
+        try:
+            with _Descriptors() as fds:
+                return self._run_confined(request, cancel, confinement, fds, started)
+        finally:
+            try:
+                confinement.close()
+            except SandboxSetupError as e:
+                # The action ran (or failed to start for another reason, which is raised);
+                # a cgroup that would not go away is the host's problem, logged.
+                log.error("after running %r: %s", request.arguments[0], e)
+
+    # -- one run ---------------------------------------------------------------------------
+
+    def _run_confined(
+        self,
+        request: SandboxRequest,
+        cancel: threading.Event | None,
+        confinement: Confinement,
+        fds: "_Descriptors",
+        started: float,
+    ) -> SandboxResult:
+        stdout_fd, stderr_fd = _open_outputs(request, fds)
+        # os.pipe() gives O_CLOEXEC descriptors, so a concurrent run's spawn cannot inherit them.
+        info_r, info_w = fds.pipe()
+        status_r, status_w = fds.pipe()
+        block_r, block_w = fds.pipe()
+        args_r, args_w = fds.pipe()
+        child_ends = (info_w, status_w, block_r, args_r)
+        bwrap_args = bwrap_arguments(request, self.layout, ControlFds(info_w, status_w, block_r))
+        argv = [
+            *confinement.spawn_prefix, *self._drop,
+            self.bwrap_path, "--args", str(args_r), "--", *bwrap_args.command,
+        ]
+        try:
+            proc = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=stdout_fd,
+                stderr=stderr_fd,
+                pass_fds=child_ends,
+                env={},  # bubblewrap's own environment: C locale, nothing of the worker
+                start_new_session=True,  # the worker's terminal signals are the worker's
+            )
+        except OSError as e:
+            raise SandboxSetupError(f"cannot start bubblewrap: {e}") from e
+        for fd in child_ends:  # only the child holds these now, so EOF means what it says
+            fds.close(fd)
+
+        monitor = _Monitor(proc)
+        reason: str | None = None
+        try:
+            _write_args(args_w, bwrap_args.options)
+            fds.close(args_w)
+            init_pid = _read_init_pid(info_r)
+            if init_pid is None:
+                monitor.kill()  # it failed before creating the sandbox; make sure it is gone
+            else:
+                monitor.hold_init(init_pid)
+                # Release the command. (EOF on --block-fd would release it too, which is why
+                # every failure path kills before any descriptor is closed.)
+                _write_quietly(block_w, b"1")
+            deadline = None if request.timeout is None else time.monotonic() + request.timeout
+            reason = monitor.wait(deadline, cancel)
+            if reason is not None:
+                monitor.kill()
+                confinement.kill_all()
+            status = monitor.reap()
+        except BaseException:
+            monitor.kill()
+            monitor.reap()
+            raise
+        wall = time.monotonic() - started
+
+        confinement.kill_all()  # the second line: after the pid namespace, nothing is left
+        usage = ResourceUsage.measured(wall, confinement.usage())
+        oom = confinement.oom_killed()
+        if reason is not None:
+            return SandboxResult(
+                exit_code=128 + signal.SIGKILL, signal=signal.SIGKILL, timed_out=reason == "timeout",
+                cancelled=reason == "cancel", oom_killed=oom, usage=usage,
+            )
+        exit_code = _command_exit_code(status_r)
+        if exit_code is None and not oom:
+            exit_code = _exec_failure(request, init_pid, status)
+        if exit_code is None:  # OOM-killed before bubblewrap could report
+            exit_code = 128 + signal.SIGKILL
+        return SandboxResult(
+            exit_code=exit_code, signal=_signal_of(exit_code), timed_out=False, cancelled=False,
+            oom_killed=oom, usage=usage,
+        )
+
+
+class _Descriptors:
+    """The descriptors of one run, each closed exactly once.
+
+    Closing a descriptor twice is a real bug in a threaded worker: the second close may hit
+    a descriptor another thread has just opened under the same number.
+    """
+
+    def __init__(self) -> None:
+        self._open: set[int] = set()
+
+    def adopt(self, fd: int) -> int:
+        self._open.add(fd)
+        return fd
+
+    def pipe(self) -> tuple[int, int]:
+        r, w = os.pipe()
+        return self.adopt(r), self.adopt(w)
+
+    def close(self, fd: int) -> None:
+        if fd in self._open:
+            self._open.discard(fd)
+            _close_quietly(fd)
+
+    def __enter__(self) -> "_Descriptors":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for fd in list(self._open):
+            self.close(fd)
+
+
+class _Monitor:
+    """bubblewrap's monitor process (our child) and, once known, a pidfd on its init."""
+
+    def __init__(self, proc: subprocess.Popen[bytes]) -> None:
+        self.proc = proc
+        self.pidfd: int | None = os.pidfd_open(proc.pid)
+        self.init_pidfd: int | None = None
+        self._status: int | None = None
+
+    def hold_init(self, pid: int) -> None:
+        # The init is alive and blocked on --block-fd, so this pid cannot have been reused.
+        try:
+            self.init_pidfd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            self.init_pidfd = None  # it already failed; the monitor will report it
+
+    def wait(self, deadline: float | None, cancel: threading.Event | None) -> str | None:
+        """Wait until the monitor exits (``None``), the deadline passes (``"timeout"``) or
+        ``cancel`` is set (``"cancel"``)."""
+        assert self.pidfd is not None
+        poller = select.poll()
+        poller.register(self.pidfd, select.POLLIN)
+        while True:
+            if cancel is not None and cancel.is_set():
+                return "cancel"
+            timeout = None if deadline is None else deadline - time.monotonic()
+            if timeout is not None and timeout <= 0:
+                return "timeout"
+            if cancel is not None:
+                timeout = CANCEL_POLL_SECONDS if timeout is None else min(timeout, CANCEL_POLL_SECONDS)
+            if poller.poll(None if timeout is None else max(1, int(timeout * 1000))):
+                return None
+
+    def kill(self) -> None:
+        """SIGKILL the init (and so the pid namespace) and the monitor. Idempotent."""
+        if self.init_pidfd is not None:
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(self.init_pidfd, signal.SIGKILL)
+        if self.pidfd is not None:
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
+
+    def reap(self) -> int:
+        """Reap the monitor, then wait until the init — and so the whole pid namespace — is
+        gone. Returns the monitor's wait status."""
+        if self._status is None:
+            try:
+                _, status = os.waitpid(self.proc.pid, 0)
+                self._status = status
+                # Tell Popen, or its __del__ would later waitpid() a pid that may be reused.
+                self.proc.returncode = os.waitstatus_to_exitcode(status)
+                if self.init_pidfd is not None:
+                    # Already dying of PDEATHSIG; make it certain, and wait for the kernel to
+                    # finish tearing the namespace down (the pidfd turns readable after that).
+                    with contextlib.suppress(ProcessLookupError):
+                        signal.pidfd_send_signal(self.init_pidfd, signal.SIGKILL)
+                    select.select([self.init_pidfd], [], [], INIT_EXIT_GRACE_SECONDS)
+            finally:
+                for fd in (self.pidfd, self.init_pidfd):
+                    if fd is not None:
+                        _close_quietly(fd)
+                self.pidfd = self.init_pidfd = None
+        assert self._status is not None
+        return self._status
+
+
+def _open_outputs(request: SandboxRequest, fds: _Descriptors) -> tuple[int, int]:
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
+    try:
+        stdout_fd = fds.adopt(os.open(request.stdout_path, flags, 0o644))
+        if request.stderr_path == request.stdout_path:
+            return stdout_fd, stdout_fd
+        stderr_fd = fds.adopt(os.open(request.stderr_path, flags, 0o644))
+    except OSError as e:
+        raise SandboxSetupError(f"cannot create output file: {e}") from e
+    return stdout_fd, stderr_fd
+
+
+def _write_args(fd: int, args: tuple[str, ...]) -> None:
+    """Send ``args`` NUL-terminated; bubblewrap reads them concurrently, so any size works."""
+    data = memoryview(b"".join(os.fsencode(a) + b"\0" for a in args))
+    try:
+        while data:
+            data = data[os.write(fd, data):]
+    except BrokenPipeError:
+        pass  # it died before reading them all: reported as a set-up failure below
+
+
+def _read_init_pid(fd: int) -> int | None:
+    """The init's pid from ``--info-fd`` (bubblewrap closes it after writing), or ``None``
+    if bubblewrap failed before creating the sandbox."""
+    chunks = []
+    while chunk := os.read(fd, 4096):
+        chunks.append(chunk)
+    try:
+        return int(json.loads(b"".join(chunks))["child-pid"])
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def _command_exit_code(status_fd: int) -> int | None:
+    """The ``exit-code`` from ``--json-status-fd``; present only if the command was exec'd."""
+    data = b""
+    while chunk := os.read(status_fd, 4096):
+        data += chunk
+    for line in data.decode(errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and "exit-code" in record:
+            return int(record["exit-code"])
+    return None
+
+
+def _exec_failure(request: SandboxRequest, init_pid: int | None, status: int) -> int:
+    """The command was never exec'd: 127/126 if exec failed, else raise SandboxSetupError.
+
+    Only bubblewrap (and the cgroup-joining shell) can have written to stderr so far, so
+    its message is trustworthy here: the command could not forge it.
+    """
+    tail = _read_tail(request.stderr_path)
+    if init_pid is not None:
+        match = None
+        for match in _EXEC_FAILURE.finditer(tail):
+            pass
+        if match is not None:
+            return 127 if match.group("reason") in _NOT_FOUND else 126
+    message = tail.strip().splitlines()[-1] if tail.strip() else f"wait status {status:#x}, no message"
+    raise SandboxSetupError(f"bubblewrap failed before running the command: {message}")
+
+
+def _read_tail(path: str) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - _STDERR_TAIL))
+            return f.read().decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def _signal_of(exit_code: int) -> int | None:
+    number = exit_code - 128
+    return number if 0 < number < signal.NSIG else None
+
+
+def _write_quietly(fd: int, data: bytes) -> None:
+    try:
+        os.write(fd, data)
+    except BrokenPipeError:
+        pass  # the init already died (a set-up failure); the monitor reports it
+
+
+def _close_quietly(fd: int) -> None:
+    with contextlib.suppress(OSError):
+        os.close(fd)

@@ -1,0 +1,168 @@
+"""The bubblewrap argument list, built by a pure function of the request and the host layout.
+
+Everything the sandbox is — namespaces, mounts, environment, working directory — is decided
+here and nowhere else, so it can be read, reviewed and unit-tested as a list of strings. The
+result is what follows ``bwrap``: options, then ``--``, then the command. The runner passes
+the options through ``--args FD`` (bubblewrap takes only options there), which keeps host
+paths and environment values out of ``/proc/1/cmdline`` inside the sandbox.
+
+Choices, and why:
+
+* Namespaces user, pid, ipc, uts (hostname fixed), cgroup, and net unless the request wants
+  network: with its own net namespace the command has only a loopback of its own and cannot
+  reach the host's 127.0.0.1. bubblewrap's pid-1 init reaps orphans, and when the command
+  exits the init exits, which makes the kernel kill everything left in the namespace —
+  double-forked daemons included.
+* ``--die-with-parent``: if the worker dies, so does the sandbox. ``--new-session``: no
+  ``TIOCSTI`` into a terminal. ``--cap-drop ALL``: no capabilities even inside.
+* ``--clearenv`` then ``--setenv`` per variable, sorted, so that nothing of the worker leaks.
+  bubblewrap then *adds* ``PWD`` (it always does, after ``chdir``). In HOST_TOOLS mode the
+  command is therefore started through the host's ``env -u PWD --`` (a 0.5 ms exec that
+  replaces itself with the command, keeping execvp's PATH rules and the shell's 127/126
+  exit codes). In CHROOT mode nothing of the host can be relied on inside the root, so
+  bubblewrap's ``PWD`` (the sandbox working directory — deterministic, not worker data)
+  stays; documented as the one difference. ``env`` would take an ``arguments[0]``
+  containing ``=`` for an assignment, so such a command is also run without it.
+* HOST_TOOLS: a read-only tmpfs root with the host's ``/usr``, ``/etc`` and the top-level
+  links or directories ``/bin``, ``/sbin``, ``/lib``, ``/lib32``, ``/lib64``, ``/libx32``
+  that exist (a symlink on the host, as on merged-/usr systems, stays a symlink), the input
+  root read-write at ``/build``, fresh ``/proc``, minimal ``/dev``, tmpfs ``/tmp``.
+* CHROOT: the input root read-write as ``/``, fresh ``/proc``, minimal ``/dev``, tmpfs ``/tmp``.
+* Operator binds come last, read-only, so they may cover anything above.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from .request import HOST_TOOLS_INPUT_ROOT, SANDBOX_HOSTNAME, RootMode, SandboxRequest
+
+#: Top-level host entries offered in HOST_TOOLS mode besides ``/usr`` and ``/etc``.
+HOST_TOOLS_TOP_LEVEL = ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
+
+#: The in-sandbox exec shim used in HOST_TOOLS mode (see the module docstring).
+ENV_SHIM = "/usr/bin/env"
+
+
+@dataclass(frozen=True)
+class HostEntry:
+    """One top-level host path as HOST_TOOLS mode reproduces it: a directory to bind
+    read-only, or (``symlink_target`` set) a symlink to recreate."""
+
+    path: str
+    symlink_target: str | None = None
+
+
+@dataclass(frozen=True)
+class HostLayout:
+    """The parts of the host a HOST_TOOLS sandbox shows, read once when a runner starts.
+
+    ``entries`` lists ``/usr``, ``/etc`` and the :data:`HOST_TOOLS_TOP_LEVEL` paths that exist;
+    ``env_shim`` is :data:`ENV_SHIM` if the host has it under ``/usr``, else ``None``.
+    """
+
+    entries: tuple[HostEntry, ...]
+    env_shim: str | None
+
+    @classmethod
+    def probe(cls, root: str = "/") -> "HostLayout":
+        """Read the layout of the host (or of ``root``, for tests)."""
+        entries = []
+        for path in ("/usr", *HOST_TOOLS_TOP_LEVEL, "/etc"):
+            host = os.path.join(root, path.lstrip("/"))
+            try:
+                st = os.lstat(host)
+            except FileNotFoundError:
+                continue
+            if stat.S_ISLNK(st.st_mode):
+                entries.append(HostEntry(path, symlink_target=os.readlink(host)))
+            elif stat.S_ISDIR(st.st_mode):
+                entries.append(HostEntry(path))
+        shim = os.path.join(root, ENV_SHIM.lstrip("/"))
+        has_shim = any(e.path == "/usr" and e.symlink_target is None for e in entries) and os.access(shim, os.X_OK)
+        return cls(entries=tuple(entries), env_shim=ENV_SHIM if has_shim else None)
+
+
+@dataclass(frozen=True)
+class ControlFds:
+    """bubblewrap's control descriptors, as numbered in its process."""
+
+    info_fd: int
+    status_fd: int
+    block_fd: int
+
+
+@dataclass(frozen=True)
+class BwrapArguments:
+    """bubblewrap's options and the command it runs (behind the env shim when used)."""
+
+    options: tuple[str, ...]
+    command: tuple[str, ...]
+
+    def argv(self) -> list[str]:
+        """Everything after ``bwrap`` on one command line."""
+        return [*self.options, "--", *self.command]
+
+
+def bwrap_arguments(request: SandboxRequest, layout: HostLayout, fds: ControlFds) -> BwrapArguments:
+    """The arguments after ``bwrap`` that run ``request``; pure (no I/O, no globals).
+
+    The caller guarantees ``request`` is valid (it validates itself when built).
+    """
+    args: list[str] = [
+        "--unshare-user", "--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup",
+    ]
+    if not request.network:
+        args.append("--unshare-net")
+    args += [
+        "--uid", str(request.uid), "--gid", str(request.gid),
+        "--hostname", SANDBOX_HOSTNAME,
+        "--die-with-parent", "--new-session", "--cap-drop", "ALL",
+        "--clearenv",
+    ]
+    for name in sorted(request.environment):
+        args += ["--setenv", name, request.environment[name]]
+
+    if request.root_mode is RootMode.HOST_TOOLS:
+        for entry in layout.entries:
+            if entry.symlink_target is not None:
+                args += ["--symlink", entry.symlink_target, entry.path]
+            else:
+                args += ["--ro-bind", entry.path, entry.path]
+        args += ["--bind", request.input_root, HOST_TOOLS_INPUT_ROOT]
+    else:
+        args += ["--bind", request.input_root, "/"]
+    args += ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp"]
+    for bind in request.extra_ro_binds:
+        args += ["--ro-bind", bind.source, bind.target]
+    if request.root_mode is RootMode.HOST_TOOLS:
+        # The tmpfs root itself: nothing to write there; /build and /tmp stay writable.
+        args += ["--remount-ro", "/"]
+
+    args += ["--chdir", request.sandbox_working_directory]
+    args += ["--info-fd", str(fds.info_fd), "--json-status-fd", str(fds.status_fd), "--block-fd", str(fds.block_fd)]
+    return BwrapArguments(options=tuple(args), command=tuple(_command(request, layout)))
+
+
+def uses_env_shim(request: SandboxRequest, layout: HostLayout) -> bool:
+    """Whether :func:`bwrap_arguments` starts the command through :data:`ENV_SHIM`."""
+    return (
+        request.root_mode is RootMode.HOST_TOOLS
+        and layout.env_shim is not None
+        and "=" not in request.arguments[0]
+    )
+
+
+def _command(request: SandboxRequest, layout: HostLayout) -> Iterable[str]:
+    if not uses_env_shim(request, layout):
+        return request.arguments
+    assert layout.env_shim is not None
+    # env: drop the PWD bubblewrap added, restore the client's own PWD if it sent one.
+    # Assignments come after "--" and before the command, as env(1) parses them.
+    shim = [layout.env_shim, "-u", "PWD", "--"]
+    if "PWD" in request.environment:
+        shim.append("PWD=" + request.environment["PWD"])
+    return [*shim, *request.arguments]

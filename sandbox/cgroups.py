@@ -1,0 +1,493 @@
+"""Per-action cgroups, v2 and v1, behind :class:`~.limits.ResourceController`.
+
+Both versions follow one life cycle per action: create a cgroup named ``<worker pid>-<n>``
+under a ``reapi-worker`` directory below the worker's *own* cgroup (so a worker confined by
+its host never reaches outside its subtree, and two workers never collide), write the
+limits, let the spawn prefix join it, read the figures, kill what is left, remove it.
+
+Where things are found: ``/proc/self/mountinfo`` gives each hierarchy's mount point and the
+cgroup path its mount shows as ``/``; ``/proc/self/cgroup`` gives the worker's cgroup per
+hierarchy. On this machine kind (v1), memory is ``/process_api/<id>`` and the others ``/``.
+
+v2 (one hierarchy): ``memory.max``, ``memory.swap.max`` (0, so the limit is not escaped by
+swapping), ``pids.max``, ``cpu.max``; OOM kills from ``memory.events``; kill through
+``cgroup.kill`` (Linux 5.14+). Because of v2's "no internal processes" rule, the directory
+holding action cgroups can only enable controllers for them if it holds no process itself;
+:meth:`CgroupV2Controller.from_self` therefore moves the worker into a leaf
+``reapi-worker-supervisor`` of its own cgroup when needed (the usual delegation dance), and
+gives up — falling back — if other processes share the worker's cgroup.
+
+v1 (one hierarchy per controller, possibly co-mounted): ``memory.limit_in_bytes`` (+
+``memory.memsw.limit_in_bytes`` where swap is accounted), ``pids.max``,
+``cpu.cfs_quota_us``/``cpu.cfs_period_us``; OOM kills from ``oom_kill`` in
+``memory.oom_control`` (Linux 4.13+); figures from ``memory.max_usage_in_bytes``,
+``pids.peak``, ``cpuacct.usage{,_user,_sys}``; kill by listing ``cgroup.procs``.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import os
+import signal
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import SandboxSetupError
+from .limits import SANDBOX_OWN_TASKS, Confinement, ResourceController
+from .request import ResourceLimits
+from .usage import CgroupUsage
+
+#: The directory, below the worker's own cgroup, that holds one cgroup per action.
+ACTIONS_DIR = "reapi-worker"
+#: v2 only: the leaf the worker moves itself into so its cgroup can delegate controllers.
+SUPERVISOR_LEAF = "reapi-worker-supervisor"
+CPU_PERIOD_US = 100_000
+#: How long to wait for killed processes to leave a cgroup before giving up on removing it.
+KILL_GRACE_SECONDS = 2.0
+
+_SEQUENCE = itertools.count(1)
+
+#: A shell that joins every cgroup named in its arguments, then execs the rest. It runs as
+#: the worker (before dropping to the sandbox uid), so it may write ``cgroup.procs``.
+#: Arguments: COUNT FILE... COMMAND ARG...
+_JOIN_SCRIPT = (
+    'n=$1; shift; '
+    'while [ "$n" -gt 0 ]; do '
+    'echo $$ >"$1" || { echo "reapi-worker sandbox: cannot join cgroup $1" >&2; exit 125; }; '
+    'shift; n=$((n-1)); '
+    'done; exec "$@"'
+)
+
+
+def join_prefix(procs_files: Iterable[str], shell: str = "/bin/sh") -> tuple[str, ...]:
+    """argv prefix: a shell that writes its own pid into each ``cgroup.procs``, then execs."""
+    files = tuple(procs_files)
+    return (shell, "-c", _JOIN_SCRIPT, "sh", str(len(files)), *files)
+
+
+# --- discovery -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CgroupMount:
+    """One mounted cgroup hierarchy: where, which cgroup it shows as its root, which controllers
+    (empty for v2, whose controllers are per-cgroup)."""
+
+    mount_point: str
+    root: str
+    version: int
+    controllers: frozenset[str]
+
+
+def parse_mountinfo(text: str) -> list[CgroupMount]:
+    """The cgroup mounts in a ``/proc/<pid>/mountinfo`` text."""
+    mounts = []
+    for line in text.splitlines():
+        left, sep, right = line.partition(" - ")
+        if not sep:
+            continue
+        fields, tail = left.split(), right.split()
+        if len(fields) < 5 or len(tail) < 3:
+            continue
+        fstype, super_options = tail[0], tail[2]
+        if fstype == "cgroup2":
+            mounts.append(CgroupMount(_unescape(fields[4]), _unescape(fields[3]), 2, frozenset()))
+        elif fstype == "cgroup":
+            controllers = frozenset(
+                opt for opt in super_options.split(",") if opt not in ("rw", "ro") and "=" not in opt
+            )
+            mounts.append(CgroupMount(_unescape(fields[4]), _unescape(fields[3]), 1, controllers))
+    return mounts
+
+
+def parse_proc_cgroup(text: str) -> dict[str, str]:
+    """``/proc/<pid>/cgroup`` as controller -> path; the v2 entry under the key ``""``."""
+    paths: dict[str, str] = {}
+    for line in text.splitlines():
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        _, controllers, path = parts
+        if controllers == "":
+            paths[""] = path
+        for controller in controllers.split(","):
+            if controller and not controller.startswith("name="):
+                paths[controller] = path
+    return paths
+
+
+def host_dir(mount: CgroupMount, cgroup_path: str) -> Path | None:
+    """The directory of ``cgroup_path`` under ``mount``, or ``None`` if the mount cannot see it."""
+    root = mount.root.rstrip("/") or "/"
+    if root != "/" and cgroup_path != root and not cgroup_path.startswith(root + "/"):
+        return None
+    relative = cgroup_path[len(root):] if root != "/" else cgroup_path
+    return Path(mount.mount_point, relative.lstrip("/"))
+
+
+def _unescape(field: str) -> str:
+    # mountinfo escapes space, tab, newline and backslash as \ooo.
+    out, i = [], 0
+    while i < len(field):
+        if field[i] == "\\" and i + 3 < len(field) and field[i + 1 : i + 4].isdigit():
+            out.append(chr(int(field[i + 1 : i + 4], 8)))
+            i += 4
+        else:
+            out.append(field[i])
+            i += 1
+    return "".join(out)
+
+
+def _read_self(name: str) -> str:
+    with open(f"/proc/self/{name}") as f:
+        return f.read()
+
+
+# --- file helpers ------------------------------------------------------------------------
+
+
+def _write(path: Path, value: str) -> None:
+    # O_CREAT is harmless on cgroupfs (the file exists) and lets a fake tree in tests work.
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        os.write(fd, value.encode())
+    finally:
+        os.close(fd)
+
+
+def _read(path: Path) -> str | None:
+    try:
+        with open(path) as f:
+            return f.read()
+    except OSError:  # absent on this kernel, or the cgroup is gone
+        return None
+
+
+def _read_int(path: Path) -> int | None:
+    text = _read(path)
+    try:
+        return int(text.split()[0]) if text else None
+    except ValueError:
+        return None
+
+
+def _read_key(path: Path, key: str) -> int | None:
+    """The value of ``key`` in a flat-keyed cgroup file (``memory.events``, ``cpu.stat``...)."""
+    for line in (_read(path) or "").splitlines():
+        name, _, value = line.partition(" ")
+        if name == key:
+            try:
+                return int(value)
+            except ValueError:
+                return None
+    return None
+
+
+def _pids(procs: Path) -> list[int]:
+    return [int(pid) for pid in (_read(procs) or "").split()]
+
+
+def _kill_until_empty(procs_files: list[Path], kill_file: Path | None = None) -> None:
+    """SIGKILL everything listed in the ``cgroup.procs`` files until they are empty.
+
+    Returns at once when nothing is left (the normal case: the pid namespace is already
+    gone). Otherwise waits with a short backoff, up to :data:`KILL_GRACE_SECONDS`.
+    """
+    deadline = time.monotonic() + KILL_GRACE_SECONDS
+    delay = 0.0005
+    killed_via_file = False
+    while True:
+        pids = sorted({pid for procs in procs_files for pid in _pids(procs)})
+        if not pids:
+            return
+        if kill_file is not None and not killed_via_file:
+            try:
+                _write(kill_file, "1")  # cgroup.kill: atomic, race-free against forks
+                killed_via_file = True
+            except OSError:
+                kill_file = None
+        if not killed_via_file:
+            for pid in pids:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        if time.monotonic() > deadline:
+            return
+        time.sleep(delay)
+        delay = min(delay * 2, 0.05)
+
+
+def _remove(path: Path, remove_dir: Callable[[Path], None]) -> None:
+    deadline = time.monotonic() + KILL_GRACE_SECONDS
+    delay = 0.0005
+    while True:
+        try:
+            remove_dir(path)
+            return
+        except FileNotFoundError:
+            return
+        except OSError as e:
+            if e.errno != errno.EBUSY or time.monotonic() > deadline:
+                raise SandboxSetupError(f"cannot remove cgroup {path}: {e}") from e
+        time.sleep(delay)
+        delay = min(delay * 2, 0.05)
+
+
+def _action_name() -> str:
+    return f"{os.getpid()}-{next(_SEQUENCE)}"
+
+
+# --- v2 ------------------------------------------------------------------------------------
+
+
+class CgroupV2Confinement(Confinement):
+    def __init__(self, path: Path, remove_dir: Callable[[Path], None]) -> None:
+        self.path = path
+        self._remove_dir = remove_dir
+        self._closed = False
+
+    @property
+    def spawn_prefix(self) -> tuple[str, ...]:
+        return join_prefix([str(self.path / "cgroup.procs")])
+
+    def kill_all(self) -> None:
+        _kill_until_empty([self.path / "cgroup.procs"], kill_file=self.path / "cgroup.kill")
+
+    def oom_killed(self) -> bool:
+        return (_read_key(self.path / "memory.events", "oom_kill") or 0) > 0
+
+    def usage(self) -> CgroupUsage:
+        cpu = {key: _read_key(self.path / "cpu.stat", key) for key in ("usage_usec", "user_usec", "system_usec")}
+        seconds = {key: None if value is None else value / 1e6 for key, value in cpu.items()}
+        return CgroupUsage(
+            memory_peak_bytes=_read_int(self.path / "memory.peak"),
+            pids_peak=_read_int(self.path / "pids.peak"),
+            cpu_seconds=seconds["usage_usec"],
+            user_cpu_seconds=seconds["user_usec"],
+            system_cpu_seconds=seconds["system_usec"],
+        )
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self.kill_all()
+        _remove(self.path, self._remove_dir)
+
+
+class CgroupV2Controller(ResourceController):
+    """Action cgroups under ``parent``, a v2 cgroup that holds no process and delegates
+    ``controllers`` to its children (see :meth:`from_self`). ``remove_dir`` exists for tests
+    on a fake tree."""
+
+    kind = "cgroup-v2"
+
+    def __init__(
+        self, parent: Path, controllers: frozenset[str], remove_dir: Callable[[Path], None] = os.rmdir
+    ) -> None:
+        self.parent = parent
+        self.enforces = frozenset(controllers & {"memory", "pids", "cpu"})
+        self._remove_dir = remove_dir
+
+    @classmethod
+    def from_self(
+        cls,
+        mounts: list[CgroupMount] | None = None,
+        own: Mapping[str, str] | None = None,
+        remove_dir: Callable[[Path], None] = os.rmdir,
+    ) -> "CgroupV2Controller":
+        """Set up below the worker's own v2 cgroup; raises SandboxSetupError if it cannot."""
+        mounts = parse_mountinfo(_read_self("mountinfo")) if mounts is None else mounts
+        own = parse_proc_cgroup(_read_self("cgroup")) if own is None else own
+        if "" not in own:
+            raise SandboxSetupError("the worker is in no cgroup v2 hierarchy")
+        base = next((d for m in mounts if m.version == 2 for d in [host_dir(m, own[""])] if d), None)
+        if base is None:
+            raise SandboxSetupError("no cgroup v2 mount shows the worker's cgroup")
+        available = set((_read(base / "cgroup.controllers") or "").split())
+        wanted = {"memory", "pids", "cpu"} & available
+        if not {"memory", "pids"} <= wanted:
+            raise SandboxSetupError(
+                f"cgroup v2 {base} does not delegate memory and pids (has: {sorted(available)})"
+            )
+        enable = " ".join(f"+{c}" for c in sorted(wanted))
+        try:
+            try:
+                _write(base / "cgroup.subtree_control", enable)
+            except OSError as e:
+                if e.errno != errno.EBUSY:
+                    raise
+                # "No internal processes": move the worker into a leaf of its own cgroup.
+                leaf = base / SUPERVISOR_LEAF
+                leaf.mkdir(exist_ok=True)
+                _write(leaf / "cgroup.procs", str(os.getpid()))
+                _write(base / "cgroup.subtree_control", enable)
+            parent = base / ACTIONS_DIR
+            parent.mkdir(exist_ok=True)
+            _write(parent / "cgroup.subtree_control", enable)
+        except OSError as e:
+            raise SandboxSetupError(f"cannot delegate cgroup v2 controllers below {base}: {e}") from e
+        return cls(parent, frozenset(wanted), remove_dir)
+
+    def confine(self, limits: ResourceLimits) -> Confinement:
+        path = self.parent / _action_name()
+        try:
+            path.mkdir()
+        except OSError as e:
+            raise SandboxSetupError(f"cannot create cgroup {path}: {e}") from e
+        confinement = CgroupV2Confinement(path, self._remove_dir)
+        try:
+            if limits.memory_bytes is not None and "memory" in self.enforces:
+                _write(path / "memory.max", str(limits.memory_bytes))
+                try:
+                    _write(path / "memory.swap.max", "0")
+                except OSError:
+                    pass  # no swap accounting: nothing to escape to
+            if limits.max_pids is not None and "pids" in self.enforces:
+                _write(path / "pids.max", str(limits.max_pids + SANDBOX_OWN_TASKS))
+            if limits.cpu_cores is not None and "cpu" in self.enforces:
+                quota = max(1000, round(limits.cpu_cores * CPU_PERIOD_US))
+                _write(path / "cpu.max", f"{quota} {CPU_PERIOD_US}")
+        except OSError as e:
+            confinement.close()
+            raise SandboxSetupError(f"cannot set limits on cgroup {path}: {e}") from e
+        return confinement
+
+
+# --- v1 ------------------------------------------------------------------------------------
+
+
+class CgroupV1Confinement(Confinement):
+    def __init__(self, dirs: Mapping[str, Path], remove_dir: Callable[[Path], None]) -> None:
+        #: controller -> this action's directory in that controller's hierarchy
+        self.dirs = dict(dirs)
+        self._unique = list(dict.fromkeys(self.dirs.values()))
+        self._remove_dir = remove_dir
+        self._closed = False
+
+    @property
+    def spawn_prefix(self) -> tuple[str, ...]:
+        return join_prefix([str(d / "cgroup.procs") for d in self._unique])
+
+    def kill_all(self) -> None:
+        # Every hierarchy holds every process of the action; one listing is enough, but a
+        # second guards against a hierarchy that was joined and another that was not.
+        _kill_until_empty([d / "cgroup.procs" for d in self._unique])
+
+    def oom_killed(self) -> bool:
+        memory = self.dirs.get("memory")
+        return memory is not None and (_read_key(memory / "memory.oom_control", "oom_kill") or 0) > 0
+
+    def usage(self) -> CgroupUsage:
+        memory, pids, cpuacct = (self.dirs.get(c) for c in ("memory", "pids", "cpuacct"))
+
+        def seconds(name: str) -> float | None:
+            nanoseconds = _read_int(cpuacct / name) if cpuacct else None
+            return None if nanoseconds is None else nanoseconds / 1e9
+
+        return CgroupUsage(
+            memory_peak_bytes=_read_int(memory / "memory.max_usage_in_bytes") if memory else None,
+            pids_peak=_read_int(pids / "pids.peak") if pids else None,
+            cpu_seconds=seconds("cpuacct.usage"),
+            user_cpu_seconds=seconds("cpuacct.usage_user"),
+            system_cpu_seconds=seconds("cpuacct.usage_sys"),
+        )
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self.kill_all()
+        errors = []
+        for path in self._unique:
+            try:
+                _remove(path, self._remove_dir)
+            except SandboxSetupError as e:
+                errors.append(e)
+        if errors:
+            raise errors[0]
+
+
+class CgroupV1Controller(ResourceController):
+    """Action cgroups under ``parents`` (controller -> the ``reapi-worker`` directory in that
+    controller's hierarchy). ``memory``, ``pids`` and ``cpuacct`` are joined for every action
+    (OOM detection, figures, the kill list); ``cpu`` only when a CPU limit is asked for."""
+
+    kind = "cgroup-v1"
+    ALWAYS = ("memory", "pids", "cpuacct")
+
+    def __init__(self, parents: Mapping[str, Path], remove_dir: Callable[[Path], None] = os.rmdir) -> None:
+        self.parents = dict(parents)
+        self.enforces = frozenset(self.parents) & {"memory", "pids", "cpu"}
+        self._remove_dir = remove_dir
+
+    @classmethod
+    def from_self(
+        cls,
+        mounts: list[CgroupMount] | None = None,
+        own: Mapping[str, str] | None = None,
+        remove_dir: Callable[[Path], None] = os.rmdir,
+    ) -> "CgroupV1Controller":
+        """Find the v1 hierarchies the worker can create cgroups in; raises SandboxSetupError
+        unless at least ``memory`` or ``pids`` is usable."""
+        mounts = parse_mountinfo(_read_self("mountinfo")) if mounts is None else mounts
+        own = parse_proc_cgroup(_read_self("cgroup")) if own is None else own
+        parents: dict[str, Path] = {}
+        problems = []
+        for controller in ("memory", "pids", "cpu", "cpuacct"):
+            mount = next((m for m in mounts if m.version == 1 and controller in m.controllers), None)
+            if mount is None or controller not in own:
+                continue
+            base = host_dir(mount, own[controller])
+            if base is None:
+                continue
+            parent = base / ACTIONS_DIR
+            try:
+                parent.mkdir(exist_ok=True)
+            except OSError as e:
+                problems.append(f"{controller}: {e}")
+                continue
+            parents[controller] = parent
+        if not {"memory", "pids"} & set(parents):
+            detail = "; ".join(problems) or "no memory or pids hierarchy mounted"
+            raise SandboxSetupError(f"no usable cgroup v1 hierarchy: {detail}")
+        return cls(parents, remove_dir)
+
+    def confine(self, limits: ResourceLimits) -> Confinement:
+        name = _action_name()
+        wanted = [c for c in self.parents if c in self.ALWAYS or (c == "cpu" and limits.cpu_cores is not None)]
+        dirs: dict[str, Path] = {}
+        by_parent: dict[Path, Path] = {}  # co-mounted controllers share one directory
+        try:
+            for controller in wanted:
+                parent = self.parents[controller]
+                if parent not in by_parent:
+                    path = parent / name
+                    path.mkdir()
+                    by_parent[parent] = path
+                dirs[controller] = by_parent[parent]
+        except OSError as e:
+            CgroupV1Confinement(dirs, self._remove_dir).close()
+            raise SandboxSetupError(f"cannot create cgroup {name}: {e}") from e
+        confinement = CgroupV1Confinement(dirs, self._remove_dir)
+        try:
+            if limits.memory_bytes is not None and "memory" in dirs:
+                _write(dirs["memory"] / "memory.limit_in_bytes", str(limits.memory_bytes))
+                try:
+                    # Must follow limit_in_bytes (memsw >= limit); absent without swap accounting.
+                    _write(dirs["memory"] / "memory.memsw.limit_in_bytes", str(limits.memory_bytes))
+                except OSError:
+                    pass
+            if limits.max_pids is not None and "pids" in dirs:
+                _write(dirs["pids"] / "pids.max", str(limits.max_pids + SANDBOX_OWN_TASKS))
+            if limits.cpu_cores is not None and "cpu" in dirs:
+                _write(dirs["cpu"] / "cpu.cfs_period_us", str(CPU_PERIOD_US))
+                _write(dirs["cpu"] / "cpu.cfs_quota_us", str(max(1000, round(limits.cpu_cores * CPU_PERIOD_US))))
+        except OSError as e:
+            confinement.close()
+            raise SandboxSetupError(f"cannot set limits on cgroup {name}: {e}") from e
+        return confinement

@@ -1,0 +1,26 @@
+"""The sandbox's one error.
+
+    ReapiError                     (reapi_worker.protos.errors)
+    ├── InvalidArgument            a request that cannot be right (NUL in an argument, an
+    │                              environment name with '=', a working directory that leaves
+    │                              the input root); raised by :class:`SandboxRequest` itself
+    └── Internal
+        └── SandboxSetupError      the sandbox could not be set up: bwrap missing or failing
+                                   before it ran the command, a bind source that does not
+                                   exist, a cgroup that cannot be created or joined
+
+A command that runs and fails, crashes, times out or cannot be found inside the sandbox is
+*not* an error: it is a :class:`~reapi_worker.sandbox.result.SandboxResult`. Only a broken
+host or configuration raises, so the caller can report INTERNAL and keep the bot alive.
+"""
+
+from __future__ import annotations
+
+from reapi_worker.protos.errors import Internal
+
+
+class SandboxSetupError(Internal):
+    """The sandbox could not be set up, so the command never ran (maps to INTERNAL).
+
+    ``reason`` carries what failed and, when bubblewrap said why, its message.
+    """

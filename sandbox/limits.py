@@ -1,0 +1,90 @@
+"""Resource limits and process-tree control behind one interface.
+
+A :class:`ResourceController` is chosen once when the worker starts
+(:func:`~.probe.choose_resource_controller`): cgroup v2, cgroup v1, or rlimits as the
+fallback. For each action it hands out a :class:`Confinement`, which the runner uses in a
+fixed order::
+
+    with controller.confine(limits) as confinement:     # create (e.g. mkdir the cgroup)
+        spawn(confinement.spawn_prefix + ...)           # the process joins *before* exec
+        ... release the command, wait ...
+        confinement.kill_all()                          # second line after the pid namespace
+        confinement.oom_killed(); confinement.usage()
+                                                        # __exit__: kill leftovers, remove
+
+Why joining happens in a spawn prefix: a process must be inside its cgroup before it can
+fork, or a child could escape; and bubblewrap creates the sandbox's cgroup namespace when it
+clones, so joining before bubblewrap runs makes the sandbox see its own cgroup as ``/`` (no
+worker paths, the same on every run). The prefix is a tiny ``/bin/sh`` that writes its own
+pid to ``cgroup.procs`` and execs the rest; for rlimits it is util-linux ``prlimit``, which
+sets its own limits and execs the rest (the worker may lack CAP_SYS_RESOURCE — this one does —
+so limits cannot be set on another process after it started).
+
+Implementations: :class:`~.cgroups.CgroupV2Controller`, :class:`~.cgroups.CgroupV1Controller`,
+:class:`~.rlimits.RlimitController`.
+"""
+
+from __future__ import annotations
+
+import abc
+from types import TracebackType
+
+from .request import ResourceLimits
+from .usage import CgroupUsage
+
+#: Tasks the sandbox itself needs besides the command: bubblewrap's monitor and its init.
+SANDBOX_OWN_TASKS = 2
+
+
+class Confinement(abc.ABC):
+    """One action's limits and process group. Not thread-safe; used by one run only.
+
+    ``__exit__`` always kills whatever is left and releases everything (removes the cgroup),
+    even when the run failed.
+    """
+
+    @property
+    @abc.abstractmethod
+    def spawn_prefix(self) -> tuple[str, ...]:
+        """argv prefix that places the spawned process in the confinement, then execs the rest.
+
+        Runs with the worker's privileges, before the switch to the sandbox's uid."""
+
+    def kill_all(self) -> None:
+        """SIGKILL every process still in the confinement and wait until they are gone."""
+
+    def oom_killed(self) -> bool:
+        """Whether the kernel OOM-killed a process of the action because of its limit."""
+        return False
+
+    def usage(self) -> CgroupUsage | None:
+        """The confinement's own figures, or ``None`` if it has none."""
+        return None
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Kill leftovers and release everything. Idempotent."""
+
+    def __enter__(self) -> "Confinement":
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+
+class ResourceController(abc.ABC):
+    """Hands out per-action :class:`Confinement` s. Thread-safe.
+
+    ``kind`` names the implementation (``"cgroup-v2"``, ``"cgroup-v1"``, ``"rlimit"``);
+    ``enforces`` says which of ``"memory"``, ``"pids"``, ``"cpu"`` it can limit — a limit it
+    cannot enforce is ignored, so the worker should advertise only these.
+    """
+
+    kind: str
+    enforces: frozenset[str]
+
+    @abc.abstractmethod
+    def confine(self, limits: ResourceLimits) -> Confinement:
+        """Create the confinement for one action; raises SandboxSetupError if it cannot."""

@@ -1,0 +1,138 @@
+"""What this host can do, and the one place a resource controller is chosen.
+
+:func:`probe_host` feeds ``reapi-worker capabilities`` and the platform properties a worker
+advertises; :func:`choose_resource_controller` is called once by the composition root.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import subprocess
+from dataclasses import dataclass
+
+from .errors import SandboxSetupError
+from .identity import RunAs, effective_run_as, sandbox_can_protect_hardlinks, setpriv_prefix
+from .limits import ResourceController
+from .request import RootMode
+from .rlimits import RlimitController
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class HostCapabilities:
+    """What the sandbox can do here.
+
+    * ``bwrap_path`` / ``bwrap_version`` — ``None`` when bubblewrap is not installed;
+    * ``user_namespaces`` — a trivial sandbox really ran as the sandbox identity;
+    * ``cgroup_version`` — 2, 1, or ``None`` when limits fall back to rlimits;
+    * ``resource_controller`` — the chosen controller's kind; ``limits_enforced`` — which of
+      memory, pids, cpu it enforces; ``cgroup_controllers`` — controllers of the hierarchies;
+    * ``fuse`` — ``/dev/fuse`` exists and ``fusermount3`` is installed;
+    * ``root_modes`` — the :class:`RootMode` s a sandbox can be built with;
+    * ``hardlinks_protected`` — see :func:`~.identity.sandbox_can_protect_hardlinks`;
+    * ``problems`` — why something is unavailable, for humans.
+    """
+
+    bwrap_path: str | None
+    bwrap_version: str | None
+    user_namespaces: bool
+    cgroup_version: int | None
+    cgroup_controllers: frozenset[str]
+    resource_controller: str
+    limits_enforced: frozenset[str]
+    fuse: bool
+    root_modes: tuple[RootMode, ...]
+    hardlinks_protected: bool
+    problems: tuple[str, ...] = ()
+
+
+def choose_resource_controller() -> ResourceController:
+    """cgroup v2 if the worker's v2 cgroup can delegate memory and pids, else cgroup v1 if a
+    memory or pids hierarchy is writable, else rlimits. Creates the ``reapi-worker``
+    directories, and on v2 may move the worker into a leaf cgroup (see :mod:`.cgroups`)."""
+    from .cgroups import CgroupV1Controller, CgroupV2Controller
+
+    try:
+        return CgroupV2Controller.from_self()
+    except SandboxSetupError as e:
+        log.debug("cgroup v2 not usable: %s", e)
+    try:
+        return CgroupV1Controller.from_self()
+    except SandboxSetupError as e:
+        log.debug("cgroup v1 not usable: %s", e)
+    return RlimitController()
+
+
+def probe_host(
+    bwrap: str = "bwrap",
+    run_as: RunAs | None = None,
+    controller: ResourceController | None = None,
+) -> HostCapabilities:
+    """Probe the host. Runs one trivial sandbox (a few ms) to prove user namespaces work as
+    the sandbox identity; chooses a controller unless one is given."""
+    problems: list[str] = []
+    bwrap_path = shutil.which(bwrap)
+    version = None
+    userns = False
+    if bwrap_path is None:
+        problems.append(f"bubblewrap ({bwrap}) is not installed")
+    else:
+        out = subprocess.run([bwrap_path, "--version"], capture_output=True, text=True, env={})
+        version = out.stdout.strip().removeprefix("bubblewrap ").strip() or None
+        userns, problem = _try_sandbox(bwrap_path, run_as)
+        if problem:
+            problems.append(problem)
+
+    if controller is None:
+        controller = choose_resource_controller()
+    cgroup_version = {"cgroup-v2": 2, "cgroup-v1": 1}.get(controller.kind)
+    hierarchies: frozenset[str] = frozenset()
+    if cgroup_version == 1:
+        hierarchies = frozenset(getattr(controller, "parents", {}))
+    elif cgroup_version == 2:
+        hierarchies = controller.enforces
+
+    fuse = os.path.exists("/dev/fuse") and shutil.which("fusermount3") is not None
+    modes: tuple[RootMode, ...] = ()
+    if userns:
+        modes = ((RootMode.HOST_TOOLS,) if os.path.isdir("/usr") else ()) + (RootMode.CHROOT,)
+    try:
+        protected = sandbox_can_protect_hardlinks(run_as)
+    except SandboxSetupError as e:
+        protected = False
+        problems.append(str(e))
+    return HostCapabilities(
+        bwrap_path=bwrap_path,
+        bwrap_version=version,
+        user_namespaces=userns,
+        cgroup_version=cgroup_version,
+        cgroup_controllers=hierarchies,
+        resource_controller=controller.kind,
+        limits_enforced=controller.enforces,
+        fuse=fuse,
+        root_modes=modes,
+        hardlinks_protected=protected,
+        problems=tuple(problems),
+    )
+
+
+def _try_sandbox(bwrap_path: str, run_as: RunAs | None) -> tuple[bool, str | None]:
+    try:
+        target = effective_run_as(run_as)
+    except SandboxSetupError as e:
+        return False, str(e)
+    prefix: tuple[str, ...] = ()
+    if target is not None:
+        setpriv = shutil.which("setpriv")
+        if setpriv is None:
+            return False, "util-linux setpriv is not installed"
+        prefix = setpriv_prefix(setpriv, target)
+    true = shutil.which("true") or "/bin/true"
+    argv = [*prefix, bwrap_path, "--unshare-all", "--uid", "0", "--gid", "0", "--ro-bind", "/", "/", "--", true]
+    done = subprocess.run(argv, capture_output=True, text=True, env={}, stdin=subprocess.DEVNULL)
+    if done.returncode != 0:
+        return False, f"bubblewrap cannot create user namespaces here: {done.stderr.strip()}"
+    return True, None

@@ -1,0 +1,189 @@
+"""What to run: :class:`SandboxRequest` and the values it is made of.
+
+Every value here is a frozen dataclass checked when it is built, so a runner never sees a
+request it cannot express: an argument or environment entry with NUL, an environment name
+with ``=``, a working directory that is absolute or climbs out with ``..``, a negative
+limit. Client-controlled fields raise :class:`InvalidArgument`; operator-controlled ones
+(binds) raise :class:`SandboxSetupError`, because a bad bind is a misconfigured host, not a
+bad action.
+"""
+
+from __future__ import annotations
+
+import enum
+import posixpath
+import types
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from reapi_worker.protos.errors import InvalidArgument
+
+from .errors import SandboxSetupError
+
+#: Where the input root appears inside a HOST_TOOLS sandbox. Fixed (never the host path,
+#: never random) so that paths baked into outputs — debug info, ``__FILE__``, rpaths — are the
+#: same on every worker and every run.
+HOST_TOOLS_INPUT_ROOT = "/build"
+
+#: The hostname every sandbox sees. ``localhost`` because it resolves through the host's
+#: ``/etc/hosts`` without a network, which tools that look up their own name (the JVM) need.
+SANDBOX_HOSTNAME = "localhost"
+
+
+class RootMode(enum.Enum):
+    """What the sandbox's ``/`` is."""
+
+    #: A fresh, read-only root holding the host's ``/usr``, ``/bin``, ``/sbin``, ``/lib*``
+    #: and ``/etc`` (read-only, those that exist), the input root read-write at
+    #: :data:`HOST_TOOLS_INPUT_ROOT`, fresh ``/proc``, minimal ``/dev`` and a tmpfs ``/tmp``.
+    #: Nothing else of the host. This is how Bazel-like clients expect to run.
+    HOST_TOOLS = "host-tools"
+    #: The input root *is* ``/`` (read-write), with fresh ``/proc``, minimal ``/dev`` and a
+    #: tmpfs ``/tmp`` on top, plus the operator's ``extra_ro_binds``. BuildStream sends
+    #: actions that carry their whole root this way. bubblewrap creates the ``/proc``,
+    #: ``/dev``, ``/tmp`` and bind-target directories inside the input root if missing.
+    CHROOT = "chroot"
+
+
+@dataclass(frozen=True)
+class ResourceLimits:
+    """Per-action limits; ``None`` means unlimited.
+
+    * ``memory_bytes`` — resident memory of the whole action (cgroups: OOM kill past it;
+      rlimit fallback: RLIMIT_DATA per process, so allocations fail instead).
+    * ``max_pids`` — processes *and threads* the action may have at once, not counting the
+      sandbox's own two (bubblewrap's monitor and its init), which the runner adds.
+    * ``cpu_cores`` — CPU bandwidth in cores (``1.5`` = 150 ms per 100 ms period); cgroups only.
+    """
+
+    memory_bytes: int | None = None
+    max_pids: int | None = None
+    cpu_cores: float | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("memory_bytes", "max_pids"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value <= 0):
+                raise InvalidArgument(f"resource limit {name}={value!r} must be a positive integer")
+        if self.cpu_cores is not None and not self.cpu_cores > 0:
+            raise InvalidArgument(f"resource limit cpu_cores={self.cpu_cores!r} must be positive")
+
+    @property
+    def unlimited(self) -> bool:
+        return self.memory_bytes is None and self.max_pids is None and self.cpu_cores is None
+
+
+@dataclass(frozen=True)
+class Bind:
+    """A host path bound read-only into the sandbox (operator configuration).
+
+    ``source`` is an absolute host path; ``target`` an absolute, normalised sandbox path
+    other than ``/``. A source that does not exist is reported by bubblewrap when the
+    sandbox is set up (SandboxSetupError), not checked here, to keep a stat off the hot path.
+    """
+
+    source: str
+    target: str
+
+    def __post_init__(self) -> None:
+        for what, path in (("source", self.source), ("target", self.target)):
+            if not path.startswith("/") or "\0" in path:
+                raise SandboxSetupError(f"bind {what} {path!r} must be an absolute path")
+        if posixpath.normpath(self.target) != self.target or self.target.startswith("//"):
+            raise SandboxSetupError(f"bind target {self.target!r} is not a normalised path")
+        if self.target == "/":
+            raise SandboxSetupError("a bind cannot replace the sandbox's root")
+
+
+@dataclass(frozen=True)
+class SandboxRequest:
+    """Run ``arguments`` with exactly ``environment`` in ``working_directory`` of ``input_root``.
+
+    * ``arguments[0]`` is resolved as REAPI says: absolute; else containing ``/``: relative to
+      the working directory; else a bare name looked up on the ``PATH`` of ``environment``
+      (glibc's ``execvp`` rules, inside the sandbox's view — never the worker's PATH; with no
+      ``PATH`` given, execvp's own default ``/bin:/usr/bin``).
+    * ``environment`` is the command's whole environment: nothing of the worker's is added,
+      not even ``PWD`` (see :mod:`.bwrap_args`).
+    * ``input_root`` is the host path of the staged build directory; its directories must be
+      writable by the runner's sandbox uid (see :func:`~.identity.prepare_build_dir`), and
+      every ancestor must be searchable (``x``) by it, since bubblewrap runs as that uid when
+      it binds the root (e.g. a ``0711`` builds directory; pytest's ``0700`` tmp dirs fail).
+    * ``working_directory`` is relative to the input root (``""`` for the root itself).
+    * ``stdout_path`` / ``stderr_path`` are host files the runner creates (truncating) and the
+      command writes to; the same path for both interleaves them like ``2>&1``. Keep them
+      outside the input root so the command cannot see them by path.
+    * ``extra_ro_binds`` are operator-configured host paths bound read-only; in HOST_TOOLS mode
+      they may not land on or under :data:`HOST_TOOLS_INPUT_ROOT`.
+    * ``uid`` / ``gid`` are the ids the command sees *inside* the sandbox (default 0, as the
+      C++ reference runner and BuildStream expect). They map to the runner's unprivileged host
+      uid, never to the host's root; see :mod:`.identity`.
+    * ``timeout`` in seconds from the moment the command is released; ``None`` for none.
+    """
+
+    arguments: tuple[str, ...]
+    environment: Mapping[str, str]
+    input_root: str
+    stdout_path: str
+    stderr_path: str
+    working_directory: str = ""
+    root_mode: RootMode = RootMode.HOST_TOOLS
+    network: bool = False
+    timeout: float | None = None
+    limits: ResourceLimits = field(default_factory=ResourceLimits)
+    extra_ro_binds: tuple[Bind, ...] = ()
+    uid: int = 0
+    gid: int = 0
+
+    def __post_init__(self) -> None:
+        # Freeze the mutable inputs so that a request cannot change under a running sandbox.
+        object.__setattr__(self, "arguments", tuple(self.arguments))
+        object.__setattr__(self, "environment", types.MappingProxyType(dict(self.environment)))
+        object.__setattr__(self, "extra_ro_binds", tuple(self.extra_ro_binds))
+        if not self.arguments or self.arguments[0] == "":
+            raise InvalidArgument("a command needs a non-empty arguments[0]")
+        for arg in self.arguments:
+            if not isinstance(arg, str) or "\0" in arg:
+                raise InvalidArgument(f"argument {arg!r} is not a string without NUL")
+        for name, value in self.environment.items():
+            if not isinstance(name, str) or not name or "=" in name or "\0" in name:
+                raise InvalidArgument(f"environment variable name {name!r} is invalid")
+            if not isinstance(value, str) or "\0" in value:
+                raise InvalidArgument(f"environment variable {name} has a value with NUL")
+        object.__setattr__(self, "working_directory", _check_working_directory(self.working_directory))
+        if not self.input_root.startswith("/"):
+            raise SandboxSetupError(f"input root {self.input_root!r} must be an absolute host path")
+        if self.timeout is not None and not self.timeout > 0:
+            raise InvalidArgument(f"timeout {self.timeout!r} must be positive")
+        for ident in (self.uid, self.gid):
+            if not isinstance(ident, int) or not 0 <= ident < 2**32 - 1:
+                raise InvalidArgument(f"sandbox uid/gid {ident!r} is out of range")
+        if self.root_mode is RootMode.HOST_TOOLS:
+            for bind in self.extra_ro_binds:
+                if bind.target == HOST_TOOLS_INPUT_ROOT or bind.target.startswith(HOST_TOOLS_INPUT_ROOT + "/"):
+                    raise SandboxSetupError(
+                        f"bind target {bind.target!r} would land inside the input root "
+                        f"({HOST_TOOLS_INPUT_ROOT}) and create directories in it"
+                    )
+
+    @property
+    def sandbox_working_directory(self) -> str:
+        """The working directory as the command sees it (an absolute sandbox path)."""
+        root = HOST_TOOLS_INPUT_ROOT if self.root_mode is RootMode.HOST_TOOLS else "/"
+        return posixpath.join(root, self.working_directory) if self.working_directory else root
+
+
+def _check_working_directory(path: str) -> str:
+    """Normalise a relative working directory; refuse absolute paths and ``..``.
+
+    The caller has already validated it against the Command; this is the cheap second look
+    a security boundary deserves, since bubblewrap would happily ``chdir`` out of the root.
+    """
+    if not isinstance(path, str) or "\0" in path:
+        raise InvalidArgument(f"working directory {path!r} is not a string without NUL")
+    if path.startswith("/"):
+        raise InvalidArgument(f"working directory {path!r} is absolute")
+    parts = [part for part in path.split("/") if part not in ("", ".")]
+    if ".." in parts:
+        raise InvalidArgument(f"working directory {path!r} contains '..'")
+    return "/".join(parts)

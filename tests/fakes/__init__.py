@@ -1,0 +1,1 @@
+"""In-repo fakes for tests: small real implementations, not mocks."""

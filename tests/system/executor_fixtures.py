@@ -1,0 +1,109 @@
+"""Building blocks for executor tests: a real local CAS, stager, bubblewrap runner."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+
+from google.protobuf.duration_pb2 import Duration
+
+from reapi_worker.protos import re_pb2
+from reapi_worker.sandbox.bubblewrap import BubblewrapRunner
+from reapi_worker.sandbox.identity import NOBODY
+from reapi_worker.storage.digests import Digest, serialize
+from reapi_worker.storage.directory.cas import CasDirectory
+from reapi_worker.storage.local_cas import LocalCAS
+from reapi_worker.storage.staging import HardlinkStager, Owner, TreeRemover
+from reapi_worker.worker.executor import Executor, ExecutorConfig, Outcome
+
+
+@dataclass
+class Farm:
+    """One host's worth of executor, with the directories a test wants to look at."""
+
+    top: str
+    cache: LocalCAS
+    executor: Executor
+    remover: TreeRemover
+
+    @property
+    def build_root(self) -> str:
+        return os.path.join(self.top, "builds")
+
+    @property
+    def cache_dir(self) -> str:
+        return os.path.join(self.top, "cache")
+
+    def upload_tree(self, files: dict[str, bytes | tuple[bytes, bool] | str]) -> Digest:
+        """Store a tree given as {path: bytes | (bytes, executable) | "->target"}."""
+        tree = CasDirectory.empty(self.cache)
+        for path, content in sorted(files.items()):
+            parent = path.rpartition("/")[0]
+            if parent:
+                tree.mkdir(parent)
+            if isinstance(content, str) and content.startswith("->"):
+                tree.symlink(path, content[2:])
+            elif isinstance(content, tuple):
+                tree.write_bytes(path, content[0], executable=content[1])
+            elif content is None:
+                tree.mkdir(path)
+            else:
+                tree.write_bytes(path, content)
+        return tree.digest()
+
+    def action(
+        self,
+        arguments: list[str],
+        inputs: dict | None = None,
+        timeout: float | None = None,
+        platform: dict[str, str] | None = None,
+        **command_fields,
+    ) -> Digest:
+        command_fields.setdefault("environment_variables", [re_pb2.Command.EnvironmentVariable(name="PATH", value="/usr/bin:/bin")])
+        command = re_pb2.Command(arguments=arguments, **command_fields)
+        root = self.upload_tree(inputs or {})
+        action = re_pb2.Action(
+            command_digest=self.cache.write(serialize(command)).to_proto(),
+            input_root_digest=root.to_proto(),
+            do_not_cache=True,
+        )
+        if timeout is not None:
+            action.timeout.CopyFrom(Duration(seconds=int(timeout), nanos=int((timeout % 1) * 1e9)))
+        if platform:
+            action.platform.CopyFrom(re_pb2.Platform(properties=[
+                re_pb2.Platform.Property(name=k, value=v) for k, v in sorted(platform.items())]))
+        return self.cache.write(serialize(action))
+
+    def run(self, arguments: list[str], inputs: dict | None = None, **kwargs) -> Outcome:
+        return self.executor.execute(self.action(arguments, inputs, **kwargs))
+
+    def text(self, digest_proto) -> str:
+        return self.cache.read(Digest.from_proto(digest_proto)).decode()
+
+    def close(self) -> None:
+        self.remover.drain()
+        self.cache.close()
+        shutil.rmtree(self.top, ignore_errors=True)
+
+
+def make_farm(max_action_timeout: float = 60.0) -> Farm:
+    # Not pytest's tmp_path: bubblewrap runs as an unprivileged uid and must be able to
+    # reach the build directory, so every parent must be searchable by it (0755).
+    top = tempfile.mkdtemp(prefix="reapi-worker-test-", dir="/tmp")
+    os.chmod(top, 0o755)
+    cache_dir = os.path.join(top, "cache")
+    os.makedirs(cache_dir, mode=0o700)
+    cache = LocalCAS(cache_dir, max_bytes=1 << 30)
+    remover = TreeRemover(os.path.join(top, "builds", ".trash"))
+    os.chmod(os.path.join(top, "builds"), 0o755)
+    stager = HardlinkStager(cache, remover)
+    config = ExecutorConfig(
+        build_root=os.path.join(top, "builds"),
+        worker_name="test-worker",
+        max_action_timeout=max_action_timeout,
+        owner=Owner(NOBODY.uid, NOBODY.gid),
+    )
+    executor = Executor(cache, stager, BubblewrapRunner(), config)
+    return Farm(top, cache, executor, remover)

@@ -1,0 +1,218 @@
+"""Execute one Action: fetch inputs, stage, run in the sandbox, capture outputs.
+
+The phases are named after the REAPI timestamps they fill in ``ExecutedActionMetadata``:
+input fetch (Action, Command, the input tree, its blobs, staging), execution (the sandbox),
+output upload (capture into the local CAS, upload what the remote lacks).
+
+:meth:`Executor.execute` never raises: every problem becomes the ``status`` of the
+:class:`Outcome` (the first error wins), a bad action never takes the worker down, and a
+non-zero exit code is a normal, successful result.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from google.protobuf import struct_pb2
+from google.protobuf.duration_pb2 import Duration
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from reapi_worker.protos import code_pb2, execution_stats_pb2, re_pb2, status_pb2
+from reapi_worker.protos.errors import Internal, MissingBlobs, ReapiError
+from reapi_worker.sandbox.request import Bind, ResourceLimits, SandboxRequest
+from reapi_worker.sandbox.result import SandboxResult
+from reapi_worker.sandbox.runner import Runner
+from reapi_worker.storage.content import LocalContent
+from reapi_worker.storage.digests import Digest
+from reapi_worker.storage.directory.cas import CasDirectory
+from reapi_worker.storage.staging import Owner, Stager
+
+from .action import ActionSpec, load_action, parse_message
+from .outputs import capture_outputs
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class ExecutorConfig:
+    """The operator's settings for running actions.
+
+    ``build_root``: where per-action directories are made (same file system as the cache,
+    so hardlinks work). ``max_action_timeout``: caps ``Action.timeout`` and applies when the
+    action gives none. ``owner``: the uid/gid the sandbox runs as (it must be able to write
+    in the staged directories). ``limits``: per-action resource limits.
+    """
+
+    build_root: str
+    worker_name: str = ""
+    max_action_timeout: float = 3600.0
+    owner: Owner | None = None
+    limits: ResourceLimits = field(default_factory=ResourceLimits)
+    extra_ro_binds: tuple[Bind, ...] = ()
+
+
+@dataclass(slots=True)
+class Outcome:
+    """What an execution produced: the status a lease reports and the ActionResult (which
+    may be partial, e.g. after a timeout). ``phases`` holds each phase's duration in
+    seconds for logs and metrics."""
+
+    status: status_pb2.Status
+    result: re_pb2.ActionResult
+    phases: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.status.code == code_pb2.OK
+
+
+class Executor:
+    """Runs Actions with the given store, stager and runner. Thread-safe: the bot calls
+    :meth:`execute` from several threads at once, one per lease."""
+
+    def __init__(
+        self,
+        store: LocalContent,
+        stager: Stager,
+        runner: Runner,
+        config: ExecutorConfig,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._store = store
+        self._stager = stager
+        self._runner = runner
+        self._config = config
+        self._clock = clock
+        os.makedirs(config.build_root, exist_ok=True)
+
+    def execute(
+        self, action_digest: Digest, action: re_pb2.Action | None = None, cancel: threading.Event | None = None
+    ) -> Outcome:
+        """Execute the Action (``action`` if the caller already has it, e.g. from a lease
+        payload; else read by digest). See the module docstring: never raises."""
+        outcome = Outcome(status=status_pb2.Status(code=code_pb2.OK), result=re_pb2.ActionResult())
+        metadata = outcome.result.execution_metadata
+        metadata.worker = self._config.worker_name
+        try:
+            self._execute(action_digest, action, cancel, outcome)
+        except ReapiError as error:
+            outcome.status.CopyFrom(error.to_status())
+        except Exception as error:  # a bug must cost one action, never the worker
+            log.exception("executing %s", action_digest)
+            outcome.status.CopyFrom(Internal(f"executing {action_digest}: {error!r}").to_status())
+        return outcome
+
+    def _execute(
+        self, action_digest: Digest, action: re_pb2.Action | None, cancel: threading.Event | None, outcome: Outcome
+    ) -> None:
+        metadata = outcome.result.execution_metadata
+        started = self._stamp(metadata.input_fetch_start_timestamp)
+        spec = self._load(action_digest, action)
+        self._store.fetch_tree(spec.input_root_digest)
+        root = CasDirectory.from_digest(self._store, spec.input_root_digest)
+        build_dir = os.path.join(self._config.build_root, uuid.uuid4().hex)
+        directories = [spec.working_directory] + [o.components[:-1] for o in spec.outputs if o.components]
+        with self._stager.stage(root, build_dir, directories, self._config.owner) as staged:
+            fetched = self._stamp(metadata.input_fetch_completed_timestamp)
+            outcome.phases["fetch"] = fetched - started
+            with tempfile.TemporaryDirectory(prefix="streams-", dir=self._config.build_root) as streams:
+                self._stamp(metadata.execution_start_timestamp)
+                run = self._runner.run(self._request(spec, staged.path, streams), cancel)
+                ran = self._stamp(metadata.execution_completed_timestamp)
+                outcome.phases["run"] = ran - fetched
+                if run.cancelled:
+                    outcome.status.CopyFrom(status_pb2.Status(code=code_pb2.CANCELLED, message="cancelled"))
+                    return
+                self._stamp(metadata.output_upload_start_timestamp)
+                self._record_run(spec, run, streams, outcome)
+                captured = capture_outputs(staged.path, spec, self._store)
+        result = outcome.result
+        result.MergeFrom(captured.result)  # capture fills only the output fields
+        blobs = captured.blobs | {Digest.from_proto(d) for d in (result.stdout_digest, result.stderr_digest)}
+        self._store.upload_missing(blobs)
+        uploaded = self._stamp(metadata.output_upload_completed_timestamp)
+        outcome.phases["upload"] = uploaded - ran
+
+    def _load(self, action_digest: Digest, action: re_pb2.Action | None) -> ActionSpec:
+        """Read and check the Action and Command. When blobs are missing, report every one
+        that can be known at this point: the Action, or the Command and input root together."""
+        if action is None:
+            missing = self._store.find_missing([action_digest])
+            if missing:
+                raise MissingBlobs(missing, "fetching action")
+            action = parse_message(re_pb2.Action, self._store.read(action_digest), f"action {action_digest}")
+        roots = [action.command_digest, action.input_root_digest]
+        if all(field_.hash for field_ in roots):
+            missing = self._store.find_missing(Digest.from_proto(field_) for field_ in roots)
+            if missing:
+                raise MissingBlobs(missing, "fetching inputs")
+        return load_action(self._store, action_digest, action)
+
+    def _request(self, spec: ActionSpec, input_root: str, streams: str) -> SandboxRequest:
+        timeout = min(spec.timeout or self._config.max_action_timeout, self._config.max_action_timeout)
+        return SandboxRequest(
+            arguments=spec.arguments,
+            environment=spec.environment,
+            input_root=input_root,
+            stdout_path=os.path.join(streams, "stdout"),
+            stderr_path=os.path.join(streams, "stderr"),
+            working_directory="/".join(spec.working_directory),
+            root_mode=spec.root_mode,
+            network=spec.network,
+            timeout=timeout,
+            limits=self._config.limits,
+            extra_ro_binds=self._config.extra_ro_binds,
+        )
+
+    def _record_run(self, spec: ActionSpec, run: SandboxResult, streams: str, outcome: Outcome) -> None:
+        result = outcome.result
+        result.exit_code = run.exit_code
+        for name, field_ in (("stdout", result.stdout_digest), ("stderr", result.stderr_digest)):
+            field_.CopyFrom(self._store.write_file(os.path.join(streams, name)).to_proto())
+        _add_usage(result.execution_metadata, run)
+        if run.timed_out:
+            # REAPI: DEADLINE_EXCEEDED, with whatever the command wrote before it was killed.
+            outcome.status.CopyFrom(
+                status_pb2.Status(code=code_pb2.DEADLINE_EXCEEDED, message=f"action timed out after {spec.timeout or self._config.max_action_timeout:g} s")
+            )
+        elif run.oom_killed:
+            outcome.status.message = "the action was killed for exceeding its memory limit (out of memory)"
+
+    def _stamp(self, field_: Timestamp) -> float:
+        now = self._clock()
+        field_.FromNanoseconds(int(now * 1e9))
+        return now
+
+
+def _add_usage(metadata: re_pb2.ExecutedActionMetadata, run: SandboxResult) -> None:
+    """Resource usage into ``auxiliary_metadata``: buildbox's ExecutionStatistics (what
+    buildbox-based tooling reads) and, when a cgroup measured it, a Struct with its figures."""
+    usage = run.usage
+    stats = execution_stats_pb2.ExecutionStatistics()
+    rusage = stats.command_rusage
+    rusage.utime.CopyFrom(_duration(usage.user_cpu_seconds))
+    rusage.stime.CopyFrom(_duration(usage.system_cpu_seconds))
+    rusage.maxrss = usage.peak_rss_bytes // 1024  # getrusage's unit, as buildbox reports it
+    metadata.auxiliary_metadata.add().Pack(stats)
+    figures = {"wall_seconds": usage.wall_seconds, "oom_killed": run.oom_killed}
+    if usage.cgroup is not None:
+        for name in ("memory_peak_bytes", "pids_peak", "cpu_seconds"):
+            value = getattr(usage.cgroup, name)
+            if value is not None:
+                figures[f"cgroup_{name}"] = value
+    extra = struct_pb2.Struct()
+    extra.update(figures)
+    metadata.auxiliary_metadata.add().Pack(extra)
+
+
+def _duration(seconds: float) -> Duration:
+    duration = Duration()
+    duration.FromNanoseconds(int(seconds * 1e9))
+    return duration
