@@ -8,12 +8,9 @@ through constructors.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from collections.abc import Sequence
-
-from google.protobuf import json_format
 
 from reapi_worker.protos.errors import ReapiError
 
@@ -85,13 +82,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
-
-
-def print_message(message, as_json: bool) -> None:  # type: ignore[no-untyped-def]
-    if as_json:
-        print(json.dumps(json_format.MessageToDict(message, preserving_proto_field_name=True), indent=2, sort_keys=True))
-    else:
-        print(message)
 
 
 if __name__ == "__main__":

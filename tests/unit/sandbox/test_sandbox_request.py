@@ -88,3 +88,10 @@ def test_fake_runner_records_requests_creates_outputs_and_answers(tmp_path):
     assert result.exit_code == 3 and not result.timed_out
     assert out.read_bytes() == b"" and err.read_bytes() == b""
     assert [r.arguments for r in runner.requests] == [("false",)]
+
+
+def test_a_runner_without_bubblewrap_cannot_be_built():
+    from reapi_worker.sandbox import BubblewrapRunner
+
+    with pytest.raises(SandboxSetupError, match="not installed"):
+        BubblewrapRunner(bwrap_path="/nonexistent/bwrap")
