@@ -197,9 +197,14 @@ def _add_usage(metadata: re_pb2.ExecutedActionMetadata, run: SandboxResult) -> N
     usage = run.usage
     stats = execution_stats_pb2.ExecutionStatistics()
     rusage = stats.command_rusage
-    rusage.utime.CopyFrom(_duration(usage.user_cpu_seconds))
-    rusage.stime.CopyFrom(_duration(usage.system_cpu_seconds))
-    rusage.maxrss = usage.peak_rss_bytes // 1024  # getrusage's unit, as buildbox reports it
+    # Without a cgroup the runner cannot measure the action (None): leave the field unset
+    # rather than report a made-up zero.
+    if usage.user_cpu_seconds is not None:
+        rusage.utime.CopyFrom(_duration(usage.user_cpu_seconds))
+    if usage.system_cpu_seconds is not None:
+        rusage.stime.CopyFrom(_duration(usage.system_cpu_seconds))
+    if usage.peak_rss_bytes is not None:
+        rusage.maxrss = usage.peak_rss_bytes // 1024  # getrusage's unit, as buildbox reports it
     metadata.auxiliary_metadata.add().Pack(stats)
     figures = {"wall_seconds": usage.wall_seconds, "oom_killed": run.oom_killed}
     if usage.cgroup is not None:

@@ -88,10 +88,10 @@ class Farm:
         shutil.rmtree(self.top, ignore_errors=True)
 
 
-def make_farm(max_action_timeout: float = 60.0) -> Farm:
+def make_farm(max_action_timeout: float = 60.0, parent: str = "/tmp") -> Farm:
     # Not pytest's tmp_path: bubblewrap runs as an unprivileged uid and must be able to
     # reach the build directory, so every parent must be searchable by it (0755).
-    top = tempfile.mkdtemp(prefix="reapi-worker-test-", dir="/tmp")
+    top = tempfile.mkdtemp(prefix="reapi-worker-test-", dir=parent)
     os.chmod(top, 0o755)
     cache_dir = os.path.join(top, "cache")
     os.makedirs(cache_dir, mode=0o700)

@@ -61,10 +61,10 @@ def test_working_directory_and_relative_argv0(farm):
 
 
 def test_bare_argv0_is_looked_up_on_the_commands_path(farm):
-    inputs = {"bin/hello": (b"#!/bin/sh\necho from the action's PATH\n", True)}
+    inputs = {"bin/hello": (b"#!/bin/sh\necho from the PATH of the action\n", True)}
     env = [re_pb2.Command.EnvironmentVariable(name="PATH", value="/build/bin:/usr/bin:/bin")]
     outcome = farm.run(["hello"], inputs, environment_variables=env)
-    assert farm.text(outcome.result.stdout_digest) == "from the action's PATH\n"
+    assert farm.text(outcome.result.stdout_digest) == "from the PATH of the action\n"
 
 
 def test_output_paths_files_dirs_empty_dirs_exec_bits(farm):
