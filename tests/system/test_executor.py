@@ -255,3 +255,16 @@ def test_build_directory_is_removed_after_the_action(farm):
 def _build_dirs(farm):
     farm.remover.drain()
     return [n for n in os.listdir(farm.build_root) if n != ".trash" and not n.startswith("streams-")]
+
+
+def test_sandbox_that_cannot_be_set_up_is_internal_and_leaves_no_build_dir(farm):
+    import dataclasses
+
+    from reapi_worker.sandbox.request import Bind
+
+    broken = dataclasses.replace(farm.executor._config, extra_ro_binds=(Bind("/nonexistent-reapi-bind", "/opt/x"),))
+    farm.executor._config = broken
+    outcome = farm.run(["/bin/true"], {"input": b"x"})
+    assert outcome.status.code == code_pb2.INTERNAL
+    assert "nonexistent-reapi-bind" in outcome.status.message
+    assert _build_dirs(farm) == []
