@@ -285,16 +285,27 @@ class LocalCAS(LocalContent):
             pins.add(digests)
             yield
 
-    def evict(self) -> int:
+    def evict(self, down_to: int | None = None) -> int:
         """If the shared size is over ``max_bytes``, evict least-recently-used unpinned blobs
         down to ``low_watermark * max_bytes``; returns the bytes this call evicted.
 
         Called automatically as writes flush their sizes. Returns at once if another thread
         or process is evicting (that one re-checks the size when it is done). Raises
         ResourceExhausted if pinned blobs alone exceed ``max_bytes``.
+
+        ``down_to``: evict now, whatever ``max_bytes`` says, until at most that many bytes
+        are left (one pass; pinned blobs stay, so it may free less). For a disk that runs
+        out of space before the cache reaches its size limit (the health monitor's low
+        free-space watermark).
         """
         freed_total = 0
         size = self._flush()
+        if down_to is not None:
+            if size <= down_to:
+                return 0
+            with self._translated(f"evicting from local CAS at {self.root}"):
+                with self._file_lock("evict.lock", fcntl.LOCK_EX | fcntl.LOCK_NB) as ours:
+                    return self._evict_pass(max(0, down_to))[0] if ours else 0
         with self._translated(f"evicting from local CAS at {self.root}"):
             while size > self.max_bytes:
                 with self._file_lock("evict.lock", fcntl.LOCK_EX | fcntl.LOCK_NB) as ours:
@@ -478,8 +489,10 @@ class LocalCAS(LocalContent):
                 return self._update_size()[0]
             return self._update_size(lambda size, gen: (size + delta, gen))[0]
 
-    def _evict_pass(self) -> tuple[int, int]:
-        """One pass, under evict.lock: returns (bytes freed, bytes left on disk)."""
+    def _evict_pass(self, target: int | None = None) -> tuple[int, int]:
+        """One pass, under evict.lock, down to ``target`` bytes (default: the low watermark):
+        returns (bytes freed, bytes left on disk)."""
+        target = self._target if target is None else target
         before = self._update_size()[0]
         # Scan outside pins.lock so that pinners wait only for the deletions. A blob used
         # after the scan may still go by its older mtime: only if unpinned, so it is safe.
@@ -490,7 +503,7 @@ class LocalCAS(LocalContent):
         with self._file_lock("pins.lock", fcntl.LOCK_EX):
             pinned = self._live_pins()
             for h, unit in sorted(units.items(), key=lambda item: item[1].mtime):
-                if total - freed <= self._target:
+                if total - freed <= target:
                     break
                 if h in pinned:
                     continue

@@ -4,8 +4,9 @@ One small interface, several strategies behind it:
 
 * :class:`HardlinkStager` — every blob local and pinned, the tree written out by
   hardlinks from the local cache (copies where a link is impossible);
-* a FUSE stager (lazy: a blob is fetched when first opened) slots in behind the same
-  interface, as can reuse of whole staged subtrees keyed by Directory digest.
+* :class:`~.fuse.stager.FuseStager` — lazy: a read-only FUSE view of the tree under a
+  writable overlay per action, a blob fetched when first opened;
+* :class:`~.auto_staging.AutoStager` — picks one of the two per action.
 
 Contract of :meth:`Stager.stage`:
 
@@ -35,6 +36,7 @@ from dataclasses import dataclass
 from reapi_worker.protos.errors import Internal, InvalidArgument, ReapiError
 
 from .content import LocalContent
+from .digests import Digest
 from .directory.cas import CasDirectory
 from .paths import RelPath
 
@@ -50,12 +52,26 @@ class Owner:
 
 
 class StagedInput(abc.ABC):
-    """A staged input root. ``path`` is valid until :meth:`close`; closing twice is fine."""
+    """A staged input root. ``path`` is valid until :meth:`close`; closing twice is fine.
+
+    Called by one thread (the action's) at a time.
+    """
 
     path: str
 
     @abc.abstractmethod
     def close(self) -> None: ...
+
+    def check(self) -> None:
+        """Raise the first error the staged tree met while the command ran — a lazily
+        fetched blob that could not be fetched (the reader got EIO), a file system that
+        failed. Eager stagers meet none. Call it after the command, before capture."""
+
+    def known_digest(self, parts: RelPath, st: os.stat_result) -> Digest | None:
+        """The digest of the regular file at ``parts`` (relative to ``path``, whose ``lstat``
+        is ``st``) if the stager knows it without reading the file — an input the command
+        left alone — else None (read and hash it). Call only after the command has ended."""
+        return None
 
     def __enter__(self) -> "StagedInput":
         return self
@@ -170,7 +186,7 @@ class HardlinkStager(Stager):
             self._store.fetch(digests)
             root.export_files(build_dir, can_link=self._link, dir_owner=None if owner is None else (owner.uid, owner.gid))
             for parts in directories:
-                _make_dirs(build_dir, parts, owner)
+                make_dirs(build_dir, parts, owner)
         except BaseException as error:
             pins.release()
             if os.path.lexists(build_dir):
@@ -183,8 +199,9 @@ class HardlinkStager(Stager):
         return _HardlinkedInput(build_dir, pins, self._remover)
 
 
-def _make_dirs(root: str, parts: RelPath, owner: Owner | None) -> None:
-    """Create ``root/parts...`` without following symlinks staged from the input root."""
+def make_dirs(root: str, parts: RelPath, owner: Owner | None) -> None:
+    """Create ``root/parts...`` (owned by ``owner``) without following symlinks staged from
+    the input root. InvalidArgument if a component exists and is not a directory."""
     fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
         for part in parts:

@@ -14,7 +14,8 @@ from collections.abc import Sequence
 
 from reapi_worker.protos.errors import ReapiError
 
-from . import commands
+from . import commands, config
+from .logs import configure_logging
 
 log = logging.getLogger("reapi_worker")
 
@@ -28,53 +29,56 @@ def build_parser() -> argparse.ArgumentParser:
     caps.add_argument("--json", action="store_true", help="machine-readable output")
     caps.set_defaults(run=commands.capabilities)
 
-    run = sub.add_parser("run-action", help="execute one Action from a CAS and print its ActionResult")
-    _remote_args(run)
+    bot = sub.add_parser(
+        "bot", help="run the worker daemon: take leases from the scheduler's Bots service and execute them",
+    )
+    config.add_arguments(bot, [config.SERVER, config.EXECUTOR, config.BOT, config.LOGGING])
+    bot.set_defaults(run=commands.bot)
+
+    show = sub.add_parser("config", help="print the effective configuration (defaults < --config FILE < flags) as TOML")
+    show.add_argument("--dump", action="store_true", help="print it (the default and only action)")
+    config.add_arguments(show, [config.SERVER, config.EXECUTOR, config.BOT, config.LOGGING])
+    show.set_defaults(run=commands.dump_config)
+
+    run = sub.add_parser("run-action", help="execute one Action from a CAS on this host and print its ActionResult")
+    config.add_arguments(run, [config.SERVER, config.EXECUTOR])
     run.add_argument("--action", required=True, metavar="HASH/SIZE", help="digest of the Action in the CAS")
-    _executor_args(run)
     run.add_argument("--json", action="store_true", help="print the ActionResult as JSON")
     run.set_defaults(run=commands.run_action)
 
     execute = sub.add_parser(
         "execute",
-        help="upload a local input directory and a command, run it on this host's executor, download outputs",
+        help="upload a local input directory and a command, run it through the scheduler "
+        "(or on this host with --local), print the result, download the outputs",
     )
-    _remote_args(execute)
+    config.add_arguments(execute, [config.SERVER, config.EXECUTOR])
+    execute.add_argument(
+        "--local", action="store_true",
+        help="run on this host's executor instead of submitting to the scheduler's Execution service",
+    )
     execute.add_argument("--input-root", default=None, metavar="DIR", help="local directory uploaded as the input root")
     execute.add_argument("--working-directory", default="", help="relative to the input root")
     execute.add_argument("--output-path", action="append", default=[], metavar="PATH", help="repeatable")
     execute.add_argument("--env", action="append", default=[], metavar="NAME=VALUE", help="repeatable")
-    execute.add_argument("--platform", action="append", default=[], metavar="KEY=VALUE", help="repeatable")
+    execute.add_argument(
+        "--platform", action="append", default=[], metavar="KEY=VALUE",
+        help="the Action's platform properties (repeatable); the scheduler matches them to bots",
+    )
     execute.add_argument("--timeout", type=float, default=None, help="Action.timeout in seconds")
+    execute.add_argument(
+        "--cacheable", action="store_true",
+        help="let the scheduler answer from, and store into, its action cache (default: always run)",
+    )
     execute.add_argument("--download", default=None, metavar="DIR", help="write the outputs here")
-    _executor_args(execute)
-    execute.add_argument("--json", action="store_true", help="print the ActionResult as JSON")
+    execute.add_argument("--json", action="store_true", help="print the ExecuteResponse as JSON")
     execute.add_argument("argv", nargs=argparse.REMAINDER, help="-- COMMAND [ARGS...]")
     execute.set_defaults(run=commands.execute)
     return parser
 
 
-def _remote_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--remote", required=True, metavar="URL", help="CAS endpoint, e.g. grpc://127.0.0.1:50051")
-    parser.add_argument("--instance-name", default="", metavar="NAME")
-
-
-def _executor_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--cache-dir", default="/var/cache/reapi-worker", metavar="DIR")
-    parser.add_argument("--cache-size", default="10G", metavar="SIZE", help="e.g. 500M, 10G (default 10G)")
-    parser.add_argument("--build-root", default="/var/lib/reapi-worker/builds", metavar="DIR")
-    parser.add_argument("--max-action-timeout", type=float, default=3600.0, metavar="SECONDS")
-    parser.add_argument("--sandbox-uid", type=int, default=65534, help="unprivileged uid the action runs as")
-    parser.add_argument("--sandbox-gid", type=int, default=65534)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=getattr(logging, str(args.log_level).upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    configure_logging(args.log_level)
     try:
         return int(args.run(args) or 0)
     except ReapiError as error:

@@ -3,22 +3,37 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
+import logging
 import os
+import signal
 import sys
+import tempfile
+import threading
+from collections.abc import Callable, Iterator
 
+import grpc
 from google.protobuf import json_format
 
-from reapi_worker.protos import code_pb2, re_pb2
+from reapi_worker.protos import bots_pb2_grpc, code_pb2, operations_pb2, re_pb2
 from reapi_worker.protos.errors import InvalidArgument
 from reapi_worker.sandbox.probe import probe_host
-from reapi_worker.storage.channels import ConnectionOptions
-from reapi_worker.storage.digests import Digest, serialize
-from reapi_worker.storage.directory.cas import CasDirectory
-from reapi_worker.storage.directory.filesystem import FileSystemDirectory
+from reapi_worker.storage.channels import open_channel
+from reapi_worker.storage.digests import Digest
+from reapi_worker.storage.fetch_through import FetchThroughStore
+from reapi_worker.storage.local_cas import LocalCAS
+from reapi_worker.storage.remote_cas import RemoteCAS, RemoteOptions, RetryPolicy
 
-from .compose import ExecutorSettings, open_executor, parse_size
+from .bot import Bot, BotSettings
+from .client import CommandSpec, ExecutionClient, build_action, download_outputs
+from .compose import ExecutorSettings, open_executor
+from .config import WorkerConfig, config_from_args, dump_toml
+from .logs import configure_logging
+from .session import BotIdentity, SessionClient
+
+log = logging.getLogger("reapi_worker")
 
 
 def capabilities(args: argparse.Namespace) -> int:
@@ -37,81 +52,147 @@ def capabilities(args: argparse.Namespace) -> int:
     return 0 if caps.bwrap_path and caps.user_namespaces else 1
 
 
-def _settings(args: argparse.Namespace) -> ExecutorSettings:
+def executor_settings(cfg: WorkerConfig) -> ExecutorSettings:
+    """The executor's settings from the worker's config (the bot id names the worker in
+    every ActionResult)."""
     return ExecutorSettings(
-        cas=ConnectionOptions(url=args.remote),
-        instance_name=args.instance_name,
-        cache_dir=args.cache_dir,
-        cache_bytes=parse_size(args.cache_size),
-        build_root=args.build_root,
-        max_action_timeout=args.max_action_timeout,
-        sandbox_uid=args.sandbox_uid,
-        sandbox_gid=args.sandbox_gid,
+        cas=cfg.cas_connection,
+        instance_name=cfg.instance_name,
+        cache_dir=cfg.cache_dir,
+        cache_bytes=cfg.cache_bytes,
+        build_root=cfg.build_root,
+        max_action_timeout=cfg.max_action_timeout,
+        sandbox_uid=cfg.sandbox_uid,
+        sandbox_gid=cfg.sandbox_gid,
+        worker_name=cfg.effective_bot_id,
+        staging=cfg.staging,
     )
 
 
 def run_action(args: argparse.Namespace) -> int:
     digest = Digest.parse(args.action)
-    with open_executor(_settings(args)) as (executor, _store):
+    with open_executor(executor_settings(config_from_args(args))) as (executor, _store):
         outcome = executor.execute(digest)
     _print_outcome(outcome.status, outcome.result, args.json)
     return 0 if outcome.ok else 1
 
 
 def execute(args: argparse.Namespace) -> int:
-    """Upload a local input root and a Command, run it here, print and download the result."""
+    """Upload a local input root and a Command, run it (through the scheduler, or here with
+    ``--local``), print the result and download the outputs."""
     argv = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
     if not argv:
         raise InvalidArgument("give the command after --")
-    with open_executor(_settings(args)) as (executor, store):
-        root = CasDirectory.empty(store)
-        if args.input_root:
-            root.import_files(args.input_root)
-        command = re_pb2.Command(
-            arguments=argv,
-            working_directory=args.working_directory,
-            output_paths=args.output_path,
-            environment_variables=[
-                re_pb2.Command.EnvironmentVariable(name=name, value=value)
-                for name, value in sorted(_pairs(args.env, "--env").items())
-            ],
-        )
-        action = re_pb2.Action(
-            command_digest=store.write(serialize(command)).to_proto(),
-            input_root_digest=root.digest().to_proto(),
-            do_not_cache=True,
-        )
-        if args.platform:
-            action.platform.properties.extend(
-                re_pb2.Platform.Property(name=k, value=v) for k, v in sorted(_pairs(args.platform, "--platform").items())
-            )
-        if args.timeout:
-            action.timeout.FromNanoseconds(int(args.timeout * 1e9))
-        action_digest = store.write(serialize(action))
-        blobs = {action_digest, Digest.from_proto(action.command_digest)}
-        blobs |= {digest for digest, _ in root.file_digests()} | {digest for digest, _ in root.directory_protos()}
-        store.upload_missing(blobs)
-        outcome = executor.execute(action_digest)
-        if args.download and outcome.ok:
-            _download(store, outcome.result, args.download)
-    _print_outcome(outcome.status, outcome.result, args.json)
-    return 0 if outcome.ok and outcome.result.exit_code == 0 else 1
+    spec = CommandSpec(
+        arguments=tuple(argv),
+        environment=tuple(sorted(_pairs(args.env, "--env").items())),
+        output_paths=tuple(args.output_path),
+        working_directory=args.working_directory,
+        platform=tuple(sorted(_pairs(args.platform, "--platform").items())),
+        timeout=args.timeout,
+        do_not_cache=not args.cacheable,
+    )
+    cfg = config_from_args(args)
+    if args.local:
+        with open_executor(executor_settings(cfg)) as (executor, store):
+            action_digest, blobs = build_action(store, spec, args.input_root)
+            store.upload_missing(blobs)
+            outcome = executor.execute(action_digest)
+            if args.download and outcome.ok:
+                download_outputs(store, outcome.result, args.download)
+        status, result = outcome.status, outcome.result
+    else:
+        with _client_store(cfg) as (store, channel):
+            action_digest, blobs = build_action(store, spec, args.input_root)
+            uploaded = store.upload_missing(blobs)
+            log.info("action %s: uploaded %d of %d blob(s)", action_digest, len(uploaded), len(blobs))
+
+            def show(operation: operations_pb2.Operation) -> None:
+                metadata = re_pb2.ExecuteOperationMetadata()
+                operation.metadata.Unpack(metadata)
+                stage = re_pb2.ExecutionStage.Value.Name(metadata.stage)
+                log.info("operation %s: %s", operation.name, stage)
+
+            client = ExecutionClient(channel, cfg.instance_name)
+            execution = client.execute(action_digest, skip_cache_lookup=not args.cacheable, on_operation=show)
+            status, result = execution.response.status, execution.response.result
+            if args.download and execution.ok:
+                for path in download_outputs(store, result, args.download):
+                    log.info("downloaded %s", os.path.join(args.download, path))
+    _print_outcome(status, result, args.json)
+    return 0 if status.code == code_pb2.OK and result.exit_code == 0 else 1
 
 
-def _download(store, result: re_pb2.ActionResult, dest: str) -> None:  # type: ignore[no-untyped-def]
-    """Write outputs under ``dest`` (paths relative to the working directory)."""
-    os.makedirs(dest, exist_ok=True)
-    target = FileSystemDirectory(os.path.abspath(dest))
-    for out in result.output_files:
-        parent = os.path.dirname(out.path)
-        if parent:
-            target.mkdir(parent)
-        target.write_bytes(out.path, store.read(Digest.from_proto(out.digest)), executable=out.is_executable)
-    for link in list(result.output_symlinks) + list(result.output_file_symlinks) + list(result.output_directory_symlinks):
-        target.symlink(link.path, link.target)
-    for out in result.output_directories:
-        tree = re_pb2.Tree.FromString(store.read(Digest.from_proto(out.tree_digest)))
-        target.descend(out.path, create=True).import_files(CasDirectory.from_tree(store, tree))
+@contextlib.contextmanager
+def _client_store(cfg: WorkerConfig) -> Iterator[tuple[FetchThroughStore, grpc.Channel]]:
+    """A store for a client: a throw-away local cache in front of the scheduler's CAS,
+    and the channel to the scheduler (the CAS gets its own when it lives elsewhere)."""
+    channel = open_channel(cfg.bots_connection)
+    cas_channel = open_channel(cfg.cas_connection) if cfg.cas_remote else channel
+    try:
+        with tempfile.TemporaryDirectory(prefix="reapi-client-") as cache_dir:
+            remote = RemoteCAS(cas_channel, RemoteOptions(instance_name=cfg.instance_name))
+            try:
+                with LocalCAS(cache_dir, max_bytes=cfg.cache_bytes) as local:
+                    yield FetchThroughStore(local, remote), channel
+            finally:
+                remote.close()
+    finally:
+        if cas_channel is not channel:
+            cas_channel.close()
+        channel.close()
+
+
+def bot(args: argparse.Namespace) -> int:
+    """The daemon: register with the scheduler and execute its leases until SIGTERM."""
+    cfg = config_from_args(args)
+    configure_logging(args.log_level, cfg.log_format)
+    identity = BotIdentity(
+        instance_name=cfg.instance_name,
+        bot_id=cfg.effective_bot_id,
+        capacity=cfg.concurrency,
+        properties=cfg.platform,
+    )
+    settings = BotSettings(
+        heartbeat_seconds=cfg.heartbeat_seconds,
+        poll_deadline_seconds=cfg.poll_deadline_seconds,
+        backoff=RetryPolicy(initial_backoff=min(0.25, cfg.max_backoff_seconds), max_backoff=cfg.max_backoff_seconds),
+        shutdown_grace_seconds=cfg.shutdown_grace_seconds,
+    )
+    if cfg.metrics_port is not None:
+        log.warning("metrics_port %d is configured but metrics are not served yet", cfg.metrics_port)
+    channel = open_channel(cfg.bots_connection)
+    try:
+        with open_executor(executor_settings(cfg)) as (executor, _store):
+            daemon = Bot(SessionClient(bots_pb2_grpc.BotsStub(channel), identity), executor, settings)
+            with _stop_on_signals(daemon.request_stop):
+                return daemon.run()
+    finally:
+        channel.close()
+
+
+@contextlib.contextmanager
+def _stop_on_signals(request_stop: Callable[[], None]) -> Iterator[None]:
+    """SIGTERM and SIGINT ask the bot to stop (the second one: to abort). The request is
+    made from a fresh thread: a handler runs between two bytecodes of the main thread,
+    which may be holding the very lock the request takes."""
+
+    def handler(signum: int, _frame: object) -> None:
+        log.info("received %s", signal.Signals(signum).name)
+        threading.Thread(target=request_stop, name="stop-request", daemon=True).start()
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def dump_config(args: argparse.Namespace) -> int:
+    """``reapi-worker config --dump``: the effective configuration as TOML."""
+    sys.stdout.write(dump_toml(config_from_args(args)))
+    return 0
 
 
 def _print_outcome(status, result: re_pb2.ActionResult, as_json: bool) -> None:  # type: ignore[no-untyped-def]

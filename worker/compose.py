@@ -1,8 +1,8 @@
 """Build the executor's object graph from settings: the one place concrete classes meet.
 
 Layers stack here, bottom up: gRPC channel -> RemoteCAS -> LocalCAS -> FetchThroughStore ->
-stager -> bubblewrap runner -> Executor. Everything else receives these through
-constructors.
+stager (hardlink, FUSE, or auto choosing between them: :func:`make_stager`) -> bubblewrap
+runner -> Executor. Everything else receives these through constructors.
 """
 
 from __future__ import annotations
@@ -18,14 +18,21 @@ from reapi_worker.sandbox.bubblewrap import BubblewrapRunner
 from reapi_worker.sandbox.identity import RunAs, sandbox_can_protect_hardlinks
 from reapi_worker.sandbox.request import ResourceLimits
 from reapi_worker.storage.channels import ConnectionOptions, open_channel
+from reapi_worker.storage.auto_staging import AutoStager, StagingRule
+from reapi_worker.storage.content import LocalContent
 from reapi_worker.storage.fetch_through import FetchThroughStore
+from reapi_worker.storage.fuse import FuseMount, FuseStager
 from reapi_worker.storage.local_cas import LocalCAS
 from reapi_worker.storage.remote_cas import RemoteCAS, RemoteOptions
-from reapi_worker.storage.staging import HardlinkStager, Owner, TreeRemover
+from reapi_worker.storage.staging import HardlinkStager, Owner, Stager, TreeRemover
+from reapi_worker.storage.tree_facts import TreeFacts
 
 from .executor import Executor, ExecutorConfig
 
 _UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+
+#: The stagers ``ExecutorSettings.staging`` may name (see :func:`make_stager`).
+STAGINGS = ("hardlink", "fuse", "auto")
 
 
 def parse_size(text: str) -> int:
@@ -56,6 +63,10 @@ class ExecutorSettings:
     sandbox_gid: int = 65534
     worker_name: str = field(default_factory=socket.gethostname)
     limits: ResourceLimits = field(default_factory=ResourceLimits)
+    #: How input roots are staged: ``hardlink`` (every blob fetched and linked before the
+    #: command), ``fuse`` (lazily, through a FUSE mount under a per-action overlay; root
+    #: only) or ``auto`` (per action: FUSE for big trees, see storage/auto_staging.py).
+    staging: str = "hardlink"
 
 
 @contextlib.contextmanager
@@ -73,15 +84,44 @@ def open_executor(settings: ExecutorSettings) -> Iterator[tuple[Executor, FetchT
             runner = BubblewrapRunner(run_as=run_as)
             # Hardlinks are the cache's own inodes: only safe when the sandbox's uid does
             # not own them (MEASURED.md's uid-0 trap); otherwise stage copies.
-            stager = HardlinkStager(store, remover, link=sandbox_can_protect_hardlinks(run_as))
-            config = ExecutorConfig(
-                build_root=settings.build_root,
-                worker_name=settings.worker_name,
-                max_action_timeout=settings.max_action_timeout,
-                owner=Owner(runner.run_as.uid, runner.run_as.gid) if runner.run_as else None,
-                limits=settings.limits,
-            )
-            yield Executor(store, stager, runner, config), store
-            remover.drain()
+            link = sandbox_can_protect_hardlinks(run_as)
+            with make_stager(settings.staging, store, remover, settings.build_root, link=link) as stager:
+                config = ExecutorConfig(
+                    build_root=settings.build_root,
+                    worker_name=settings.worker_name,
+                    max_action_timeout=settings.max_action_timeout,
+                    owner=Owner(runner.run_as.uid, runner.run_as.gid) if runner.run_as else None,
+                    limits=settings.limits,
+                )
+                yield Executor(store, stager, runner, config), store
+                remover.drain()
     finally:
         channel.close()
+
+
+@contextlib.contextmanager
+def make_stager(
+    staging: str, store: LocalContent, remover: TreeRemover, build_root: str, *, link: bool = True
+) -> Iterator[Stager]:
+    """The stager ``staging`` names (one of :data:`STAGINGS`), open for the context.
+
+    ``hardlink``: :class:`HardlinkStager` (copies instead of links unless ``link``).
+    ``fuse``: a :class:`FuseStager` on the worker's FUSE mount at ``<build_root>/.fuse``
+    (mounted here, after unmounting whatever a killed worker left under ``build_root``;
+    unmounted when the context ends — after the last staged input is closed).
+    ``auto``: both, chosen per action by :class:`StagingRule`.
+    FUSE staging needs root (``/dev/fuse`` and overlay mounts). Raises InvalidArgument for
+    an unknown name or a non-root worker, Internal if the mount cannot be made.
+    """
+    if staging not in STAGINGS:
+        raise InvalidArgument(f"staging {staging!r}: expected one of {', '.join(STAGINGS)}")
+    eager = HardlinkStager(store, remover, link=link)
+    if staging == "hardlink":
+        yield eager
+        return
+    if os.geteuid() != 0:
+        raise InvalidArgument(f"staging {staging!r} mounts file systems and needs a worker running as root")
+    with FuseMount(os.path.join(build_root, ".fuse")) as mount:
+        facts = TreeFacts()
+        lazy = FuseStager(store, remover, mount, build_root, facts=facts)
+        yield lazy if staging == "fuse" else AutoStager(eager, lazy, StagingRule(), facts)

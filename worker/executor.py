@@ -2,7 +2,8 @@
 
 The phases are named after the REAPI timestamps they fill in ``ExecutedActionMetadata``:
 input fetch (Action, Command, the input tree, its blobs, staging), execution (the sandbox),
-output upload (capture into the local CAS, upload what the remote lacks).
+output upload (capture into the local CAS, upload what the remote lacks). For logs and
+metrics the input fetch is timed in two parts, ``fetch`` and ``stage`` (see :data:`PHASES`).
 
 :meth:`Executor.execute` never raises: every problem becomes the ``status`` of the
 :class:`Outcome` (the first error wins), a bad action never takes the worker down, and a
@@ -39,6 +40,11 @@ from .outputs import capture_outputs
 
 log = logging.getLogger(__name__)
 
+#: The phases an :class:`Outcome` times, in order: ``fetch`` (Action, Command and input tree
+#: into the local CAS), ``stage`` (the input root made a directory), ``run`` (the sandbox),
+#: ``upload`` (outputs captured and sent). ``fetch`` + ``stage`` span REAPI's input fetch.
+PHASES = ("fetch", "stage", "run", "upload")
+
 
 @dataclass(frozen=True, slots=True)
 class ExecutorConfig:
@@ -61,12 +67,16 @@ class ExecutorConfig:
 @dataclass(slots=True)
 class Outcome:
     """What an execution produced: the status a lease reports and the ActionResult (which
-    may be partial, e.g. after a timeout). ``phases`` holds each phase's duration in
-    seconds for logs and metrics."""
+    may be partial, e.g. after a timeout). ``phases`` holds the duration in seconds of each
+    phase that finished (names from :data:`PHASES`), for logs and metrics.
+    ``failed_phase``: when the status is not OK, the phase it came from (a name from
+    :data:`PHASES`: ``run`` for a timeout, a cancellation or a sandbox that could not be set
+    up); ``None`` when the status is OK."""
 
     status: status_pb2.Status
     result: re_pb2.ActionResult
     phases: dict[str, float] = field(default_factory=dict)
+    failed_phase: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -107,6 +117,10 @@ class Executor:
         except Exception as error:  # a bug must cost one action, never the worker
             log.exception("executing %s", action_digest)
             outcome.status.CopyFrom(Internal(f"executing {action_digest}: {error!r}").to_status())
+        if not outcome.ok and outcome.failed_phase is None:
+            # A phase records its duration when it finishes, so an error rose in the first
+            # phase without one.
+            outcome.failed_phase = next((p for p in PHASES if p not in outcome.phases), PHASES[-1])
         return outcome
 
     def _execute(
@@ -117,11 +131,13 @@ class Executor:
         spec = self._load(action_digest, action)
         self._store.fetch_tree(spec.input_root_digest)
         root = CasDirectory.from_digest(self._store, spec.input_root_digest)
+        tree_fetched = self._clock()
+        outcome.phases["fetch"] = tree_fetched - started
         build_dir = os.path.join(self._config.build_root, uuid.uuid4().hex)
         directories = [spec.working_directory] + [o.components[:-1] for o in spec.outputs if o.components]
         with self._stager.stage(root, build_dir, directories, self._config.owner) as staged:
             fetched = self._stamp(metadata.input_fetch_completed_timestamp)
-            outcome.phases["fetch"] = fetched - started
+            outcome.phases["stage"] = fetched - tree_fetched
             with tempfile.TemporaryDirectory(prefix="streams-", dir=self._config.build_root) as streams:
                 self._stamp(metadata.execution_start_timestamp)
                 run = self._runner.run(self._request(spec, staged.path, streams), cancel)
@@ -129,10 +145,19 @@ class Executor:
                 outcome.phases["run"] = ran - fetched
                 if run.cancelled:
                     outcome.status.CopyFrom(status_pb2.Status(code=code_pb2.CANCELLED, message="cancelled"))
+                    outcome.failed_phase = "run"
                     return
                 self._stamp(metadata.output_upload_start_timestamp)
                 self._record_run(spec, run, streams, outcome)
-                captured = capture_outputs(staged.path, spec, self._store)
+                if outcome.ok:
+                    # A lazily staged input that could not be read (the command got EIO)
+                    # fails the action with that reason; stdout/stderr are kept.
+                    try:
+                        staged.check()
+                    except ReapiError:
+                        outcome.failed_phase = "fetch"  # the blob's lazy fetch failed
+                        raise
+                captured = capture_outputs(staged.path, spec, self._store, known=staged.known_digest)
         result = outcome.result
         result.MergeFrom(captured.result)  # capture fills only the output fields
         blobs = captured.blobs | {Digest.from_proto(d) for d in (result.stdout_digest, result.stderr_digest)}
@@ -182,6 +207,7 @@ class Executor:
             outcome.status.CopyFrom(
                 status_pb2.Status(code=code_pb2.DEADLINE_EXCEEDED, message=f"action timed out after {spec.timeout or self._config.max_action_timeout:g} s")
             )
+            outcome.failed_phase = "run"
         elif run.oom_killed:
             outcome.status.message = "the action was killed for exceeding its memory limit (out of memory)"
 

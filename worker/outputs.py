@@ -22,7 +22,7 @@ import contextlib
 import errno
 import os
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -31,8 +31,13 @@ from reapi_worker.protos import re_pb2
 from reapi_worker.protos.errors import FailedPrecondition, Internal
 from reapi_worker.storage.content import ContentStore
 from reapi_worker.storage.digests import Digest, serialize
+from reapi_worker.storage.paths import RelPath
 
 from .action import ActionSpec, OutputKind, OutputSpec
+
+#: Asks the stager for the digest of a file it knows without reading it (an unmodified
+#: input): (components below the input root, its lstat) -> digest or None.
+KnownDigest = Callable[[RelPath, os.stat_result], "Digest | None"]
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
@@ -46,9 +51,15 @@ class CapturedOutputs:
     blobs: set[Digest] = field(default_factory=set)
 
 
-def capture_outputs(root: str, spec: ActionSpec, store: ContentStore) -> CapturedOutputs:
+def capture_outputs(
+    root: str, spec: ActionSpec, store: ContentStore, known: KnownDigest | None = None
+) -> CapturedOutputs:
     """Store every output of ``spec`` found under the host directory ``root`` (the input
     root as the command saw it) into ``store`` and describe them.
+
+    ``known``, if given, is asked first for each regular file: a digest it returns is used
+    as is (the bytes are neither read nor stored: they already are, as an input), so that
+    an output which is an unmodified input costs no copy.
 
     Raises FailedPrecondition for an output of the wrong kind, Internal for I/O errors
     of the worker's own disk.
@@ -57,14 +68,19 @@ def capture_outputs(root: str, spec: ActionSpec, store: ContentStore) -> Capture
     properties = spec.node_properties
     for output in spec.outputs:
         try:
-            _capture_one(root, output, store, properties, captured)
+            _capture_one(root, output, store, properties, captured, known)
         except OSError as error:
             raise Internal(f"capturing output {output.path!r}: {error}") from None
     return captured
 
 
 def _capture_one(
-    root: str, output: OutputSpec, store: ContentStore, properties: frozenset[str], captured: CapturedOutputs
+    root: str,
+    output: OutputSpec,
+    store: ContentStore,
+    properties: frozenset[str],
+    captured: CapturedOutputs,
+    known: KnownDigest | None,
 ) -> None:
     with _open_parent(root, output.components) as parent_fd:
         if parent_fd is None:
@@ -86,7 +102,7 @@ def _capture_one(
         elif stat.S_ISREG(st.st_mode):
             if output.kind is OutputKind.DIRECTORY:
                 raise FailedPrecondition(f"output directory {output.path!r} is a regular file")
-            digest = _store_file(parent_fd, name, store)
+            digest = _file_digest(parent_fd, name, output.components, st, store, known)
             captured.blobs.add(digest)
             out = result.output_files.add(path=output.path, digest=digest.to_proto(), is_executable=_is_exec(st))
             _set_properties(out.node_properties, st, properties)
@@ -97,7 +113,9 @@ def _capture_one(
             try:
                 tree = re_pb2.Tree()
                 children: dict[Digest, re_pb2.Directory] = {}
-                tree.root.CopyFrom(_directory_proto(fd, store, properties, children, captured.blobs))
+                tree.root.CopyFrom(
+                    _directory_proto(fd, output.components, store, properties, children, captured.blobs, known)
+                )
             finally:
                 os.close(fd)
             tree.children.extend(children[d] for d in sorted(children))
@@ -132,20 +150,23 @@ def _open_parent(root: str, components: tuple[str, ...]) -> Iterator[int | None]
 
 def _directory_proto(
     fd: int,
+    parts: RelPath,
     store: ContentStore,
     properties: frozenset[str],
     children: dict[Digest, re_pb2.Directory],
     blobs: set[Digest],
+    known: KnownDigest | None,
 ) -> re_pb2.Directory:
-    """The canonical Directory proto of the open directory ``fd``, storing its files and
-    collecting every descendant Directory (deduplicated by digest) into ``children``."""
+    """The canonical Directory proto of the open directory ``fd`` (at ``parts`` below the
+    input root), storing its files and collecting every descendant Directory (deduplicated
+    by digest) into ``children``."""
     directory = re_pb2.Directory()
     with os.scandir(fd) as entries:
         listing = sorted(entries, key=lambda entry: entry.name)
     for entry in listing:
         st = entry.stat(follow_symlinks=False)
         if stat.S_ISREG(st.st_mode):
-            digest = _store_file(fd, entry.name, store)
+            digest = _file_digest(fd, entry.name, parts + (entry.name,), st, store, known)
             blobs.add(digest)
             node = directory.files.add(name=entry.name, digest=digest.to_proto(), is_executable=_is_exec(st))
             _set_properties(node.node_properties, st, properties)
@@ -155,7 +176,7 @@ def _directory_proto(
         elif stat.S_ISDIR(st.st_mode):
             child_fd = os.open(entry.name, _DIR_FLAGS, dir_fd=fd)
             try:
-                child = _directory_proto(child_fd, store, properties, children, blobs)
+                child = _directory_proto(child_fd, parts + (entry.name,), store, properties, children, blobs, known)
             finally:
                 os.close(child_fd)
             child_digest = store.write(serialize(child))
@@ -163,6 +184,16 @@ def _directory_proto(
             children.setdefault(child_digest, child)
             directory.directories.add(name=entry.name, digest=child_digest.to_proto())
     return directory
+
+
+def _file_digest(
+    dir_fd: int, name: str, parts: RelPath, st: os.stat_result, store: ContentStore, known: KnownDigest | None
+) -> Digest:
+    if known is not None:
+        digest = known(parts, st)
+        if digest is not None:
+            return digest
+    return _store_file(dir_fd, name, store)
 
 
 def _store_file(dir_fd: int, name: str, store: ContentStore) -> Digest:

@@ -22,8 +22,9 @@ from __future__ import annotations
 
 import errno
 import os
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import BinaryIO, Union
 
 from reapi_worker.protos import re_pb2
@@ -59,6 +60,10 @@ class _Link:
 
 
 _Entry = Union[_File, _Link, "CasDirectory"]
+#: The entry values :meth:`CasDirectory.entries` hands out (a file: ``digest`` and
+#: ``executable``; a symlink: ``target``), for readers that walk a tree node by node.
+FileEntry = _File
+LinkEntry = _Link
 # Rows of a Directory proto, as _canonical.build takes them (named here because the
 # method CasDirectory.list shadows the builtin inside the class).
 _FileRows = list[tuple[str, Digest, bool]]
@@ -231,6 +236,23 @@ class CasDirectory(Directory):
 
     def list(self) -> list[str]:
         return sorted(self._load())
+
+    def entries(self) -> Mapping[str, "FileEntry | LinkEntry | CasDirectory"]:
+        """This node's entries by name — a :data:`FileEntry`, a :data:`LinkEntry` or a child
+        CasDirectory — read and checked on first visit (MissingBlobs, InvalidArgument), as a
+        read-only view. For readers that walk node by node and must not load more of the
+        tree than they visit (the lazy FUSE stager).
+
+        Thread-safety: a first visit writes the node; callers that share a tree between
+        threads make sure one node is not visited for the first time by two at once.
+        """
+        return MappingProxyType(self._load())
+
+    def loaded_entries(self) -> Mapping[str, "FileEntry | LinkEntry | CasDirectory"] | None:
+        """As :meth:`entries` if this node has been visited, else None; never reads the store
+        (so it is safe beside a first visit running in another thread)."""
+        entries = self._entries
+        return None if entries is None else MappingProxyType(entries)
 
     def walk(self) -> Iterator[tuple[str, FileStat]]:
         self.digest()  # every directory's stat carries its digest: compute them in one pass

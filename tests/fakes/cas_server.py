@@ -9,7 +9,10 @@ lets a test inject faults:
   aborts with UNAVAILABLE once that many bytes have gone through it (a Write keeps what
   it received, so QueryWriteStatus reports it); :meth:`break_next_get_tree` likewise
   after that many pages;
-* :meth:`FakeCasServer.put_raw` — store bytes that do not match their digest (corruption).
+* :meth:`FakeCasServer.put_raw` — store bytes that do not match their digest (corruption);
+* :meth:`FakeCasServer.stall_reads_after` — after that many more blobs have been read, every
+  read (BatchReadBlobs, Read) stops answering, as a hung server does, until
+  :meth:`release_stall` (then it fails with UNAVAILABLE).
 
 GetTree answers in pages of ``tree_page_size`` Directories and ends each call after
 ``tree_pages_per_call`` pages, so a client must follow page tokens across calls. With
@@ -66,6 +69,8 @@ class FakeCasServer:
         self._tree_breaks: collections.deque[int] = collections.deque()
         self._lock = threading.Lock()
         self.read_barrier: threading.Barrier | None = None
+        self._stall_after: int | None = None
+        self._stall_released = threading.Event()
         self._server: grpc.Server | None = None
         self.address = ""
 
@@ -127,6 +132,16 @@ class FakeCasServer:
         with self._lock:
             self._write_breaks.append(after_bytes)
 
+    def stall_reads_after(self, blobs: int) -> None:
+        with self._lock:
+            self._stall_after = blobs
+            self._stall_released.clear()
+
+    def release_stall(self) -> None:
+        with self._lock:
+            self._stall_after = None
+        self._stall_released.set()
+
     def break_next_get_tree(self, after_pages: int) -> None:
         with self._lock:
             self._tree_breaks.append(after_pages)
@@ -140,6 +155,17 @@ class FakeCasServer:
             code = self._faults[method].popleft() if self._faults[method] else None
         if code is not None:
             context.abort(code, f"injected {code.name}")
+
+    def _count_read_or_stall(self, blobs: int, context: grpc.ServicerContext) -> None:
+        """Count ``blobs`` about to be read; past the stall point, hang until released."""
+        with self._lock:
+            if self._stall_after is None:
+                return
+            self._stall_after -= blobs
+            stalled = self._stall_after < 0
+        if stalled:
+            self._stall_released.wait(timeout=120)
+            context.abort(grpc.StatusCode.UNAVAILABLE, "stalled server released")
 
     def _get(self, digest: Digest) -> bytes | None:
         with self._lock:
@@ -185,6 +211,7 @@ class _Servicer(
         self._fake._enter("BatchReadBlobs", context)
         if sum(d.size_bytes for d in request.digests) > self._fake.max_batch_total_size_bytes:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "batch too big")
+        self._fake._count_read_or_stall(len(request.digests), context)
         reply = re_pb2.BatchReadBlobsResponse()
         for digest in request.digests:
             data = self._fake._get(Digest.from_proto(digest))
@@ -243,6 +270,7 @@ class _Servicer(
         with fake._lock:
             fake.read_offsets.append(request.read_offset)
             break_after = fake._read_breaks.popleft() if fake._read_breaks else None
+        fake._count_read_or_stall(1, context)
         data = fake._get(_digest_in(request.resource_name))
         if data is None:
             context.abort(grpc.StatusCode.NOT_FOUND, f"{request.resource_name} not found")

@@ -1,10 +1,18 @@
-"""Building blocks for executor tests: a real local CAS, stager, bubblewrap runner."""
+"""Building blocks for executor tests: a real local CAS, stager, bubblewrap runner.
+
+``make_farm(staging=...)`` builds the same executor with hardlink or FUSE staging, so one
+suite runs over both (``STAGINGS``). FUSE needs root (``/dev/fuse`` and overlay mounts),
+``fusermount3`` and one FUSE mount per process: :func:`shared_fuse_mount` opens it once
+and every FUSE farm of the session uses it.
+"""
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from google.protobuf.duration_pb2 import Duration
@@ -12,11 +20,35 @@ from google.protobuf.duration_pb2 import Duration
 from reapi_worker.protos import re_pb2
 from reapi_worker.sandbox.bubblewrap import BubblewrapRunner
 from reapi_worker.sandbox.identity import NOBODY
+from reapi_worker.sandbox.request import Bind
+from reapi_worker.storage.content import LocalContent
 from reapi_worker.storage.digests import Digest, serialize
 from reapi_worker.storage.directory.cas import CasDirectory
+from reapi_worker.storage.fuse import FuseMount, FuseStager
 from reapi_worker.storage.local_cas import LocalCAS
-from reapi_worker.storage.staging import HardlinkStager, Owner, TreeRemover
+from reapi_worker.storage.staging import HardlinkStager, Owner, Stager, TreeRemover
 from reapi_worker.worker.executor import Executor, ExecutorConfig, Outcome
+
+STAGINGS = ("hardlink", "fuse")
+
+_shared_mount: FuseMount | None = None
+
+
+def shared_fuse_mount() -> FuseMount:
+    """The process's FUSE mount for tests (pyfuse3: one per process), opened on first use
+    and closed at exit."""
+    global _shared_mount
+    if _shared_mount is None:
+        top = tempfile.mkdtemp(prefix="reapi-worker-test-fuse-", dir="/tmp")
+        _shared_mount = FuseMount(os.path.join(top, "mnt")).open()
+
+        def close() -> None:
+            assert _shared_mount is not None
+            _shared_mount.close()
+            shutil.rmtree(top, ignore_errors=True)
+
+        atexit.register(close)
+    return _shared_mount
 
 
 @dataclass
@@ -27,6 +59,9 @@ class Farm:
     cache: LocalCAS
     executor: Executor
     remover: TreeRemover
+    stager: Stager
+    staging: str = "hardlink"
+    store: LocalContent | None = None  # what the executor reads from (the cache, or a wrapper)
 
     @property
     def build_root(self) -> str:
@@ -88,22 +123,41 @@ class Farm:
         shutil.rmtree(self.top, ignore_errors=True)
 
 
-def make_farm(max_action_timeout: float = 60.0, parent: str = "/tmp") -> Farm:
+def make_farm(
+    max_action_timeout: float = 60.0,
+    staging: str = "hardlink",
+    wrap_cache: Callable[[LocalCAS], LocalContent] | None = None,
+    extra_ro_binds: tuple[Bind, ...] = (),
+    fetch_timeout: float = 60.0,
+    cache_recency: float = 60.0,
+) -> Farm:
+    """An executor over a fresh local cache in /tmp, staging with ``staging``.
+    ``wrap_cache`` makes what the executor reads from out of the cache (e.g. a
+    FetchThroughStore in front of a remote); the caller closes what it opened for it.
+    ``cache_recency`` is the cache's LRU ``recency_interval``."""
     # Not pytest's tmp_path: bubblewrap runs as an unprivileged uid and must be able to
     # reach the build directory, so every parent must be searchable by it (0755).
-    top = tempfile.mkdtemp(prefix="reapi-worker-test-", dir=parent)
+    top = tempfile.mkdtemp(prefix="reapi-worker-test-", dir="/tmp")
     os.chmod(top, 0o755)
     cache_dir = os.path.join(top, "cache")
     os.makedirs(cache_dir, mode=0o700)
-    cache = LocalCAS(cache_dir, max_bytes=1 << 30)
+    cache = LocalCAS(cache_dir, max_bytes=1 << 30, recency_interval=cache_recency)
     remover = TreeRemover(os.path.join(top, "builds", ".trash"))
     os.chmod(os.path.join(top, "builds"), 0o755)
-    stager = HardlinkStager(cache, remover)
+    source = wrap_cache(cache) if wrap_cache is not None else cache
+    stager: Stager
+    if staging == "hardlink":
+        stager = HardlinkStager(source, remover)
+    elif staging == "fuse":
+        stager = FuseStager(source, remover, shared_fuse_mount(), os.path.join(top, "builds"), fetch_timeout=fetch_timeout)
+    else:
+        raise ValueError(f"unknown staging {staging!r}")
     config = ExecutorConfig(
         build_root=os.path.join(top, "builds"),
         worker_name="test-worker",
         max_action_timeout=max_action_timeout,
         owner=Owner(NOBODY.uid, NOBODY.gid),
+        extra_ro_binds=extra_ro_binds,
     )
-    executor = Executor(cache, stager, BubblewrapRunner(), config)
-    return Farm(top, cache, executor, remover)
+    executor = Executor(source, stager, BubblewrapRunner(), config)
+    return Farm(top, cache, executor, remover, stager, staging, source)

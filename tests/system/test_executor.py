@@ -1,4 +1,5 @@
-"""The executor end to end on this host: real local CAS, hardlink staging, real bubblewrap.
+"""The executor end to end on this host: real local CAS, real bubblewrap, and each stager
+(hardlink and FUSE: ``STAGINGS``) — one suite, every test run over both.
 
 Security tests are named after the attack they stop.
 """
@@ -13,17 +14,33 @@ import time
 import psutil
 import pytest
 
-from conftest import require_tool
-from executor_fixtures import make_farm
+from conftest import require, require_tool
+from executor_fixtures import STAGINGS, make_farm
 
 from reapi_worker.protos import code_pb2, error_details_pb2, re_pb2
+from reapi_worker.sandbox.request import Bind
 from reapi_worker.storage.digests import Digest, serialize
 
 
-@pytest.fixture
-def farm():
+def require_staging(staging: str) -> None:
     require_tool("bwrap")
-    farm = make_farm(max_action_timeout=30)
+    if staging == "fuse":
+        require_tool("fusermount3")
+        require(os.geteuid() == 0 and os.path.exists("/dev/fuse"), "FUSE staging needs root and /dev/fuse")
+
+
+@pytest.fixture(params=STAGINGS)
+def staging(request) -> str:
+    only = request.node.get_closest_marker("only_staging")
+    if only is not None and request.param not in only.args:
+        pytest.skip(f"tests a property of {' and '.join(only.args)} staging only")
+    require_staging(request.param)
+    return request.param
+
+
+@pytest.fixture
+def farm(staging):
+    farm = make_farm(max_action_timeout=30, staging=staging)
     yield farm
     farm.close()
 
@@ -103,6 +120,35 @@ def test_inputs_are_staged_with_their_bits_and_symlinks(farm):
     inputs = {"src/a.txt": b"alpha", "src/run": (b"#!/bin/sh\necho ok\n", True), "src/link": "->a.txt"}
     outcome = farm.run(_sh("cat src/link; test -x src/run && src/run; test -x src/a.txt || echo not-exec"), inputs)
     assert farm.text(outcome.result.stdout_digest) == "alphaok\nnot-exec\n"
+
+
+def test_chroot_mode_sees_the_input_root_as_slash_and_writes_to_its_own_view(staging):
+    require(all(os.path.islink(f"/{n}") for n in ("bin", "lib")), "needs a merged-/usr host")
+    farm = make_farm(max_action_timeout=30, staging=staging, extra_ro_binds=(Bind("/usr", "/usr"),))
+    try:
+        inputs: dict = {f"{n}": "->" + os.readlink(f"/{n}") for n in ("bin", "lib", "lib64", "sbin") if os.path.islink(f"/{n}")}
+        inputs["src/a.txt"] = b"alpha\n"
+        script = "pwd; cat a.txt; rm a.txt; echo built > /src/out.txt; ls /"
+        outcome = farm.run(["sh", "-c", script], inputs, working_directory="src", platform={"rootMode": "chroot"},
+                           output_paths=["out.txt", "a.txt"])
+        assert outcome.status.code == code_pb2.OK, outcome.status
+        lines = farm.text(outcome.result.stdout_digest).split()
+        assert lines[:2] == ["/src", "alpha"]
+        assert {"bin", "lib", "src", "usr", "proc", "dev", "tmp"} <= set(lines[2:])
+        assert [(f.path, farm.cache.read(Digest.from_proto(f.digest))) for f in outcome.result.output_files] == [
+            ("out.txt", b"built\n")]
+        assert farm.cache.read(Digest.of_bytes(b"alpha\n")) == b"alpha\n"
+    finally:
+        farm.close()
+
+
+@pytest.mark.only_staging("hardlink")
+def test_hardlink_staging_links_the_cache_inode_instead_of_copying(farm):
+    content = b"linked, not copied\n"
+    outcome = farm.run(["stat", "-c", "%i %h", "input"], {"input": content})
+    inode, links = farm.text(outcome.result.stdout_digest).split()
+    assert int(inode) == os.stat(farm.cache.path(Digest.of_bytes(content))).st_ino
+    assert int(links) >= 2
 
 
 def test_metadata_phases_and_resource_usage(farm):

@@ -122,3 +122,26 @@ def test_outputs_relative_to_working_directory_keep_the_client_path(tmp_path):
     result = capture_outputs(str(tmp_path), _spec(working_directory="w", output_paths=["out/o"]), MemoryStore()).result
     assert [f.path for f in result.output_files] == ["out/o"]
     assert stat.S_ISDIR(os.stat(tmp_path / "w").st_mode)
+
+
+def test_a_file_whose_digest_the_stager_knows_is_neither_read_nor_stored(tmp_path):
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "input").write_bytes(b"as staged")
+    (tmp_path / "d" / "made").write_bytes(b"made by the action")
+    (tmp_path / "top").write_bytes(b"as staged")
+    known_digest = Digest.of_bytes(b"as staged")
+    asked = []
+
+    def known(parts, st):
+        asked.append(parts)
+        return known_digest if parts[-1] in ("input", "top") and st.st_size == 9 else None
+
+    store = MemoryStore()
+    captured = capture_outputs(str(tmp_path), _spec(output_paths=["d", "top"]), store, known=known)
+    assert sorted(asked) == [("d", "input"), ("d", "made"), ("top",)]
+    assert Digest.from_proto(captured.result.output_files[0].digest) == known_digest
+    assert store.find_missing([known_digest]) == {known_digest}  # never read, never stored
+    tree = _tree(store, captured.result.output_directories[0].tree_digest)
+    assert {f.name: Digest.from_proto(f.digest) for f in tree.root.files} == {
+        "input": known_digest, "made": Digest.of_bytes(b"made by the action")}
+    assert known_digest in captured.blobs  # still named, so it is uploaded if the remote lacks it

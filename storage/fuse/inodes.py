@@ -1,0 +1,246 @@
+"""The inode table of the input file system: which number means which entry of which tree.
+
+Numbering, and why:
+
+* ``ROOT_INODE`` (1) is the mount's top directory; each registered action root is a
+  directory in it, named by the root's token.
+* Directories and symlinks get a number per *action root* and path, from a counter that
+  never repeats. An action's tree is its own (no ``..`` confusion between trees that share
+  a subtree, since a kernel directory inode has one parent), and all of its numbers are
+  dropped at once when the root is removed.
+* Files get one number per *(store, digest, executable)*, shared by every root and path
+  that holds that blob. Contents are immutable, so sharing is safe, and it lets the kernel
+  page cache of a blob serve every action that reads it. A file inode lives while the
+  kernel knows it (its lookup count, decremented by ``forget``), so its number is stable
+  for as long as anything can observe it.
+
+The table also holds the open files (handle -> descriptor of the cached blob, opened per
+``open`` and closed on ``release``, so descriptors are bounded by what actions hold open,
+not by what the kernel remembers; an open descriptor keeps the bytes readable even if the
+cache evicts the file meanwhile) and, per file inode, the roots that looked it up, so that
+a failed fetch can be reported to the actions that could have read it.
+
+Thread-safety: every method must be called with :attr:`InodeTable.lock` held. The FUSE
+thread holds it for each request; executor threads hold it to add and remove roots.
+Nothing here blocks or reads the store except :meth:`InodeTable.lookup`, which visits a
+directory only when :meth:`~..directory.cas.CasDirectory.loaded_entries` says it is loaded
+(the caller loads it first otherwise).
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import threading
+import weakref
+from dataclasses import dataclass, field
+
+from reapi_worker.protos.errors import ReapiError
+
+from ..content import LocalContent
+from ..digests import Digest
+from ..directory.cas import CasDirectory, FileEntry, LinkEntry
+
+ROOT_INODE = 1
+
+
+class NotLoaded(Exception):
+    """The directory must be loaded (read from the store) before the request can be
+    answered; the caller loads ``node`` outside the lock and asks again."""
+
+    def __init__(self, node: CasDirectory, root: "ActionRoot") -> None:
+        super().__init__("directory not loaded")
+        self.node = node
+        self.root = root
+
+
+@dataclass(eq=False, slots=True, weakref_slot=True)
+class ActionRoot:
+    """One action's input tree as registered with the mount.
+
+    ``failure`` is the first error met while serving it (a blob that could not be fetched),
+    reported by the stager after the command has run.
+    """
+
+    token: str
+    tree: CasDirectory
+    store: LocalContent
+    dir_uid: int
+    dir_gid: int
+    fetch_timeout: float
+    inode: int = 0
+    failure: ReapiError | None = None
+    inodes: list[int] = field(default_factory=list)
+
+    def fail(self, error: ReapiError) -> None:
+        if self.failure is None:
+            self.failure = error
+
+
+@dataclass(eq=False, slots=True)
+class DirInode:
+    ino: int
+    node: CasDirectory
+    root: ActionRoot
+    names: list[str] | None = None  # sorted, for readdir; made on first readdir
+    children: dict[str, int] = field(default_factory=dict)  # name -> inode of dirs and links
+
+
+@dataclass(eq=False, slots=True)
+class LinkInode:
+    ino: int
+    target: bytes
+    root: ActionRoot
+
+
+@dataclass(eq=False, slots=True)
+class FileInode:
+    ino: int
+    store: LocalContent
+    digest: Digest
+    executable: bool
+    fetch_timeout: float
+    nlookup: int = 0
+    roots: "weakref.WeakSet[ActionRoot]" = field(default_factory=weakref.WeakSet)
+
+
+Inode = DirInode | LinkInode | FileInode
+
+
+class InodeTable:
+    """Numbers and state of every inode the kernel may ask about (see the module docstring)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self._next = itertools.count(ROOT_INODE + 1)
+        self._inodes: dict[int, Inode] = {}
+        self._roots: dict[str, ActionRoot] = {}
+        self._files: dict[tuple[LocalContent, Digest, bool], FileInode] = {}
+        self._handles: dict[int, int] = {}  # open file handle -> descriptor
+        self._next_handle = itertools.count(1)
+        self._opened: dict[LocalContent, set[Digest]] = {}  # blobs read since last taken
+
+    # -- roots (executor threads) ---------------------------------------------------------
+
+    def add_root(self, root: ActionRoot) -> None:
+        root.inode = next(self._next)
+        self._roots[root.token] = root
+        self._inodes[root.inode] = DirInode(root.inode, root.tree, root)
+        root.inodes.append(root.inode)
+
+    def remove_root(self, token: str) -> ActionRoot | None:
+        """Forget a root and its directory and symlink inodes at once; its file inodes go
+        when the kernel forgets them."""
+        root = self._roots.pop(token, None)
+        if root is not None:
+            for ino in root.inodes:
+                self._inodes.pop(ino, None)
+            root.inodes.clear()
+        return root
+
+    def roots(self) -> list[ActionRoot]:
+        return list(self._roots.values())
+
+    # -- requests (the FUSE thread) -------------------------------------------------------
+
+    def get(self, ino: int) -> Inode | None:
+        return self._inodes.get(ino)
+
+    def lookup(self, parent: int, name: str) -> Inode | None:
+        """The inode for ``name`` in directory ``parent`` (None: no such entry), counting one
+        kernel lookup for a file. Raises KeyError for an unknown (stale) parent, NotADirectory
+        for a parent that is not a directory, NotLoaded when the parent must be read first."""
+        if parent == ROOT_INODE:
+            root = self._roots.get(name)
+            return None if root is None else self._inodes.get(root.inode)
+        directory = self._inodes[parent]
+        if not isinstance(directory, DirInode):
+            raise NotADirectoryError(name)
+        entries = directory.node.loaded_entries()
+        if entries is None:
+            raise NotLoaded(directory.node, directory.root)
+        entry = entries.get(name)
+        if entry is None:
+            return None
+        if type(entry) is FileEntry:
+            return self._file(entry, directory.root)
+        ino = directory.children.get(name)
+        if ino is not None:
+            return self._inodes[ino]
+        root = directory.root
+        made: Inode
+        if type(entry) is LinkEntry:
+            made = LinkInode(next(self._next), os.fsencode(entry.target), root)
+        else:
+            assert isinstance(entry, CasDirectory)
+            made = DirInode(next(self._next), entry, root)
+        self._inodes[made.ino] = made
+        directory.children[name] = made.ino
+        root.inodes.append(made.ino)
+        return made
+
+    def names(self, directory: DirInode) -> list[str]:
+        """The sorted entry names of a loaded directory (NotLoaded otherwise)."""
+        if directory.names is None:
+            entries = directory.node.loaded_entries()
+            if entries is None:
+                raise NotLoaded(directory.node, directory.root)
+            directory.names = sorted(entries)
+        return directory.names
+
+    def forget(self, ino: int, count: int) -> None:
+        """The kernel dropped ``count`` lookups of ``ino``: a file inode whose count reaches
+        zero is gone. Directory and symlink inodes live as long as their root, whatever the
+        kernel says."""
+        inode = self._inodes.get(ino)
+        if type(inode) is not FileInode:
+            return
+        inode.nlookup -= count
+        if inode.nlookup <= 0:
+            del self._inodes[ino]
+            del self._files[(inode.store, inode.digest, inode.executable)]
+
+    def add_handle(self, fd: int, file: FileInode) -> int:
+        """Register an open descriptor of ``file``'s blob; returns its handle (the table now
+        owns ``fd``)."""
+        handle = next(self._next_handle)
+        self._handles[handle] = fd
+        self._opened.setdefault(file.store, set()).add(file.digest)
+        return handle
+
+    def take_opened(self, store: LocalContent) -> set[Digest]:
+        """The blobs of ``store`` opened since the last call (to record their use in the
+        cache's LRU, which reads through FUSE do not)."""
+        return self._opened.pop(store, set())
+
+    def descriptor(self, handle: int) -> int | None:
+        return self._handles.get(handle)
+
+    def close_handle(self, handle: int) -> None:
+        fd = self._handles.pop(handle, None)
+        if fd is not None:
+            os.close(fd)
+
+    def open_handles(self) -> int:
+        return len(self._handles)
+
+    def close_all(self) -> None:
+        """Drop everything (the mount is gone): close every descriptor."""
+        for fd in self._handles.values():
+            os.close(fd)
+        self._handles.clear()
+        self._inodes.clear()
+        self._files.clear()
+        self._roots.clear()
+        self._opened.clear()
+
+    def _file(self, entry: FileEntry, root: ActionRoot) -> FileInode:
+        key = (root.store, entry.digest, entry.executable)
+        inode = self._files.get(key)
+        if inode is None:
+            inode = FileInode(next(self._next), root.store, entry.digest, entry.executable, root.fetch_timeout)
+            self._files[key] = inode
+            self._inodes[inode.ino] = inode
+        inode.nlookup += 1
+        inode.roots.add(root)
+        return inode

@@ -1,0 +1,203 @@
+"""``FuseStager``: stage an input root lazily — a read-only FUSE view of the CAS tree under
+a per-action overlayfs that takes every write.
+
+Layout of one action's build directory::
+
+    <build_dir>/upper   the overlay's upper layer: everything the action creates or changes
+    <build_dir>/work    overlayfs's work directory (same file system as upper)
+    <build_dir>/root    the merged view — StagedInput.path, bound into the sandbox
+
+Why writes go to an overlay and not through FUSE: measured here, 1,000 new 2 KiB files cost
+~150 ms through a pyfuse3 daemon (create, write, release: three round trips into Python
+each), ~16 ms through overlayfs into a new directory and ~50 ms into an input directory
+(one negative lookup below), against ~7 ms on plain tmpfs. The overlay is mounted by the
+worker (root) in its own mount namespace, not by bubblewrap: Debian's bubblewrap 0.8.0
+has no ``--overlay`` options (they came in 0.9), and a worker-side mount keeps the sandbox
+unaware of any of this — it binds ``path`` like any staged directory, in both root modes —
+and leaves the merged view in place after the command for output capture, which reads it
+like any other tree. Mounting and unmounting an overlay costs ~0.2 ms.
+
+What the action sees: inputs with their bits and symlinks, owned by the cache's owner (an
+unmapped uid in the sandbox, so it cannot chmod or write them), directories owned by the
+sandbox's uid (so it can create, replace and delete entries, all in its upper layer). No
+write ever reaches the CAS: the FUSE mount is read-only and overlayfs copies a file up
+before changing it.
+
+Before the command starts, every blob of the tree must be known present (REAPI: missing
+inputs are FAILED_PRECONDITION, every one named) — answered by :class:`~..tree_facts.TreeFacts`
+without fetching anything. Blobs are fetched when first opened.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+from collections.abc import Iterable
+
+from reapi_worker.protos.errors import Internal, ReapiError
+
+from ..content import LocalContent
+from ..digests import Digest
+from ..directory.cas import CasDirectory, FileEntry
+from ..paths import RelPath
+from ..staging import Owner, StagedInput, Stager, TreeRemover, make_dirs
+from ..tree_facts import TreeFacts
+from . import kernel_mounts
+from .inodes import ActionRoot
+from .mount import FuseMount
+
+log = logging.getLogger(__name__)
+
+
+class FuseStager(Stager):
+    """Stage input roots through ``mount`` with an overlay per action (module docstring).
+
+    ``build_root`` is where the executor makes build directories: mounts a dead worker left
+    there are unmounted now. ``fetch_timeout`` bounds each blob fetched on first open (the
+    reader gets EIO after it, and the action fails). ``facts`` remembers complete subtrees
+    (shared with an :class:`~..auto_staging.AutoStager` if there is one).
+
+    Needs root (mounts). Thread-safe: one ``stage`` per action from any thread. The mount
+    belongs to the caller, who closes it after the last staged input is closed.
+    """
+
+    def __init__(
+        self,
+        store: LocalContent,
+        remover: TreeRemover,
+        mount: FuseMount,
+        build_root: str,
+        *,
+        fetch_timeout: float = 120.0,
+        facts: TreeFacts | None = None,
+    ) -> None:
+        self._store = store
+        self._remover = remover
+        self._mount = mount
+        self._fetch_timeout = fetch_timeout
+        self.facts = facts or TreeFacts()
+        build_root = kernel_mounts.check_mountable_path(os.path.abspath(build_root), "build root")
+        for point in kernel_mounts.mounts_under(build_root):
+            if point == mount.mount_dir or point.startswith(mount.mount_dir + "/"):
+                continue
+            # An overlay of a worker that died: unmount it, then its build directory is
+            # just files for the remover.
+            while kernel_mounts.detach(point):
+                pass
+            log.warning("unmounted stale overlay %s", point)
+            if os.path.basename(point) == "root":
+                remover.remove(os.path.dirname(point))
+
+    def stage(
+        self, root: CasDirectory, build_dir: str, directories: Iterable[RelPath] = (), owner: Owner | None = None
+    ) -> StagedInput:
+        dir_owner = (owner.uid, owner.gid) if owner is not None else (os.geteuid(), os.getegid())
+        staged: _OverlayInput | None = None
+        try:
+            self.facts.check_complete(root, self._store)
+            staged = _OverlayInput(build_dir, root, self._mount, self._remover)
+            staged.mount(self._store, dir_owner, self._fetch_timeout)
+            for parts in directories:
+                make_dirs(staged.path, parts, owner)
+        except BaseException as error:
+            if staged is not None:
+                staged.close()
+            if isinstance(error, ReapiError):
+                raise error.within("staging input root") from None
+            if isinstance(error, OSError):
+                raise Internal(f"staging input root into {build_dir}: {error}") from None
+            raise
+        return staged
+
+
+class _OverlayInput(StagedInput):
+    """One action's overlay on its FUSE root. ``close`` unmounts the overlay, removes the
+    root from the mount and hands the build directory to the remover."""
+
+    def __init__(self, build_dir: str, tree: CasDirectory, mount: FuseMount, remover: TreeRemover) -> None:
+        self._build_dir = build_dir
+        self._upper = os.path.join(build_dir, "upper")
+        self.path = os.path.join(build_dir, "root")
+        self._tree = tree
+        self._mount = mount
+        self._remover = remover
+        self._root: ActionRoot | None = None
+        self._mounted = False
+        self._closed = False
+
+    def mount(self, store: LocalContent, dir_owner: tuple[int, int], fetch_timeout: float) -> None:
+        work = os.path.join(self._build_dir, "work")
+        os.mkdir(self._build_dir, 0o755)
+        os.mkdir(self._upper, 0o755)
+        # The upper dir's root is the merged root's inode: the sandbox must own it.
+        os.chown(self._upper, *dir_owner)
+        os.mkdir(work, 0o700)
+        os.mkdir(self.path, 0o755)
+        self._root = self._mount.add_root(self._tree, store, dir_owner, fetch_timeout)
+        kernel_mounts.mount_overlay(self._mount.path_of(self._root), self._upper, work, self.path)
+        self._mounted = True
+
+    def check(self) -> None:
+        if self._root is not None and self._root.failure is not None:
+            raise self._root.failure
+
+    def known_digest(self, parts: RelPath, st: os.stat_result) -> Digest | None:
+        """An input the command did not touch: absent from the upper layer, so (with
+        ``redirect_dir=off``) it is the lower file at the same path, whose digest the tree
+        knows. Reads only nodes the file system has already loaded — a file seen in the
+        merged view was looked up, so its parent is — and never the store."""
+        if not parts or not stat.S_ISREG(st.st_mode):
+            return None
+        try:
+            os.lstat(os.path.join(self._upper, *parts))
+            return None  # created or changed by the command: read it
+        except OSError as err:
+            if err.errno not in (errno.ENOENT, errno.ENOTDIR):
+                return None
+        node = self._tree
+        for name in parts[:-1]:
+            entries = node.loaded_entries()
+            child = None if entries is None else entries.get(name)
+            if not isinstance(child, CasDirectory):
+                return None
+            node = child
+        entries = node.loaded_entries()
+        entry = None if entries is None else entries.get(parts[-1])
+        if type(entry) is not FileEntry:
+            return None
+        if entry.digest.size_bytes != st.st_size or entry.executable != bool(st.st_mode & stat.S_IXUSR):
+            return None  # not what the tree says: do not trust it, read it
+        return entry.digest
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        unmounted = True
+        if self._mounted:
+            try:
+                kernel_mounts.unmount(self.path)
+            except ReapiError as error:
+                # Never delete through a mount; the next start's stale-mount sweep will.
+                log.error("leaving build directory %s: %s", self._build_dir, error)
+                unmounted = False
+        if self._root is not None:
+            self._mount.remove_root(self._root)
+            _record_use(self._root.store, self._mount.take_opened(self._root.store))
+        if unmounted and os.path.lexists(self._build_dir):
+            self._remover.remove(self._build_dir)
+
+
+def _record_use(store: LocalContent, digests: set[Digest]) -> None:
+    """Tell the cache's LRU that ``digests`` were used: reads through the mount bypass the
+    cache's own bookkeeping, and a blob only ever read through FUSE would otherwise age
+    out while hot. Releasing a pin records use (at most once per blob per interval)."""
+    if not digests:
+        return
+    try:
+        with store.pinned(digests):
+            pass
+    except ReapiError as error:  # advice only: never fail an action over it
+        log.warning("recording the use of %d input blob(s): %s", len(digests), error)
