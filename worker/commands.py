@@ -30,7 +30,9 @@ from .bot import Bot, BotSettings
 from .client import CommandSpec, ExecutionClient, build_action, download_outputs
 from .compose import ExecutorSettings, open_executor
 from .config import WorkerConfig, config_from_args, dump_toml
+from .health import HealthMonitor, HealthRecordingExecutor, HealthSettings, standard_checks
 from .logs import configure_logging
+from .metrics import InstrumentedExecutor, MetricsServer, WorkerMetrics
 from .session import BotIdentity, SessionClient
 
 log = logging.getLogger("reapi_worker")
@@ -144,7 +146,10 @@ def _client_store(cfg: WorkerConfig) -> Iterator[tuple[FetchThroughStore, grpc.C
 
 
 def bot(args: argparse.Namespace) -> int:
-    """The daemon: register with the scheduler and execute its leases until SIGTERM."""
+    """The daemon: register with the scheduler and execute its leases until SIGTERM.
+
+    Wrappers stack here, inside out: the executor, then health recording (a sandbox that
+    cannot be set up turns the worker UNHEALTHY at once), then metrics."""
     cfg = config_from_args(args)
     configure_logging(args.log_level, cfg.log_format)
     identity = BotIdentity(
@@ -159,12 +164,30 @@ def bot(args: argparse.Namespace) -> int:
         backoff=RetryPolicy(initial_backoff=min(0.25, cfg.max_backoff_seconds), max_backoff=cfg.max_backoff_seconds),
         shutdown_grace_seconds=cfg.shutdown_grace_seconds,
     )
-    if cfg.metrics_port is not None:
-        log.warning("metrics_port %d is configured but metrics are not served yet", cfg.metrics_port)
+    health_settings = HealthSettings(
+        interval_seconds=cfg.health_interval_seconds,
+        scheduler_grace_seconds=cfg.scheduler_grace_seconds,
+        disk=cfg.disk_watermarks,
+    )
     channel = open_channel(cfg.bots_connection)
     try:
-        with open_executor(executor_settings(cfg)) as (executor, _store):
-            daemon = Bot(SessionClient(bots_pb2_grpc.BotsStub(channel), identity), executor, settings)
+        with open_executor(executor_settings(cfg)) as (executor, store), contextlib.ExitStack() as stack:
+            local = store.local
+            monitor = HealthMonitor(standard_checks(
+                health_settings, cache_dir=cfg.cache_dir, build_root=cfg.build_root,
+                cache=local if isinstance(local, LocalCAS) else None, probe=executor.sandbox_probe(),
+            ))
+            metrics = WorkerMetrics(
+                cache=local if isinstance(local, LocalCAS) else None, transfers=store, health=monitor,
+            )
+            stack.enter_context(monitor.start(health_settings.interval_seconds))
+            if cfg.metrics_port is not None:
+                stack.enter_context(MetricsServer(metrics, monitor, cfg.metrics_port, cfg.metrics_host))
+            instrumented = InstrumentedExecutor(HealthRecordingExecutor(executor, monitor), metrics)
+            daemon = Bot(
+                SessionClient(bots_pb2_grpc.BotsStub(channel), identity), instrumented, settings,
+                health=monitor, events=metrics,
+            )
             with _stop_on_signals(daemon.request_stop):
                 return daemon.run()
     finally:

@@ -44,6 +44,7 @@ from reapi_worker.protos.errors import InvalidArgument
 from reapi_worker.storage.channels import ConnectionOptions
 
 from .compose import parse_size
+from .health import FreeSpace, Watermarks
 
 #: Groups of settings, by which commands take them as flags.
 SERVER = "server"  # every command that talks to a server
@@ -53,7 +54,7 @@ LOGGING = "logging"
 
 Platform = tuple[tuple[str, str], ...]
 
-_KINDS = ("str", "optional-str", "int", "optional-int", "float", "size", "choice", "platform")
+_KINDS = ("str", "optional-str", "int", "optional-int", "float", "size", "free-space", "choice", "platform")
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,7 +191,31 @@ class WorkerConfig:
     )
     metrics_port: int | None = _setting(
         None, group=BOT, kind="optional-int", example="9102",
-        help="port of the Prometheus metrics endpoint (reserved: not served yet)",
+        help="port of the HTTP endpoint serving /metrics (Prometheus), /healthz (200 while the worker "
+        "takes work, 503 with the reasons while it does not) and /livez; unset: not served",
+    )
+    metrics_host: str = _setting(
+        "", group=BOT, kind="str", example='"127.0.0.1"',
+        help="address the metrics endpoint binds; empty: every IPv4 address",
+    )
+    disk_low_free: str = _setting(
+        "10%", group=BOT, kind="free-space", example='"20G"',
+        help="free space to keep on the cache's and the build root's file systems: below it the cache "
+        "evicts least recently used blobs (a percentage of the file system, or a size)",
+    )
+    disk_critical_free: str = _setting(
+        "5%", group=BOT, kind="free-space", example='"5G"',
+        help="free space below which, after evicting, the worker reports UNHEALTHY and takes no work "
+        "until space returns; at most disk_low_free",
+    )
+    scheduler_grace_seconds: float = _setting(
+        60.0, group=BOT, kind="float", example="120.0",
+        help="how long the scheduler may stay out of reach before /healthz says unhealthy; keep it above "
+        "poll_deadline_seconds",
+    )
+    health_interval_seconds: float = _setting(
+        5.0, group=BOT, kind="float", example="10.0",
+        help="seconds between health checks (disks, sandbox probe, scheduler contact)",
     )
     shutdown_grace_seconds: float = _setting(
         60.0, group=BOT, kind="float", example="300.0",
@@ -221,7 +246,11 @@ class WorkerConfig:
         parse_size(self.cache_size)
         if self.concurrency < 1:
             raise InvalidArgument(f"concurrency must be at least 1, not {self.concurrency}")
-        for name in ("max_action_timeout", "heartbeat_seconds", "poll_deadline_seconds", "max_backoff_seconds"):
+        self.disk_watermarks  # parses and orders both free-space settings
+        for name in (
+            "max_action_timeout", "heartbeat_seconds", "poll_deadline_seconds", "max_backoff_seconds",
+            "scheduler_grace_seconds", "health_interval_seconds",
+        ):
             if not getattr(self, name) > 0:
                 raise InvalidArgument(f"{name} must be positive, not {getattr(self, name)}")
         if self.shutdown_grace_seconds < 0:
@@ -237,6 +266,14 @@ class WorkerConfig:
         self.connection(self.remote)
         if self.cas_remote is not None:
             self.connection(self.cas_remote)
+
+    @property
+    def disk_watermarks(self) -> Watermarks:
+        try:
+            low, critical = FreeSpace.parse(self.disk_low_free), FreeSpace.parse(self.disk_critical_free)
+            return Watermarks(low=low, critical=critical)
+        except InvalidArgument as error:
+            raise InvalidArgument(f"disk_low_free/disk_critical_free: {error}") from None
 
     @property
     def cache_bytes(self) -> int:
@@ -360,6 +397,10 @@ def _coerce(key: str, raw: Any, where: str) -> Any:
         if isinstance(raw, bool) or not isinstance(raw, (int, float)):
             raise wrong("a number")
         return float(raw)
+    if kind == "free-space":
+        if not isinstance(raw, str):
+            raise wrong('a percentage such as "10%" or a size such as "20G"')
+        return raw
     if kind == "size":
         if isinstance(raw, bool) or not isinstance(raw, (int, str)):
             raise wrong('a size such as "10G" or a number of bytes')

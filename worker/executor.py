@@ -102,6 +102,16 @@ class Executor:
         self._clock = clock
         os.makedirs(config.build_root, exist_ok=True)
 
+    def sandbox_probe(self) -> Callable[[], str | None]:
+        """A health probe that runs ``/bin/true`` through this executor's runner, with its
+        limits and binds, so it fails for the reasons an action's sandbox would."""
+        from .health import runner_probe  # health imports this module
+
+        return runner_probe(
+            self._runner, self._config.build_root,
+            limits=self._config.limits, extra_ro_binds=self._config.extra_ro_binds,
+        )
+
     def execute(
         self, action_digest: Digest, action: re_pb2.Action | None = None, cancel: threading.Event | None = None
     ) -> Outcome:

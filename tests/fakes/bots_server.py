@@ -19,7 +19,8 @@ BuildGrid 0.4.4 on the points of shared/buildgrid/PROTOCOL.md a bot depends on.
 * With ``reap=True`` a session not heard from for ``keepalive`` seconds is deleted and its
   leases requeued (``reaped`` counts them). ``stale_versions`` counts Updates that did not
   echo the version of the session's last answer.
-* :meth:`fail` makes the next calls of a method abort with given codes.
+* :meth:`fail` makes the next calls of a method abort with given codes; :meth:`force_assign`
+  gives a bot a lease whatever its status (an assignment that raced a status change).
 
 It records every call (``calls``: method, monotonic time, the request) so tests assert on
 what the bot sent and how often. Thread-safe.
@@ -137,6 +138,19 @@ class FakeBotsServer:
         with self._cond:
             self._queue.append(job)
             self._assign()
+            self._cond.notify_all()
+        return job.lease_id
+
+    def force_assign(self, bot_id: str, payload: re_pb2.Action) -> str:
+        """Put a job straight into the bot's session whatever its status: what a bot sees
+        when the scheduler assigned a lease just before the bot's status changed."""
+        packed = Any()
+        packed.Pack(payload)
+        job = Job(str(uuid.uuid4()), packed, {})
+        with self._cond:
+            session = next(s for s in self.sessions.values() if s.bot_id == bot_id)
+            session.leases[job.lease_id] = job
+            session.version += 1
             self._cond.notify_all()
         return job.lease_id
 
