@@ -237,7 +237,10 @@ class Bot:
     def _drained(self) -> bool:
         if self._runner.active() or self._runner.has_reports() or self._reports:
             return False
-        return self._session is None or self._terminated
+        # Nothing left to report: BOT_TERMINATING is a courtesy (the session would expire
+        # anyway), so one failed attempt at it is enough; an unreachable scheduler must not
+        # hold an idle worker's exit for the whole grace period.
+        return self._session is None or self._terminated or self._failures > 0
 
     def _apply_stop(self) -> None:
         with self._stop_lock:
@@ -303,7 +306,12 @@ class Bot:
             if error.kind is Failure.INTERRUPTED:
                 return  # woken by a finished lease or a signal: go round at once
             if error.kind is Failure.TIMED_OUT and long_poll and elapsed >= self._settings.min_poll_seconds:
-                return  # an idle long-poll ran out: ask again
+                # The scheduler answers a long-poll well inside its deadline (0.8 x the
+                # shorter of it and its keepalive), so one that runs out was not answered:
+                # the scheduler is out of reach. Ask again at once, and tell health.
+                self._health.record_scheduler_contact(False, str(error))
+                log.info("idle long-poll got no answer in %.0f s; asking again", elapsed)
+                return
             self._health.record_scheduler_contact(False, str(error))
             if error.kind is Failure.LOST:
                 self._lose_session(error)

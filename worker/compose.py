@@ -55,7 +55,7 @@ class ExecutorSettings:
 
     cas: ConnectionOptions
     instance_name: str = ""
-    cache_dir: str = "/var/cache/reapi-worker"
+    cache_dir: str = "/var/lib/reapi-worker/cache"
     cache_bytes: int = 10 * 2**30
     build_root: str = "/var/lib/reapi-worker/builds"
     max_action_timeout: float = 3600.0

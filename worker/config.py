@@ -145,8 +145,9 @@ class WorkerConfig:
     )
     # -- executor -------------------------------------------------------------------------
     cache_dir: str = _setting(
-        "/var/cache/reapi-worker", group=EXECUTOR, kind="str", example='"/var/cache/reapi-worker"',
-        help="local CAS cache; on the same file system as build_root so inputs can be hardlinked",
+        "/var/lib/reapi-worker/cache", group=EXECUTOR, kind="str", example='"/srv/reapi-worker/cache"',
+        help="local CAS cache; on the same mount as build_root (beside it, as by default) so inputs can "
+        "be hardlinked: across mounts, even of one file system, every input is copied",
     )
     cache_size: str = _setting(
         "10G", group=EXECUTOR, kind="size", example='"50G"',

@@ -303,6 +303,9 @@ class DiskCheck:
         except OSError as error:
             return CheckResult(self.name, Level.UNHEALTHY, f"{where}: cannot measure free space: {error.strerror or error}")
         low, critical = self._marks.low.of(usage.total_bytes), self._marks.critical.of(usage.total_bytes)
+        # Watermarks of mixed kinds (a size and a fraction) are ordered here, per disk: a
+        # critical one above the low one would stop work without evicting first.
+        low = max(low, critical)
         note = ""
         if usage.free_bytes < low and self._cache is not None and self._may_evict(now):
             note, usage = self._evict(usage, low - usage.free_bytes)

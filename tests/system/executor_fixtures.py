@@ -130,14 +130,16 @@ def make_farm(
     extra_ro_binds: tuple[Bind, ...] = (),
     fetch_timeout: float = 60.0,
     cache_recency: float = 60.0,
+    parent: str = "/tmp",
 ) -> Farm:
     """An executor over a fresh local cache in /tmp, staging with ``staging``.
     ``wrap_cache`` makes what the executor reads from out of the cache (e.g. a
     FetchThroughStore in front of a remote); the caller closes what it opened for it.
-    ``cache_recency`` is the cache's LRU ``recency_interval``."""
+    ``cache_recency`` is the cache's LRU ``recency_interval``. ``parent``: where the farm's
+    directory goes (benchmarks use tmpfs)."""
     # Not pytest's tmp_path: bubblewrap runs as an unprivileged uid and must be able to
     # reach the build directory, so every parent must be searchable by it (0755).
-    top = tempfile.mkdtemp(prefix="reapi-worker-test-", dir="/tmp")
+    top = tempfile.mkdtemp(prefix="reapi-worker-test-", dir=parent)
     os.chmod(top, 0o755)
     cache_dir = os.path.join(top, "cache")
     os.makedirs(cache_dir, mode=0o700)

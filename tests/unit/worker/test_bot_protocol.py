@@ -299,6 +299,19 @@ def test_stop_drains_running_leases_reports_them_and_terminates(fake, executor):
     assert fake.calls_of("UpdateBotSession")[-1].request.bot_session.status == bots_pb2.BOT_TERMINATING
 
 
+def test_an_idle_bot_whose_scheduler_is_gone_exits_at_once_on_stop(fake, executor):
+    # Nothing to report: one failed BOT_TERMINATING is enough, not the whole grace period.
+    settings = BotSettings(heartbeat_seconds=0.05, shutdown_grace_seconds=30, final_report_seconds=30)
+    with running_bot(fake, executor, settings=settings) as bot:
+        until(lambda: bot.bot.sessions_created == 1)
+        fake.fail("UpdateBotSession", *[grpc.StatusCode.UNAVAILABLE] * 1000)
+        stopped = time.monotonic()
+        bot.bot.request_stop()
+        bot.thread.join(10)
+        assert not bot.thread.is_alive() and bot.code == 0
+    assert time.monotonic() - stopped < 5
+
+
 @pytest.mark.parametrize("how", ["second request", "grace period"])
 def test_abort_kills_running_leases_and_hands_them_back(fake, executor, how):
     settings = BotSettings(heartbeat_seconds=0.05, shutdown_grace_seconds=0.3 if how == "grace period" else 30)
