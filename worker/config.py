@@ -445,7 +445,8 @@ def add_arguments(parser: argparse.ArgumentParser, groups: Iterable[str]) -> Non
         kwargs: dict[str, Any] = {
             "dest": f"cfg_{name}",
             "default": argparse.SUPPRESS,
-            "help": f"{setting.help} (default: {shown})",
+            # argparse %-formats help texts: a literal % (as in "10%") must be doubled.
+            "help": f"{setting.help} (default: {shown})".replace("%", "%%"),
         }
         if setting.kind == "platform":
             kwargs.update(action="append", metavar="KEY=VALUE")
