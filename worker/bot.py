@@ -362,9 +362,14 @@ class Bot:
             elif lease.id in self._remembered:
                 log.info("lease %s came back: reporting the result kept from a lost session", lease.id)
                 self._reports[lease.id] = self._remembered.pop(lease.id)
+            elif lease.id in self._reports and not self._reports[lease.id].requeues:
+                # Finished after its session was lost and before this one was created:
+                # the result is here, unsent; it goes out with the next call.
+                log.info("lease %s came back: reporting the result that finished between sessions", lease.id)
             elif self._runner.has(lease.id):
                 log.info("lease %s came back while still running here: carrying on", lease.id)
             else:
+                self._reports.pop(lease.id, None)  # an unsent hand-back of it: run it instead
                 self._runner.start(lease)
         return news
 

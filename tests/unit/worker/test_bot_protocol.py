@@ -268,6 +268,21 @@ def test_a_result_finished_while_the_session_was_lost_is_reported_when_the_lease
     assert executor.started.count("block:e") == 1
 
 
+def test_a_result_finished_between_two_sessions_is_reported_when_the_lease_returns(fake, executor):
+    # The other order: the bot has noticed the loss (and cannot create a session yet)
+    # when the lease finishes; the new session is handed the same lease back.
+    with running_bot(fake, executor) as bot:
+        lease_id = fake.queue(action("block:e2"))
+        executor.wait_started("block:e2")
+        fake.fail("CreateBotSession", *[grpc.StatusCode.UNAVAILABLE] * 3)
+        fake.expire("bot-1")
+        until(lambda: len(fake.calls_of("CreateBotSession")) >= 2)  # a re-create was refused
+        executor.release("block:e2")
+        assert fake.wait_result(lease_id)[0].code == code_pb2.OK
+        assert bot.bot.sessions_created == 2
+    assert executor.started.count("block:e2") == 1
+
+
 def test_unreachable_scheduler_keeps_running_leases(fake, executor):
     with running_bot(fake, executor) as bot:
         lease_id = fake.queue(action("block:f"))
