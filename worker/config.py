@@ -244,7 +244,11 @@ class WorkerConfig:
 
     def __post_init__(self) -> None:
         # Each check names the key, so an error in a file points at the line to fix.
-        parse_size(self.cache_size)
+        # (parse_size and ConnectionOptions do not know the key: their errors are prefixed.)
+        try:
+            parse_size(self.cache_size)
+        except InvalidArgument as error:
+            raise InvalidArgument(f"cache_size: {error}") from None
         if self.concurrency < 1:
             raise InvalidArgument(f"concurrency must be at least 1, not {self.concurrency}")
         self.disk_watermarks  # parses and orders both free-space settings
@@ -263,10 +267,16 @@ class WorkerConfig:
         for key, value in self.platform:
             if not key or not value:
                 raise InvalidArgument(f"platform: empty key or value in {key}={value}")
-        # URLs and TLS combinations are checked by ConnectionOptions.
-        self.connection(self.remote)
-        if self.cas_remote is not None:
-            self.connection(self.cas_remote)
+        # URLs and TLS combinations are checked by ConnectionOptions, whose errors do not know
+        # the key: name the one whose URL was being checked.
+        for name in ("remote", "cas_remote"):
+            url = getattr(self, name)
+            if url is None:
+                continue
+            try:
+                self.connection(url)
+            except InvalidArgument as error:
+                raise InvalidArgument(f"{name}: {error}") from None
 
     @property
     def disk_watermarks(self) -> Watermarks:
@@ -472,7 +482,8 @@ def config_from_args(args: argparse.Namespace) -> WorkerConfig:
 def dump_toml(config: WorkerConfig, *, resolve_bot_id: bool = True) -> str:
     """The config as a TOML document that :func:`load_config` reads back to an equal
     config, each key preceded by its documentation. Unset optional keys are shown
-    commented out with their example."""
+    commented out with their example. With ``resolve_bot_id`` an unset bot_id is written
+    as its effective value, so the config read back has it set (the same effective id)."""
     lines = [
         "# reapi-worker configuration (reapi-worker config --dump).",
         "# Every key may also be given as a flag: cache_dir -> --cache-dir.",
@@ -505,6 +516,11 @@ def dump_toml(config: WorkerConfig, *, resolve_bot_id: bool = True) -> str:
     for key, values in grouped.items():
         shown = _toml_value(values[0]) if len(values) == 1 else "[" + ", ".join(map(_toml_value, values)) + "]"
         lines.append(f"{_toml_key(key)} = {shown}")
+    # load_config starts from the detected properties: one this config removed must be
+    # written as removed, or reading the dump back would bring it back.
+    for key in dict(detect_platform()):
+        if key not in grouped:
+            lines.append(f"{_toml_key(key)} = []")
     return "\n".join(lines) + "\n"
 
 
@@ -514,10 +530,17 @@ def _toml_value(value: Any) -> str:
     if isinstance(value, (int, float)):
         return repr(value)
     if isinstance(value, str):
-        return json.dumps(value)  # a JSON string is a valid TOML basic string
+        return _toml_string(value)
     raise AssertionError(value)
+
+
+def _toml_string(text: str) -> str:
+    # A JSON string is a TOML basic string, except that ensure_ascii writes a character
+    # beyond U+FFFF as a surrogate pair ("\ud83d\ude00"), which TOML refuses: write
+    # non-ASCII as itself, and escape DEL, the one control character JSON leaves alone.
+    return json.dumps(text, ensure_ascii=False).replace("\x7f", "\\u007f")
 
 
 def _toml_key(key: str) -> str:
     bare = key.replace("-", "").replace("_", "").isalnum() and key.isascii()
-    return key if bare else json.dumps(key)
+    return key if bare else _toml_string(key)
