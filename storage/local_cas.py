@@ -242,7 +242,14 @@ class LocalCAS(LocalContent):
 
     def write_stream(self, stream: BinaryIO) -> Digest:
         """Copy ``stream`` to its end into the cache while hashing it; as :meth:`write`."""
-        return self._store(_chunks(stream), None)
+        # A stream that ends within one chunk is hashed before anything is written: when
+        # the blob is cached already (an output identical to an earlier one, the common
+        # case of a rebuild) no temp file is created and linked for nothing.
+        first = stream.read(_CHUNK)
+        rest = stream.read(_CHUNK) if first else b""
+        if not rest:
+            return self.write(first)
+        return self._store(itertools.chain((first, rest), _chunks(stream)), None)
 
     def write_file(self, path: str | os.PathLike[str]) -> Digest:
         """Store the file at ``path`` (a final symlink is refused); as :meth:`write`."""

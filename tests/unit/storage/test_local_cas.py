@@ -165,6 +165,24 @@ def test_writing_a_present_blob_is_harmless_and_not_counted_twice(cas: LocalCAS)
     assert cas.stats().size_bytes == 100
 
 
+def test_a_small_stream_already_cached_is_not_written_again(cas: LocalCAS) -> None:
+    data = b"an output identical to an earlier one\n"
+    digest = cas.write_stream(io.BytesIO(data))
+
+    def no_store(*_args: object, **_kwargs: object) -> Digest:
+        raise AssertionError("the bytes were written again")
+
+    cas._store = no_store  # type: ignore[method-assign]
+    assert cas.write_stream(io.BytesIO(data)) == digest
+
+
+def test_a_stream_longer_than_one_chunk_is_stored_whole(cas: LocalCAS) -> None:
+    data = os.urandom((5 << 20) // 2)  # 2.5 chunks
+    digest = cas.write_stream(io.BytesIO(data))
+    assert digest == Digest.of_bytes(data)
+    assert cas.read(digest) == data
+
+
 def test_write_file_stores_a_file_and_refuses_a_final_symlink(cas: LocalCAS, tmp_path: pathlib.Path) -> None:
     source = tmp_path / "source"
     source.write_bytes(b"file contents")
