@@ -348,6 +348,10 @@ class Bot:
         return self._take_new_leases(running, got)
 
     def _take_new_leases(self, known: set[str], got: bots_pb2.BotSession) -> bool:
+        if any(lease.id not in known for lease in got.leases):
+            # Health may have changed while the call was out (an idle long-poll lasts
+            # seconds): decide on new leases by the health of now, not of the request.
+            self._status()
         news = False
         for lease in got.leases:
             if lease.id in known:

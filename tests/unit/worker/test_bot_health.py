@@ -147,3 +147,17 @@ def test_events_count_leases_and_reconnects(fake, executor):
     assert events.received == 2
     assert events.reconnects == 1
     assert events.finished == []  # executed leases are counted by the executor's wrapper
+
+
+def test_a_lease_given_in_a_long_poll_sent_while_healthy_is_refused_if_health_turned(fake, executor):
+    # The bot long-polls as OK; health turns bad while the call is out; the scheduler then
+    # assigns a job in that call's answer. It must be handed back, not run.
+    health = SwitchableHealth()
+    events = CountingEvents()
+    with running_bot(fake, executor, health=health, events=events):
+        until(lambda: len(fake.calls_of("UpdateBotSession")) >= 1)
+        health.set_unhealthy("cache disk: below the critical watermark")
+        lease_id = fake.queue(action("exit:0:during-poll"))
+        until(lambda: events.finished.count(code_pb2.UNAVAILABLE) >= 1)
+        assert not any(salt.startswith("exit:0:during-poll") for salt in executor.started)
+        assert lease_id not in fake.results or fake.results[lease_id][0].code != code_pb2.OK
