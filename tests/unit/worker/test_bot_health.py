@@ -9,11 +9,10 @@ import dataclasses
 import threading
 
 import grpc
-import pytest
 
 from fakes.bots_server import FakeBotsServer
-from fakes.executor import FakeExecutor, action
-from test_bot_protocol import FAST, running_bot, until
+from fakes.executor import action
+from test_bot_protocol import FAST, executor, fake, running_bot, until  # noqa: F401 (fixtures)
 
 from reapi_worker.protos import bots_pb2, code_pb2
 
@@ -53,17 +52,6 @@ class CountingEvents:
 
     def record_session_reconnect(self) -> None:
         self.reconnects += 1
-
-
-@pytest.fixture
-def fake():
-    with FakeBotsServer(keepalive=1.0) as server:
-        yield server
-
-
-@pytest.fixture
-def executor():
-    return FakeExecutor()
 
 
 def statuses_sent(fake: FakeBotsServer) -> list[int]:
