@@ -236,3 +236,10 @@ def test_rlimit_controller_enforces_no_cpu_and_cannot_see_ooms():
     with controller.confine(ResourceLimits(memory_bytes=10)) as confinement:
         assert not confinement.oom_killed()
         assert confinement.usage() is None
+
+
+def test_mountinfo_escapes_are_decoded_also_at_the_end_of_a_field():
+    from reapi_worker.sandbox.cgroups import _unescape
+
+    assert _unescape("/sys/fs/with\\040space\\040") == "/sys/fs/with space "
+    assert _unescape("/plain") == "/plain"
