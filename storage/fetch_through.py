@@ -35,7 +35,9 @@ class LocalCache(Protocol):
     """What FetchThroughStore needs of its local cache: a LocalContent (see
     :mod:`.content`) that also accepts blobs under a claimed digest, verifying them
     (``LocalCAS`` is one). ``insert`` and ``insert_stream`` raise DataLoss and keep
-    nothing when the bytes do not match the digest; both are thread-safe."""
+    nothing when the bytes do not match the digest (``insert_stream(...,
+    stream_verifies=True)``: the stream raises it itself, and the cache only checks the
+    size); both are thread-safe."""
 
     def find_missing(self, digests: Iterable[Digest]) -> set[Digest]: ...
 
@@ -57,7 +59,7 @@ class LocalCache(Protocol):
 
     def insert(self, digest: Digest, data: bytes) -> object: ...
 
-    def insert_stream(self, digest: Digest, stream: BinaryIO) -> object: ...
+    def insert_stream(self, digest: Digest, stream: BinaryIO, *, stream_verifies: bool = False) -> object: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -215,7 +217,8 @@ class _CountingSink:
         self._counted(digest)
 
     def insert_stream(self, digest: Digest, stream: BinaryIO) -> None:
-        self._local.insert_stream(digest, stream)
+        # RemoteCAS hands a sink only streams that verify themselves (BlobSink's contract).
+        self._local.insert_stream(digest, stream, stream_verifies=True)
         self._counted(digest)
 
 

@@ -277,10 +277,15 @@ class LocalCAS(LocalContent):
         # stored meanwhile makes the link fail harmlessly.
         self._store_bytes(digest, data)
 
-    def insert_stream(self, digest: Digest, stream: BinaryIO) -> None:
+    def insert_stream(self, digest: Digest, stream: BinaryIO, *, stream_verifies: bool = False) -> None:
         """As :meth:`insert`, copying ``stream`` while hashing it. It stops reading once
-        more than ``digest.size_bytes`` have arrived."""
-        self._store(_chunks(stream), digest)
+        more than ``digest.size_bytes`` have arrived.
+
+        ``stream_verifies``: the stream itself raises DataLoss from ``read`` unless it
+        yields exactly the blob (RemoteCAS's BlobReader does), so hashing it a second time
+        here is skipped; the size is still checked. Worth a third of a big fetch's time.
+        """
+        self._store(_chunks(stream), digest, trusted=stream_verifies)
 
     # ---- public: pins, eviction, lifecycle ---------------------------------------------
 
@@ -404,12 +409,16 @@ class LocalCAS(LocalContent):
         self._account(digest, added)
         return digest
 
-    def _store(self, chunks: Iterable[bytes], claimed: Digest | None, executable: bool = False) -> Digest:
+    def _store(
+        self, chunks: Iterable[bytes], claimed: Digest | None, executable: bool = False, trusted: bool = False
+    ) -> Digest:
         """Copy ``chunks`` into a temp file while hashing them, then link it in.
 
         If ``claimed`` is given the bytes must match it, else DataLoss and nothing stored.
-        The temp file is removed in every case.
+        ``trusted`` (with ``claimed``): the chunks' source has verified them; only their
+        size is checked. The temp file is removed in every case.
         """
+        assert claimed is not None or not trusted
         tmp = f"{self._tmp}/{self._token}.{next(self._seq)}"
         mode = 0o555 if executable else 0o444
         added = 0
@@ -419,7 +428,8 @@ class LocalCAS(LocalContent):
                 try:
                     hasher, size = hashlib.sha256(), 0
                     for chunk in chunks:
-                        hasher.update(chunk)
+                        if not trusted:
+                            hasher.update(chunk)
                         size += len(chunk)
                         if claimed is not None and size > claimed.size_bytes:
                             break  # a lying sender must not fill the disk
@@ -427,7 +437,7 @@ class LocalCAS(LocalContent):
                     os.fchmod(fd, mode)  # the mode given to open() is subject to the umask
                 finally:
                     os.close(fd)
-                digest = Digest(hasher.hexdigest(), size)
+                digest = Digest(claimed.hash if trusted and claimed else hasher.hexdigest(), size)
                 if claimed is not None and digest != claimed:
                     raise DataLoss(_mismatch(claimed, digest))
                 try:

@@ -220,6 +220,17 @@ def test_bytes_that_do_not_match_their_claimed_digest_never_enter(cas: LocalCAS,
     assert cas.stats().size_bytes == 0
 
 
+def test_a_self_verifying_stream_is_still_held_to_its_size(cas: LocalCAS, root: pathlib.Path) -> None:
+    claimed = Digest.of_bytes(b"twelve bytes")
+    for sent in (b"eleven byte", b"thirteen byte"):
+        with pytest.raises(DataLoss):
+            cas.insert_stream(claimed, io.BytesIO(sent), stream_verifies=True)
+    assert cas.find_missing([claimed]) == {claimed}
+    assert files_in(root / "tmp") == []
+    cas.insert_stream(claimed, io.BytesIO(b"twelve bytes"), stream_verifies=True)
+    assert cas.read(claimed) == b"twelve bytes"
+
+
 def test_bytes_that_match_their_claimed_digest_are_stored(cas: LocalCAS) -> None:
     first, second = Digest.of_bytes(b"one"), Digest.of_bytes(b"two")
     cas.insert(first, b"one")
