@@ -274,8 +274,8 @@ class LocalCAS(LocalContent):
         if actual != digest:
             raise DataLoss(_mismatch(digest, actual))
         # No presence check first: what comes from a remote was missing here, and a blob
-        # stored meanwhile makes the link fail harmlessly.
-        self._store_bytes(digest, data)
+        # stored meanwhile makes the link fail harmlessly. Verified above: not hashed again.
+        self._store([data], digest, trusted=True)
 
     def insert_stream(self, digest: Digest, stream: BinaryIO, *, stream_verifies: bool = False) -> None:
         """As :meth:`insert`, copying ``stream`` while hashing it. It stops reading once
@@ -382,32 +382,7 @@ class LocalCAS(LocalContent):
                 if os.stat(self.object_path(digest)).st_size == digest.size_bytes:
                     self._touch([digest.hash])
                     return digest
-        return self._store_bytes(digest, data)
-
-    def _store_bytes(self, digest: Digest, data: bytes) -> Digest:
-        """Store ``data``, already known to hash to ``digest``: :meth:`_store` without a
-        second hash. The hot path of a cold fetch (thousands of small blobs), kept to the
-        syscalls that crash safety needs: temp file, mode, link, unlink."""
-        tmp = f"{self._tmp}/{self._token}.{next(self._seq)}"
-        added = 0
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o444)
-            try:
-                _write_all(fd, data)
-                os.fchmod(fd, 0o444)  # the mode given to open() is subject to the umask
-            finally:
-                os.close(fd)
-            try:
-                os.link(tmp, self.object_path(digest))
-                added = digest.size_bytes
-            except FileExistsError:
-                pass  # a concurrent writer stored the same bytes first
-        except OSError as err:
-            raise self._error(err, f"storing blob {digest}") from err
-        finally:
-            _unlink_quietly(tmp)
-        self._account(digest, added)
-        return digest
+        return self._store([data], digest, trusted=True)  # the caller hashed it
 
     def _store(
         self, chunks: Iterable[bytes], claimed: Digest | None, executable: bool = False, trusted: bool = False
@@ -423,28 +398,31 @@ class LocalCAS(LocalContent):
         mode = 0o555 if executable else 0o444
         added = 0
         try:
-            with self._translated(f"storing blob {claimed or ''}".rstrip()):
-                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
-                try:
-                    hasher, size = hashlib.sha256(), 0
-                    for chunk in chunks:
-                        if not trusted:
-                            hasher.update(chunk)
-                        size += len(chunk)
-                        if claimed is not None and size > claimed.size_bytes:
-                            break  # a lying sender must not fill the disk
-                        _write_all(fd, chunk)
-                    os.fchmod(fd, mode)  # the mode given to open() is subject to the umask
-                finally:
-                    os.close(fd)
-                digest = Digest(claimed.hash if trusted and claimed else hasher.hexdigest(), size)
-                if claimed is not None and digest != claimed:
-                    raise DataLoss(_mismatch(claimed, digest))
-                try:
-                    os.link(tmp, self.object_path(digest, executable))
-                    added = size
-                except FileExistsError:
-                    pass  # a concurrent writer stored the same bytes first
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
+            try:
+                hasher, size = hashlib.sha256(), 0
+                for chunk in chunks:
+                    if not trusted:
+                        hasher.update(chunk)
+                    size += len(chunk)
+                    if claimed is not None and size > claimed.size_bytes:
+                        break  # a lying sender must not fill the disk
+                    _write_all(fd, chunk)
+                os.fchmod(fd, mode)  # the mode given to open() is subject to the umask
+            finally:
+                os.close(fd)
+            digest = claimed if trusted and claimed is not None and size == claimed.size_bytes else Digest(hasher.hexdigest(), size)
+            if claimed is not None and digest != claimed:
+                raise DataLoss(_mismatch(claimed, digest))
+            try:
+                os.link(tmp, self.object_path(digest, executable))
+                added = size
+            except FileExistsError:
+                pass  # a concurrent writer stored the same bytes first
+        except OSError as err:
+            # Translated here rather than by _translated: this is the hot path of a cold
+            # fetch, and the message is only worth building when something failed.
+            raise self._error(err, f"storing blob {claimed or ''}".rstrip()) from err
         finally:
             _unlink_quietly(tmp)
         self._account(digest, added)

@@ -172,13 +172,13 @@ def bot(args: argparse.Namespace) -> int:
     channel = open_channel(cfg.bots_connection)
     try:
         with open_executor(executor_settings(cfg)) as (executor, store), contextlib.ExitStack() as stack:
-            local = store.local
+            cache = store.local if isinstance(store.local, LocalCAS) else None
             monitor = HealthMonitor(standard_checks(
                 health_settings, cache_dir=cfg.cache_dir, build_root=cfg.build_root,
-                cache=local if isinstance(local, LocalCAS) else None, probe=executor.sandbox_probe(),
+                cache=cache, probe=executor.sandbox_probe(),
             ))
             metrics = WorkerMetrics(
-                cache=local if isinstance(local, LocalCAS) else None, transfers=store, health=monitor,
+                cache=cache, transfers=store, health=monitor,
             )
             stack.enter_context(monitor.start(health_settings.interval_seconds))
             if cfg.metrics_port is not None:
