@@ -18,6 +18,8 @@ from reapi_worker.storage.content import ContentStore
 from reapi_worker.storage.digests import Digest
 from reapi_worker.storage.paths import RelPath, split_relative
 
+from .sandbox_ids import sandbox_ids
+
 # Platform property keys this worker understands (advertised by the bot). ``rootMode``
 # takes a :class:`RootMode` value: ``host-tools`` (default) or ``chroot``.
 ROOT_MODE_KEY = "rootMode"
@@ -55,6 +57,8 @@ class ActionSpec:
     root_mode: RootMode
     network: bool
     node_properties: frozenset[str]
+    uid: int = 0  # the ids the command sees (worker/sandbox_ids.py)
+    gid: int = 0
 
 
 def parse_message(message_type: type, data: bytes, what: str):  # type: ignore[no-untyped-def]
@@ -126,6 +130,7 @@ def check_action(
     network_value = properties.get(NETWORK_KEY, "off")
     if network_value not in ("on", "off"):
         raise InvalidArgument(f"platform property {NETWORK_KEY}={network_value!r}: expected 'on' or 'off'")
+    uid, gid = sandbox_ids(properties)
 
     timeout = None
     if action.HasField("timeout"):
@@ -147,6 +152,8 @@ def check_action(
         root_mode=root_mode,
         network=network_value == "on",
         node_properties=frozenset(command.output_node_properties),
+        uid=uid,
+        gid=gid,
     )
 
 
