@@ -1,4 +1,7 @@
-"""Execute one Action: fetch inputs, stage, run in the sandbox, capture outputs.
+"""The executor seam: :class:`ActionExecutor` (its contract), :class:`Outcome` (what it
+returns) and :class:`Executor` (the one that does the work: fetch inputs, stage, run in the
+sandbox, capture outputs). Wrappers that count or watch outcomes (``metrics.py``,
+``health.py``) implement the same interface around it; the composition root stacks them.
 
 The phases are named after the REAPI timestamps they fill in ``ExecutedActionMetadata``:
 input fetch (Action, Command, the input tree, its blobs, staging), execution (the sandbox),
@@ -20,6 +23,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from google.protobuf import struct_pb2
 from google.protobuf.duration_pb2 import Duration
@@ -83,9 +87,37 @@ class Outcome:
         return self.status.code == code_pb2.OK
 
 
+def is_sandbox_setup_failure(outcome: Outcome) -> bool:
+    """Whether an execution failed because its sandbox could not be set up: INTERNAL from
+    the run phase, which is what the executor reports for a SandboxSetupError (a runner
+    that does not start the command); a command that runs and fails is not an error."""
+    return outcome.status.code == code_pb2.INTERNAL and outcome.failed_phase == "run"
+
+
+class ActionExecutor(Protocol):
+    """Execute one Action; the seam between the lease runner and everything below it.
+
+    Contract, for the executor and every wrapper of it:
+
+    * ``execute`` never raises: whatever goes wrong is the returned :class:`Outcome`'s
+      status (an infrastructure fault as UNAVAILABLE, so the scheduler retries it); a
+      non-zero exit code is an OK status;
+    * ``action`` is the Action when the caller already holds it (a lease payload), else
+      ``None`` and it is read from the CAS by ``action_digest``;
+    * ``cancel``: once set, the run is killed and the outcome's status is CANCELLED; the
+      caller owns the event;
+    * thread-safe: one executor serves every lease at once, each on its own thread.
+    """
+
+    def execute(
+        self, action_digest: Digest, action: re_pb2.Action | None = None, cancel: threading.Event | None = None
+    ) -> Outcome: ...
+
+
 class Executor:
-    """Runs Actions with the given store, stager and runner. Thread-safe: the bot calls
-    :meth:`execute` from several threads at once, one per lease."""
+    """The :class:`ActionExecutor` that does the work, with the given store, stager and
+    runner. Thread-safe: the bot calls :meth:`execute` from several threads at once, one per
+    lease."""
 
     def __init__(
         self,
@@ -101,16 +133,6 @@ class Executor:
         self._config = config
         self._clock = clock
         os.makedirs(config.build_root, exist_ok=True)
-
-    def sandbox_probe(self) -> Callable[[], str | None]:
-        """A health probe that runs ``/bin/true`` through this executor's runner, with its
-        limits and binds, so it fails for the reasons an action's sandbox would."""
-        from .health import runner_probe  # health imports this module
-
-        return runner_probe(
-            self._runner, self._config.build_root,
-            limits=self._config.limits, extra_ro_binds=self._config.extra_ro_binds,
-        )
 
     def execute(
         self, action_digest: Digest, action: re_pb2.Action | None = None, cancel: threading.Event | None = None
