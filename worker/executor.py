@@ -9,8 +9,10 @@ output upload (capture into the local CAS, upload what the remote lacks). For lo
 metrics the input fetch is timed in two parts, ``fetch`` and ``stage`` (see :data:`PHASES`).
 
 :meth:`Executor.execute` never raises: every problem becomes the ``status`` of the
-:class:`Outcome` (the first error wins), a bad action never takes the worker down, and a
-non-zero exit code is a normal, successful result.
+:class:`Outcome`, a bad action never takes the worker down, and a non-zero exit code is a
+normal, successful result. The first error wins (Buildbarn's rule): once a status is set —
+a timeout's DEADLINE_EXCEEDED, say — a later error (capturing or uploading what the
+command left) only adds to its message, so the client learns why the action really failed.
 """
 
 from __future__ import annotations
@@ -145,10 +147,10 @@ class Executor:
         try:
             self._execute(action_digest, action, cancel, outcome)
         except ReapiError as error:
-            outcome.status.CopyFrom(error.to_status())
+            _first_error_wins(outcome, error.to_status(), action_digest)
         except Exception as error:  # a bug must cost one action, never the worker
             log.exception("executing %s", action_digest)
-            outcome.status.CopyFrom(Internal(f"executing {action_digest}: {error!r}").to_status())
+            _first_error_wins(outcome, Internal(f"executing {action_digest}: {error!r}").to_status(), action_digest)
         if not outcome.ok and outcome.failed_phase is None:
             # A phase records its duration when it finishes, so an error rose in the first
             # phase without one.
@@ -247,6 +249,19 @@ class Executor:
         now = self._clock()
         field_.FromNanoseconds(int(now * 1e9))
         return now
+
+
+def _first_error_wins(outcome: Outcome, status: status_pb2.Status, action_digest: Digest) -> None:
+    """Make ``status`` the outcome's, unless an earlier error already set one: that one is
+    why the action failed (a capture that fails after a timeout failed *because* of it, or
+    failed besides); the later error is appended to its message, never put in its place."""
+    if outcome.ok:
+        outcome.status.CopyFrom(status)
+        return
+    log.warning(
+        "executing %s: after %s, also: %s", action_digest, code_pb2.Code.Name(outcome.status.code), status.message,
+    )
+    outcome.status.message = f"{outcome.status.message}; then: {status.message}"
 
 
 def _add_usage(metadata: re_pb2.ExecutedActionMetadata, run: SandboxResult) -> None:
