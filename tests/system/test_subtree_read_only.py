@@ -21,6 +21,7 @@ from executor_fixtures import STAGINGS, make_farm
 
 from reapi_worker.protos import code_pb2, re_pb2
 from reapi_worker.sandbox.request import Bind
+from reapi_worker.sandbox.probe import runner_probe
 from reapi_worker.storage.digests import Digest, serialize
 from reapi_worker.worker.health import HealthMonitor, HealthRecordingExecutor, SandboxCheck
 
@@ -208,10 +209,16 @@ def test_a_chroot_root_whose_mount_point_is_not_a_directory_is_invalid_argument_
 # -- an action's own set-up failure ------------------------------------------------------------
 
 
+def _probe(farm):
+    """The worker's own probe sandbox, as the composition root builds it."""
+    config = farm.executor._config
+    return runner_probe(farm.executor._runner, config.build_root, extra_ro_binds=config.extra_ro_binds)
+
+
 def test_an_actions_own_setup_failure_is_its_result_and_leaves_the_worker_healthy(farm):
     # A uid the sandbox cannot map: bubblewrap fails to set the action's sandbox up, while the
     # worker's own probe sandbox (uid 0) works. Before: INTERNAL, and the worker benched.
-    checks = [SandboxCheck(farm.executor.sandbox_probe())]
+    checks = [SandboxCheck(_probe(farm))]
     with HealthMonitor(checks) as monitor:
         assert monitor.check().ok
         executor = HealthRecordingExecutor(farm.executor, monitor)
@@ -232,7 +239,7 @@ def test_a_probe_failure_still_makes_the_worker_unhealthy(farm):
 
     # The operator's bind is broken: every sandbox on this host fails, the probe's too.
     farm.executor._config = dataclasses.replace(farm.executor._config, extra_ro_binds=(Bind("/nonexistent-reapi-bind", "/opt/x"),))
-    with HealthMonitor([SandboxCheck(farm.executor.sandbox_probe())]) as monitor:
+    with HealthMonitor([SandboxCheck(_probe(farm))]) as monitor:
         executor = HealthRecordingExecutor(farm.executor, monitor)
         outcome = executor.execute(farm.action(["/bin/true"]))
         assert outcome.status.code == code_pb2.UNAVAILABLE
