@@ -246,3 +246,34 @@ def test_a_probe_failure_still_makes_the_worker_unhealthy(farm):
         report = monitor.check()
         assert not report.ok
         assert any("nonexistent-reapi-bind" in reason for reason in report.reasons)
+
+
+# -- what BuildStream's local sandbox gives a command -----------------------------------------
+
+
+def test_a_chroot_action_gets_buildstreams_environment(chroot_farm):
+    # What buildbox-run-bubblewrap gives BuildStream locally: fresh /proc, a minimal /dev, a
+    # writable /tmp, a fixed hostname, the uid/gid it asks for, nothing of the host's env.
+    farm = chroot_farm
+    script = " ".join([
+        "echo uid=$(id -u) gid=$(id -g);",
+        "echo pid1=$(cat /proc/1/comm);",
+        "echo dev=$(ls /dev | grep -c -x -e null -e zero -e full -e random -e urandom -e tty);",
+        "echo sda=$(ls /dev | grep -c sd);",
+        "echo tmp > /tmp/t && echo tmp=$(cat /tmp/t);",
+        "echo host=$(cat /proc/sys/kernel/hostname);",
+        "echo env=$(env | grep -v -e ^PATH= -e ^PWD= -e ^SHLVL= -e ^_= | wc -l)",
+    ])
+    tree = {MARK: "true", **_host_links(), "build": {MARK: "false"}, "tmp": {MARK: "false"}}
+    outcome = run(farm, script, tree, working_directory="build",
+                  platform={"rootMode": "chroot", "unixUID": "1000", "unixGID": "100"})
+    assert outcome.status.code == code_pb2.OK, outcome.status
+    said = dict(line.split("=", 1) for line in farm.text(outcome.result.stdout_digest).split())
+    assert said == {"uid": "1000", "gid": "100", "pid1": "bwrap", "dev": "6", "sda": "0", "tmp": "tmp",
+                    "host": "localhost", "env": "0"}, farm.text(outcome.result.stderr_digest)
+
+
+def test_a_uid_that_is_not_a_number_is_invalid_argument_naming_the_property(farm):
+    outcome = run(farm, "true", {}, platform={"unixUID": "root"})
+    assert outcome.status.code == code_pb2.INVALID_ARGUMENT
+    assert "unixUID='root'" in outcome.status.message
