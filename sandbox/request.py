@@ -46,7 +46,8 @@ class RootMode(enum.Enum):
     #: The input root *is* ``/`` (read-write), with fresh ``/proc``, minimal ``/dev`` and a
     #: tmpfs ``/tmp`` on top, plus the operator's ``extra_ro_binds``. BuildStream sends
     #: actions that carry their whole root this way. bubblewrap creates the ``/proc``,
-    #: ``/dev``, ``/tmp`` and bind-target directories inside the input root if missing.
+    #: ``/dev``, ``/tmp`` and bind-target directories inside the input root if missing; where
+    #: present they must be directories (the executor refuses anything else by name first).
     CHROOT = "chroot"
 
 
