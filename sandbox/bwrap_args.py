@@ -28,6 +28,8 @@ Choices, and why:
   that exist (a symlink on the host, as on merged-/usr systems, stays a symlink), the input
   root read-write at ``/build``, fresh ``/proc``, minimal ``/dev``, tmpfs ``/tmp``.
 * CHROOT: the input root read-write as ``/``, fresh ``/proc``, minimal ``/dev``, tmpfs ``/tmp``.
+* ``/tmp`` is sized by ``limits.tmp_bytes`` (``--size``) when set: a tmpfs without a size
+  may take half the host's memory.
 * Operator binds come last, read-only, so they may cover anything above.
 """
 
@@ -135,7 +137,10 @@ def bwrap_arguments(request: SandboxRequest, layout: HostLayout, fds: ControlFds
         args += ["--bind", request.input_root, HOST_TOOLS_INPUT_ROOT]
     else:
         args += ["--bind", request.input_root, "/"]
-    args += ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp"]
+    args += ["--proc", "/proc", "--dev", "/dev"]
+    if request.limits.tmp_bytes is not None:
+        args += ["--size", str(request.limits.tmp_bytes)]  # applies to the next --tmpfs
+    args += ["--tmpfs", "/tmp"]
     for bind in request.extra_ro_binds:
         args += ["--ro-bind", bind.source, bind.target]
     if request.root_mode is RootMode.HOST_TOOLS:
