@@ -99,8 +99,10 @@ class BoundSettings:
         """The bounds for a worker running ``concurrency`` actions on ``host``. Raises
         InvalidArgument naming the key of a value that does not parse."""
         share = max(1, concurrency)
-        memory = _size("action_memory", self.memory, max(256 * MiB, host.memory_bytes * 3 // 4 // share))
-        tmp_default = (memory if memory is not None else host.memory_bytes * 3 // 4 // share) // 2
+        # Whole MiB: tmpfs sizes are whole pages, and a bound reads better round.
+        memory_share = max(256 * MiB, host.memory_bytes * 3 // 4 // share // MiB * MiB)
+        memory = _size("action_memory", self.memory, memory_share)
+        tmp_default = (memory if memory is not None else memory_share) // 2 // MiB * MiB
         pids = _count("action_pids", self.pids, min(4096, max(256, host.pid_max // (4 * share))))
         open_files = _count(
             "action_open_files", self.open_files,

@@ -10,19 +10,24 @@ end exactly as it would alone: status OK, exit 0, its own output.
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
 from conftest import require, require_tool
 from executor_fixtures import Farm, make_farm, shared_fuse_mount
+from fakes.cas_server import FakeCasServer
 
-from reapi_worker.protos import code_pb2
+from reapi_worker.protos import code_pb2, re_pb2
 from reapi_worker.sandbox.bubblewrap import BubblewrapRunner
 from reapi_worker.sandbox.identity import NOBODY
 from reapi_worker.sandbox.request import ResourceLimits
-from reapi_worker.storage.digests import Digest
+from reapi_worker.storage.digests import Digest, serialize
 from reapi_worker.storage.staging import Owner
+from reapi_worker.worker.compose import open_executor
+from reapi_worker.worker.config import load_config
 from reapi_worker.worker.executor import Executor, ExecutorConfig, Outcome
 
 MiB = 1 << 20
@@ -204,3 +209,43 @@ def test_opens_of_one_blob_share_one_descriptor(farms, fuse_quota):
     outcome = farm.run(["/usr/bin/python3", "-c", SAME_BLOB], {"in/same": b"z" * 1000})
     assert outcome.status.code == code_pb2.OK, outcome.status
     assert farm.text(outcome.result.stdout_digest) == "30000\n"
+
+
+# -- the defaults, with no bound configured -------------------------------------------------
+
+
+def test_a_worker_configured_with_no_bound_runs_every_action_bounded():
+    """From a config that names no bound, through the composition root, to the sandbox."""
+    require_tool("bwrap")
+    top = tempfile.mkdtemp(prefix="reapi-worker-test-", dir="/tmp")
+    os.chmod(top, 0o755)
+    try:
+        with FakeCasServer() as cas:
+            cfg = load_config(None, {
+                "remote": f"grpc://{cas.address}", "cache_dir": os.path.join(top, "cache"),
+                "build_root": os.path.join(top, "builds"), "concurrency": 2,
+            })
+            expected = cfg.action_bounds.limits
+            script = "ulimit -n; df -k /tmp | tail -n 1 | awk '{print $2}'; head -c 300000000 /dev/zero"
+            command = re_pb2.Command(arguments=["/bin/sh", "-c", script], environment_variables=[
+                re_pb2.Command.EnvironmentVariable(name="PATH", value="/usr/bin:/bin")])
+            empty_root = cas.put(serialize(re_pb2.Directory()))
+            action = re_pb2.Action(
+                command_digest=cas.put(serialize(command)).to_proto(), input_root_digest=empty_root.to_proto(),
+                do_not_cache=True,
+            )
+            with open_executor(cfg) as graph:
+                outcome = graph.executor.execute(cas.put(serialize(action)), action)
+                stdout_size = outcome.result.stdout_digest.size_bytes
+                with open(graph.cache.path(Digest.from_proto(outcome.result.stdout_digest)), "rb") as stream:
+                    head = stream.read(4096)
+        assert None not in (expected.memory_bytes, expected.max_pids, expected.cpu_cores, expected.tmp_bytes)
+        # 300 MB of output against the 256 MiB default: cut, killed, and named.
+        assert outcome.status.code == code_pb2.RESOURCE_EXHAUSTED, outcome.status
+        assert "action_stream_size" in outcome.status.message
+        assert stdout_size == expected.stream_bytes == 256 * MiB
+        open_files, tmp_kib = head.split(b"\0", 1)[0].split()[:2]
+        assert int(open_files) == expected.open_files
+        assert int(tmp_kib) * 1024 == expected.tmp_bytes
+    finally:
+        shutil.rmtree(top, ignore_errors=True)
