@@ -20,9 +20,10 @@ Public surface::
                    working_directory="", root_mode=RootMode.HOST_TOOLS, network=False,
                    timeout=None, limits=ResourceLimits(), extra_ro_binds=(), uid=0, gid=0)
     RootMode.HOST_TOOLS | RootMode.CHROOT          HOST_TOOLS_INPUT_ROOT == "/build"
-    ResourceLimits(memory_bytes=None, max_pids=None, cpu_cores=None)
+    ResourceLimits(memory_bytes=None, max_pids=None, cpu_cores=None, tmp_bytes=None,
+                   stream_bytes=None, open_files=None)
     Bind(source, target)
-    SandboxResult(exit_code, signal, timed_out, cancelled, oom_killed, usage)
+    SandboxResult(exit_code, signal, timed_out, cancelled, oom_killed, usage, exceeded=frozenset())
     ResourceUsage(wall_seconds, user_cpu_seconds, system_cpu_seconds, peak_rss_bytes, cgroup)
     CgroupUsage(memory_peak_bytes, pids_peak, cpu_seconds, user_cpu_seconds, system_cpu_seconds)
     Runner.run(request, cancel: threading.Event | None = None) -> SandboxResult
@@ -39,7 +40,7 @@ Public surface::
 
 The security argument (hardlinked inputs and uid 0) is in :mod:`.identity`; the sandbox's
 shape in :mod:`.bwrap_args`; one run step by step in :mod:`.bubblewrap`; limits in
-:mod:`.limits` and :mod:`.cgroups`.
+:mod:`.limits` and :mod:`.cgroups`; how each bound is enforced and seen in :mod:`.bounds`.
 """
 
 from .bubblewrap import BubblewrapRunner
