@@ -22,9 +22,10 @@ Public surface::
                    subtree_access=(), uid=0, gid=0)
     SubtreeAccess(path, read_only)                 a read-only (or writable again) subtree
     RootMode.HOST_TOOLS | RootMode.CHROOT          HOST_TOOLS_INPUT_ROOT == "/build"
-    ResourceLimits(memory_bytes=None, max_pids=None, cpu_cores=None)
+    ResourceLimits(memory_bytes=None, max_pids=None, cpu_cores=None, tmp_bytes=None,
+                   stream_bytes=None, open_files=None)
     Bind(source, target)
-    SandboxResult(exit_code, signal, timed_out, cancelled, oom_killed, usage)
+    SandboxResult(exit_code, signal, timed_out, cancelled, oom_killed, usage, exceeded=frozenset())
     ResourceUsage(wall_seconds, user_cpu_seconds, system_cpu_seconds, peak_rss_bytes, cgroup)
     CgroupUsage(memory_peak_bytes, pids_peak, cpu_seconds, user_cpu_seconds, system_cpu_seconds)
     Runner.run(request, cancel: threading.Event | None = None) -> SandboxResult
@@ -41,7 +42,7 @@ Public surface::
 
 The security argument (hardlinked inputs and uid 0) is in :mod:`.identity`; the sandbox's
 shape in :mod:`.bwrap_args`; one run step by step in :mod:`.bubblewrap`; limits in
-:mod:`.limits` and :mod:`.cgroups`.
+:mod:`.limits` and :mod:`.cgroups`; how each bound is enforced and seen in :mod:`.bounds`.
 """
 
 from .bubblewrap import BubblewrapRunner

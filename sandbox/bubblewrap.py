@@ -3,17 +3,22 @@
 One run, step by step (each step's *why* is in the code):
 
 1. The confinement (cgroup or rlimits) is created for the action's limits.
-2. The output files are opened by the worker, so the sandbox needs no access to their paths.
+2. The output files are opened by the worker, so the sandbox needs no access to their paths;
+   with a ``stream_bytes`` bound the command writes to pipes instead (:mod:`.streams`).
 3. The process is spawned as ``[join cgroup] [setpriv to the sandbox uid] bwrap --args FD --
    COMMAND``: it is inside its cgroup before it exists as bubblewrap, so before anything can
    fork. The options (from the pure :func:`~.bwrap_args.bwrap_arguments`) go through a pipe.
 4. bubblewrap reports its init's pid on ``--info-fd`` and then waits on ``--block-fd`` after
    setting up the mounts. The runner opens a pidfd on the init — from then on it can kill
-   the whole pid namespace without any pid-reuse race — and releases it. The timeout starts.
-5. The runner waits on a pidfd of bubblewrap's monitor (no polling; with a ``cancel`` event,
-   it wakes every 50 ms to look at it). On timeout or cancel it SIGKILLs the init (the
-   kernel then kills every process of the namespace), the monitor, and, as a second line,
-   everything in the cgroup.
+   the whole pid namespace without any pid-reuse race — and, with a ``/tmp`` bound, the
+   sandbox's mount namespace (:class:`~.bounds.TmpfsWatch`) — and releases it. The timeout
+   starts.
+5. The runner waits on a pidfd of bubblewrap's monitor with ``poll`` (never ``select``,
+   which fails for descriptors past 1023, and a busy worker has many), moving bounded
+   streams as they fill (with a ``cancel`` event, it wakes every 50 ms to look at it). On
+   timeout, cancel or a stream past its bound it SIGKILLs the init (the kernel then kills
+   every process of the namespace), the monitor, and, as a second line, everything in the
+   cgroup.
 6. The monitor is reaped. It exits as soon as the command has, and its init — the pid
    namespace — dies with it (``--die-with-parent``); the runner SIGKILLs the init anyway and
    waits on its pidfd, which turns readable only once the kernel has emptied the namespace.
@@ -21,8 +26,8 @@ One run, step by step (each step's *why* is in the code):
    ``--json-status-fd`` says whether the command was exec'd at all: if not, bubblewrap's own
    message in the stderr file (nothing else can have written there yet) says whether the
    command was not found / not executable (127 / 126) or the sandbox could not be set up.
-7. Cgroup figures are read (see :mod:`.usage` for why not ``wait4``), leftovers killed, the
-   cgroup removed.
+7. Cgroup figures are read (see :mod:`.usage` for why not ``wait4``), the bounds the action
+   ran into are collected (:mod:`.bounds`), leftovers killed, the cgroup removed.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ import subprocess
 import threading
 import time
 
+from .bounds import MAX_PIDS, STREAM_BYTES, TMP_BYTES, TmpfsWatch
 from .bwrap_args import ControlFds, HostLayout, bwrap_arguments
 from .errors import SandboxSetupError
 from .identity import RunAs, effective_run_as, sandbox_can_protect_hardlinks, setpriv_prefix
@@ -47,6 +53,7 @@ from .limits import Confinement, ResourceController
 from .request import SandboxRequest
 from .result import SandboxResult
 from .runner import Runner
+from .streams import OutputStreams
 from .usage import ResourceUsage
 
 log = logging.getLogger(__name__)
@@ -115,8 +122,8 @@ class BubblewrapRunner(Runner):
         started = time.monotonic()
         confinement = self.controller.confine(request.limits)
         try:
-            with _Descriptors() as fds:
-                return self._run_confined(request, cancel, confinement, fds, started)
+            with _Descriptors() as fds, OutputStreams(request) as streams:
+                return self._run_confined(request, cancel, confinement, fds, streams, started)
         finally:
             try:
                 confinement.close()
@@ -133,9 +140,10 @@ class BubblewrapRunner(Runner):
         cancel: threading.Event | None,
         confinement: Confinement,
         fds: "_Descriptors",
+        streams: OutputStreams,
         started: float,
     ) -> SandboxResult:
-        stdout_fd, stderr_fd = _open_outputs(request, fds)
+        stdout_fd, stderr_fd = streams.child_fds
         # os.pipe() gives O_CLOEXEC descriptors, so a concurrent run's spawn cannot inherit them.
         info_r, info_w = fds.pipe()
         status_r, status_w = fds.pipe()
@@ -161,9 +169,11 @@ class BubblewrapRunner(Runner):
             raise SandboxSetupError(f"cannot start bubblewrap: {e}") from e
         for fd in child_ends:  # only the child holds these now, so EOF means what it says
             fds.close(fd)
+        streams.child_started()
 
         monitor = _Monitor(proc)
         reason: str | None = None
+        tmp_watch: TmpfsWatch | None = None
         try:
             _write_args(args_w, bwrap_args.options)
             fds.close(args_w)
@@ -172,38 +182,49 @@ class BubblewrapRunner(Runner):
                 monitor.kill()  # it failed before creating the sandbox; make sure it is gone
             else:
                 monitor.hold_init(init_pid)
+                if request.limits.tmp_bytes is not None:
+                    tmp_watch = TmpfsWatch.hold(init_pid)
                 # Release the command. (EOF on --block-fd would release it too, which is why
                 # every failure path kills before any descriptor is closed.)
                 _write_quietly(block_w, b"1")
             deadline = None if request.timeout is None else time.monotonic() + request.timeout
-            reason = monitor.wait(deadline, cancel)
+            reason = monitor.wait(deadline, cancel, streams)
             if reason is not None:
                 monitor.kill()
                 confinement.kill_all()
             status = monitor.reap()
+            streams.drain()  # every writer is gone: what is left in the pipes, then EOF
+            wall = time.monotonic() - started
+
+            confinement.kill_all()  # the second line: after the pid namespace, nothing is left
+            usage = ResourceUsage.measured(wall, confinement.usage())
+            oom = confinement.oom_killed()
+            exceeded = {MAX_PIDS} if confinement.pids_exhausted() else set()
+            if streams.exceeded:
+                exceeded.add(STREAM_BYTES)
+            if reason is not None:
+                return SandboxResult(
+                    exit_code=128 + signal.SIGKILL, signal=signal.SIGKILL, timed_out=reason == "timeout",
+                    cancelled=reason == "cancel", oom_killed=oom, usage=usage, exceeded=frozenset(exceeded),
+                )
+            exit_code = _command_exit_code(status_r)
+            if exit_code is None and not oom:
+                exit_code = _exec_failure(request, init_pid, status)
+            if exit_code is None:  # OOM-killed before bubblewrap could report
+                exit_code = 128 + signal.SIGKILL
+            if exit_code != 0 and tmp_watch is not None and tmp_watch.full():
+                exceeded.add(TMP_BYTES)
+            return SandboxResult(
+                exit_code=exit_code, signal=_signal_of(exit_code), timed_out=False, cancelled=False,
+                oom_killed=oom, usage=usage, exceeded=frozenset(exceeded),
+            )
         except BaseException:
             monitor.kill()
             monitor.reap()
             raise
-        wall = time.monotonic() - started
-
-        confinement.kill_all()  # the second line: after the pid namespace, nothing is left
-        usage = ResourceUsage.measured(wall, confinement.usage())
-        oom = confinement.oom_killed()
-        if reason is not None:
-            return SandboxResult(
-                exit_code=128 + signal.SIGKILL, signal=signal.SIGKILL, timed_out=reason == "timeout",
-                cancelled=reason == "cancel", oom_killed=oom, usage=usage,
-            )
-        exit_code = _command_exit_code(status_r)
-        if exit_code is None and not oom:
-            exit_code = _exec_failure(request, init_pid, status)
-        if exit_code is None:  # OOM-killed before bubblewrap could report
-            exit_code = 128 + signal.SIGKILL
-        return SandboxResult(
-            exit_code=exit_code, signal=_signal_of(exit_code), timed_out=False, cancelled=False,
-            oom_killed=oom, usage=usage,
-        )
+        finally:
+            if tmp_watch is not None:
+                tmp_watch.close()
 
 
 class _Descriptors:
@@ -253,12 +274,18 @@ class _Monitor:
         except ProcessLookupError:
             self.init_pidfd = None  # it already failed; the monitor will report it
 
-    def wait(self, deadline: float | None, cancel: threading.Event | None) -> str | None:
-        """Wait until the monitor exits (``None``), the deadline passes (``"timeout"``) or
-        ``cancel`` is set (``"cancel"``)."""
+    def wait(
+        self, deadline: float | None, cancel: threading.Event | None, streams: OutputStreams
+    ) -> str | None:
+        """Wait until the monitor exits (``None``), the deadline passes (``"timeout"``),
+        ``cancel`` is set (``"cancel"``) or a stream goes past its bound
+        (``"stream_bytes"``), moving bounded streams meanwhile."""
         assert self.pidfd is not None
         poller = select.poll()
         poller.register(self.pidfd, select.POLLIN)
+        readers = set(streams.readers)
+        for reader in readers:
+            poller.register(reader, select.POLLIN)
         while True:
             if cancel is not None and cancel.is_set():
                 return "cancel"
@@ -267,7 +294,16 @@ class _Monitor:
                 return "timeout"
             if cancel is not None:
                 timeout = CANCEL_POLL_SECONDS if timeout is None else min(timeout, CANCEL_POLL_SECONDS)
-            if poller.poll(None if timeout is None else max(1, int(timeout * 1000))):
+            ready = poller.poll(None if timeout is None else max(1, int(timeout * 1000)))
+            for fd, _events in ready:
+                if fd in readers:
+                    streams.pump(fd)
+            if streams.exceeded:
+                return STREAM_BYTES
+            for reader in readers - set(streams.readers):  # at EOF: poll would spin on POLLHUP
+                poller.unregister(reader)
+                readers.discard(reader)
+            if any(fd == self.pidfd for fd, _events in ready):
                 return None
 
     def kill(self) -> None:
@@ -293,7 +329,10 @@ class _Monitor:
                     # finish tearing the namespace down (the pidfd turns readable after that).
                     with contextlib.suppress(ProcessLookupError):
                         signal.pidfd_send_signal(self.init_pidfd, signal.SIGKILL)
-                    select.select([self.init_pidfd], [], [], INIT_EXIT_GRACE_SECONDS)
+                    # poll, not select: the descriptor may be numbered past select's 1023.
+                    exited = select.poll()
+                    exited.register(self.init_pidfd, select.POLLIN)
+                    exited.poll(INIT_EXIT_GRACE_SECONDS * 1000)
             finally:
                 for fd in (self.pidfd, self.init_pidfd):
                     if fd is not None:
@@ -301,18 +340,6 @@ class _Monitor:
                 self.pidfd = self.init_pidfd = None
         assert self._status is not None
         return self._status
-
-
-def _open_outputs(request: SandboxRequest, fds: _Descriptors) -> tuple[int, int]:
-    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
-    try:
-        stdout_fd = fds.adopt(os.open(request.stdout_path, flags, 0o644))
-        if request.stderr_path == request.stdout_path:
-            return stdout_fd, stdout_fd
-        stderr_fd = fds.adopt(os.open(request.stderr_path, flags, 0o644))
-    except OSError as e:
-        raise SandboxSetupError(f"cannot create output file: {e}") from e
-    return stdout_fd, stderr_fd
 
 
 def _write_args(fd: int, args: tuple[str, ...]) -> None:

@@ -28,6 +28,8 @@ Choices, and why:
   that exist (a symlink on the host, as on merged-/usr systems, stays a symlink), the input
   root read-write at ``/build``, fresh ``/proc``, minimal ``/dev``, tmpfs ``/tmp``.
 * CHROOT: the input root read-write as ``/``, fresh ``/proc``, minimal ``/dev``, tmpfs ``/tmp``.
+* ``/tmp`` is sized by ``limits.tmp_bytes`` (``--size``) when set: a tmpfs without a size
+  may take half the host's memory.
 * Operator binds come last, read-only, so they may cover anything above.
 * Read-only subtrees (``subtree_access``, the client's ``SubtreeReadOnly``): every subtree
   whose access changes is first bound onto itself (the root already is a mount), so it is
@@ -154,7 +156,10 @@ def bwrap_arguments(request: SandboxRequest, layout: HostLayout, fds: ControlFds
     for access in subtrees:
         if access.path:  # each its own mount point (see the module docstring)
             args += ["--bind", os.path.join(request.input_root, access.path), request.sandbox_path(access.path)]
-    args += ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp"]
+    args += ["--proc", "/proc", "--dev", "/dev"]
+    if request.limits.tmp_bytes is not None:
+        args += ["--size", str(request.limits.tmp_bytes)]  # applies to the next --tmpfs
+    args += ["--tmpfs", "/tmp"]
     for bind in request.extra_ro_binds:
         args += ["--ro-bind", bind.source, bind.target]
     for access in subtrees:

@@ -62,10 +62,20 @@ _JOIN_SCRIPT = (
 )
 
 
-def join_prefix(procs_files: Iterable[str], shell: str = "/bin/sh") -> tuple[str, ...]:
-    """argv prefix: a shell that writes its own pid into each ``cgroup.procs``, then execs."""
+def join_prefix(
+    procs_files: Iterable[str], shell: str = "/bin/sh", open_files: int | None = None
+) -> tuple[str, ...]:
+    """argv prefix: a shell that writes its own pid into each ``cgroup.procs``, then execs.
+    With ``open_files`` it also sets RLIMIT_NOFILE (soft and hard) first: the shell is
+    already there, so the limit costs no exec of its own."""
     files = tuple(procs_files)
-    return (shell, "-c", _JOIN_SCRIPT, "sh", str(len(files)), *files)
+    script = _JOIN_SCRIPT if open_files is None else f"ulimit -n {int(open_files)} || exit 125; {_JOIN_SCRIPT}"
+    return (shell, "-c", script, "sh", str(len(files)), *files)
+
+
+def _pids_refused(pids_dir: Path | None) -> bool:
+    """``pids.events``' ``max``: how many forks the limit refused (v1 and v2 alike)."""
+    return pids_dir is not None and (_read_key(pids_dir / "pids.events", "max") or 0) > 0
 
 
 # --- discovery -------------------------------------------------------------------------------
@@ -245,14 +255,18 @@ def _action_name() -> str:
 
 
 class CgroupV2Confinement(Confinement):
-    def __init__(self, path: Path, remove_dir: Callable[[Path], None]) -> None:
+    def __init__(self, path: Path, remove_dir: Callable[[Path], None], open_files: int | None = None) -> None:
         self.path = path
         self._remove_dir = remove_dir
+        self._open_files = open_files
         self._closed = False
 
     @property
     def spawn_prefix(self) -> tuple[str, ...]:
-        return join_prefix([str(self.path / "cgroup.procs")])
+        return join_prefix([str(self.path / "cgroup.procs")], open_files=self._open_files)
+
+    def pids_exhausted(self) -> bool:
+        return _pids_refused(self.path)
 
     def kill_all(self) -> None:
         _kill_until_empty([self.path / "cgroup.procs"], kill_file=self.path / "cgroup.kill")
@@ -339,7 +353,7 @@ class CgroupV2Controller(ResourceController):
             path.mkdir()
         except OSError as e:
             raise SandboxSetupError(f"cannot create cgroup {path}: {e}") from e
-        confinement = CgroupV2Confinement(path, self._remove_dir)
+        confinement = CgroupV2Confinement(path, self._remove_dir, limits.open_files)
         try:
             if limits.memory_bytes is not None and "memory" in self.enforces:
                 _write(path / "memory.max", str(limits.memory_bytes))
@@ -362,16 +376,22 @@ class CgroupV2Controller(ResourceController):
 
 
 class CgroupV1Confinement(Confinement):
-    def __init__(self, dirs: Mapping[str, Path], remove_dir: Callable[[Path], None]) -> None:
+    def __init__(
+        self, dirs: Mapping[str, Path], remove_dir: Callable[[Path], None], open_files: int | None = None
+    ) -> None:
         #: controller -> this action's directory in that controller's hierarchy
         self.dirs = dict(dirs)
         self._unique = list(dict.fromkeys(self.dirs.values()))
         self._remove_dir = remove_dir
+        self._open_files = open_files
         self._closed = False
 
     @property
     def spawn_prefix(self) -> tuple[str, ...]:
-        return join_prefix([str(d / "cgroup.procs") for d in self._unique])
+        return join_prefix([str(d / "cgroup.procs") for d in self._unique], open_files=self._open_files)
+
+    def pids_exhausted(self) -> bool:
+        return _pids_refused(self.dirs.get("pids"))
 
     def kill_all(self) -> None:
         # Every hierarchy holds every process of the action; one listing is enough, but a
@@ -473,7 +493,7 @@ class CgroupV1Controller(ResourceController):
         except OSError as e:
             CgroupV1Confinement(dirs, self._remove_dir).close()
             raise SandboxSetupError(f"cannot create cgroup {name}: {e}") from e
-        confinement = CgroupV1Confinement(dirs, self._remove_dir)
+        confinement = CgroupV1Confinement(dirs, self._remove_dir, limits.open_files)
         try:
             if limits.memory_bytes is not None and "memory" in dirs:
                 _write(dirs["memory"] / "memory.limit_in_bytes", str(limits.memory_bytes))

@@ -57,6 +57,10 @@ class Confinement(abc.ABC):
         """Whether the kernel OOM-killed a process of the action because of its limit."""
         return False
 
+    def pids_exhausted(self) -> bool:
+        """Whether a fork or clone of the action was refused because of its pids limit."""
+        return False
+
     def usage(self) -> CgroupUsage | None:
         """The confinement's own figures, or ``None`` if it has none."""
         return None

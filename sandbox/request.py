@@ -60,14 +60,23 @@ class ResourceLimits:
     * ``max_pids`` — processes *and threads* the action may have at once, not counting the
       sandbox's own two (bubblewrap's monitor and its init), which the runner adds.
     * ``cpu_cores`` — CPU bandwidth in cores (``1.5`` = 150 ms per 100 ms period); cgroups only.
+    * ``tmp_bytes`` — size of the sandbox's tmpfs ``/tmp``. Its pages are the action's
+      memory too: the kernel charges tmpfs pages to the memory cgroup of the process that
+      wrote them, so under cgroups ``/tmp`` and the processes share ``memory_bytes``.
+    * ``stream_bytes`` — bytes the command may write to stdout, and again to stderr; past
+      it the action is killed and the stream keeps exactly its first ``stream_bytes``.
+    * ``open_files`` — RLIMIT_NOFILE (soft and hard) of every process of the action.
     """
 
     memory_bytes: int | None = None
     max_pids: int | None = None
     cpu_cores: float | None = None
+    tmp_bytes: int | None = None
+    stream_bytes: int | None = None
+    open_files: int | None = None
 
     def __post_init__(self) -> None:
-        for name in ("memory_bytes", "max_pids"):
+        for name in ("memory_bytes", "max_pids", "tmp_bytes", "stream_bytes", "open_files"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value <= 0):
                 raise InvalidArgument(f"resource limit {name}={value!r} must be a positive integer")
@@ -76,7 +85,7 @@ class ResourceLimits:
 
     @property
     def unlimited(self) -> bool:
-        return self.memory_bytes is None and self.max_pids is None and self.cpu_cores is None
+        return all(getattr(self, name) is None for name in self.__dataclass_fields__)
 
 
 @dataclass(frozen=True)

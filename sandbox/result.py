@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .usage import ResourceUsage
 
@@ -22,6 +22,10 @@ class SandboxResult:
       output files keep whatever was written before.
     * ``oom_killed`` — the kernel's OOM killer killed a process of the action because of its
       memory limit (cgroups only; under the rlimit fallback allocations fail instead).
+    * ``exceeded`` — the other bounds of :class:`~.request.ResourceLimits` the action ran
+      into, by name: ``"max_pids"`` (a fork or clone was refused at the bound),
+      ``"tmp_bytes"`` (``/tmp`` was full when a failing command ended), ``"stream_bytes"``
+      (stdout or stderr went past it; the runner killed the action). See :mod:`.bounds`.
     """
 
     exit_code: int
@@ -30,3 +34,4 @@ class SandboxResult:
     cancelled: bool
     oom_killed: bool
     usage: ResourceUsage
+    exceeded: frozenset[str] = field(default_factory=frozenset)

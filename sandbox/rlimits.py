@@ -10,6 +10,8 @@ Weaker than cgroups, and documented as such:
 * pids: RLIMIT_NPROC counts every process of the sandbox's *host uid*, including other
   actions running at the same time under that uid; the runner adds the sandbox's own two.
 * cpu: not enforced (RLIMIT_CPU is a total, not a rate).
+* open files: RLIMIT_NOFILE, as under cgroups.
+* no ``pids_exhausted``: a refused fork is seen by the command only.
 * no second line for killing: the pid namespace is the only one (it is sufficient: nothing
   leaves a pid namespace).
 """
@@ -56,8 +58,10 @@ def rlimit_prefix(prlimit: str | None, limits: ResourceLimits) -> tuple[str, ...
     if limits.max_pids is not None:
         nproc = limits.max_pids + SANDBOX_OWN_TASKS
         options.append(f"--nproc={nproc}:{nproc}")
+    if limits.open_files is not None:
+        options.append(f"--nofile={limits.open_files}:{limits.open_files}")
     if not options:
         return ()
     if prlimit is None:
-        raise SandboxSetupError("memory/pids limits requested but util-linux prlimit is not installed")
+        raise SandboxSetupError("memory/pids/open-files limits requested but util-linux prlimit is not installed")
     return (prlimit, *options, "--")

@@ -44,6 +44,7 @@ from reapi_worker.storage.staging import HardlinkStager, Owner, Stager, TreeRemo
 from reapi_worker.storage.tree_facts import TreeFacts
 
 from .bot import Bot, BotConfig
+from .bounds import raise_open_files_limit
 from .config import STAGINGS, WorkerConfig
 from .executor import Executor, ExecutorConfig
 from .health import HealthConfig, HealthMonitor, HealthRecordingExecutor, standard_checks
@@ -69,6 +70,11 @@ def open_executor(cfg: WorkerConfig) -> Iterator[ExecutorGraph]:
     context ends (the FUSE mount after the last staged input, staged trees deleted)."""
     os.makedirs(cfg.cache_dir, mode=0o700, exist_ok=True)
     os.makedirs(cfg.build_root, mode=0o755, exist_ok=True)
+    # The FUSE mount holds a descriptor per open input blob: the worker's own limit goes up
+    # to its hard limit; action_open_files is derived below it, so all actions together
+    # cannot exhaust it.
+    raise_open_files_limit()
+    bounds = cfg.action_bounds
     run_as = RunAs(cfg.sandbox_uid, cfg.sandbox_gid)
     channel = open_channel(cfg.cas_connection)
     try:
@@ -80,13 +86,18 @@ def open_executor(cfg: WorkerConfig) -> Iterator[ExecutorGraph]:
             # Hardlinks are the cache's own inodes: only safe when the sandbox's uid does
             # not own them (MEASURED.md's uid-0 trap); otherwise stage copies.
             link = sandbox_can_protect_hardlinks(run_as)
-            with make_stager(cfg.staging, store, remover, cfg.build_root, link=link) as stager:
+            with make_stager(
+                cfg.staging, store, remover, cfg.build_root, link=link,
+                open_files_per_action=bounds.limits.open_files,
+            ) as stager:
                 config = ExecutorConfig(
                     build_root=cfg.build_root,
                     # The bot id names the worker in every ActionResult.
                     worker_name=cfg.effective_bot_id,
                     max_action_timeout=cfg.max_action_timeout,
                     owner=Owner(run_as.uid, run_as.gid),
+                    limits=bounds.limits,
+                    capture_timeout=bounds.capture_timeout,
                 )
                 probe = runner_probe(
                     runner, config.build_root, limits=config.limits, extra_ro_binds=config.extra_ro_binds,
@@ -99,7 +110,13 @@ def open_executor(cfg: WorkerConfig) -> Iterator[ExecutorGraph]:
 
 @contextlib.contextmanager
 def make_stager(
-    staging: str, store: LocalContent, remover: TreeRemover, build_root: str, *, link: bool = True
+    staging: str,
+    store: LocalContent,
+    remover: TreeRemover,
+    build_root: str,
+    *,
+    link: bool = True,
+    open_files_per_action: int | None = None,
 ) -> Iterator[Stager]:
     """The stager ``staging`` names (one of :data:`~.config.STAGINGS`), open for the context.
 
@@ -108,6 +125,7 @@ def make_stager(
     (mounted here, after unmounting whatever a killed worker left under ``build_root``;
     unmounted when the context ends — after the last staged input is closed).
     ``auto``: both, chosen per action by :class:`StagingRule`.
+    ``open_files_per_action``: the FUSE mount's quota of inputs one action holds open.
     FUSE staging needs root (``/dev/fuse`` and overlay mounts). Raises InvalidArgument for
     an unknown name or a non-root worker, Internal if the mount cannot be made.
     """
@@ -119,7 +137,7 @@ def make_stager(
         return
     if os.geteuid() != 0:
         raise InvalidArgument(f"staging {staging!r} mounts file systems and needs a worker running as root")
-    with FuseMount(os.path.join(build_root, ".fuse")) as mount:
+    with FuseMount(os.path.join(build_root, ".fuse"), open_files_per_action=open_files_per_action) as mount:
         facts = TreeFacts()
         lazy = FuseStager(store, remover, mount, build_root, facts=facts)
         yield lazy if staging == "fuse" else AutoStager(eager, lazy, StagingRule(), facts)

@@ -43,6 +43,8 @@ from typing import Any
 from reapi_worker.protos.errors import InvalidArgument
 from reapi_worker.storage.channels import ConnectionOptions
 
+from .bounds import ActionBounds, BoundSettings, HostFacts
+
 
 #: Groups of settings, by which commands take them as flags.
 SERVER = "server"  # every command that talks to a server
@@ -55,7 +57,7 @@ Platform = tuple[tuple[str, str], ...]
 #: The stagers ``staging`` may name (built by :func:`~.compose.make_stager`).
 STAGINGS = ("hardlink", "fuse", "auto")
 
-_KINDS = ("str", "optional-str", "int", "optional-int", "float", "size", "free-space", "choice", "platform")
+_KINDS = ("str", "optional-str", "int", "optional-int", "float", "size", "free-space", "choice", "platform", "bound")
 
 
 # ------------------------------------------------------------------------------ values
@@ -163,6 +165,13 @@ def _setting(default: Any = dataclasses.MISSING, *, factory: Any = dataclasses.M
     return field(default=default, default_factory=factory, metadata={"setting": Setting(**doc)})
 
 
+def _bound(example: str, auto: str, help: str) -> Any:
+    return _setting(
+        "auto", group=EXECUTOR, kind="bound", example=example, default_doc=f"auto: {auto}",
+        help=help + '; "unlimited" turns it off',
+    )
+
+
 def detect_platform() -> Platform:
     """``OSFamily`` and ``ISA`` of this host, spelled as Bazel's and BuildGrid's examples
     spell them (``linux``, ``x86-64``)."""
@@ -259,6 +268,41 @@ class WorkerConfig:
         "cache first), fuse (lazily through a FUSE mount, blobs fetched on first open; needs root) or "
         "auto (chosen per action: FUSE for big input trees)",
     )
+    # Per-action bounds (worker/bounds.py): each "auto" (derived from the host and
+    # concurrency), "unlimited", or a value.
+    action_memory: str = _bound(
+        '"4G"', "3/4 of the host's memory / concurrency, at least 256M",
+        "memory of each action, all its processes and its /tmp together (cgroups); past it the kernel "
+        "OOM-kills the action and its status says so",
+    )
+    action_tmp_size: str = _bound(
+        '"1G"', "half of action_memory",
+        "size of each action's /tmp (a tmpfs, whose pages count against action_memory); a command that "
+        "fails with /tmp full gets a status naming this bound (root workers)",
+    )
+    action_pids: str = _bound(
+        "2048", "pid_max / (4 x concurrency), between 256 and 4096",
+        "processes and threads each action may have at once; an action refused a fork gets a status "
+        "naming this bound",
+    )
+    action_cpu: str = _bound(
+        "2.0", "CPUs / concurrency, at least 1",
+        "CPU bandwidth of each action, in cores (cgroups); a busier action is slowed, not failed",
+    )
+    action_stream_size: str = _bound(
+        '"64M"', "256M",
+        "bytes each action may write to stdout, and again to stderr; past it the stream is cut at the "
+        "bound, the action killed and its status names this bound",
+    )
+    action_open_files: str = _bound(
+        "4096", "(the worker's hard RLIMIT_NOFILE - 1024) / concurrency, between 256 and 65536",
+        "RLIMIT_NOFILE of each action's processes, and how many inputs it may hold open through FUSE "
+        "(EMFILE to it past that); the worker raises its own soft limit to its hard limit, above them all",
+    )
+    capture_timeout: str = _bound(
+        "300", "600",
+        "seconds to capture and upload an action's outputs; past it the action ends DEADLINE_EXCEEDED",
+    )
     # -- bot ------------------------------------------------------------------------------
     bot_id: str | None = _setting(
         None, group=BOT, kind="optional-str", example='"builder-7"',
@@ -338,6 +382,7 @@ class WorkerConfig:
         if self.concurrency < 1:
             raise InvalidArgument(f"concurrency must be at least 1, not {self.concurrency}")
         self.disk_watermarks  # parses and orders both free-space settings
+        self.action_bounds  # parses every bound, naming its key
         for name in (
             "max_action_timeout", "heartbeat_seconds", "poll_deadline_seconds", "max_backoff_seconds",
             "scheduler_grace_seconds", "health_interval_seconds",
@@ -371,6 +416,16 @@ class WorkerConfig:
             return Watermarks(low=low, critical=critical)
         except InvalidArgument as error:
             raise InvalidArgument(f"disk_low_free/disk_critical_free: {error}") from None
+
+    @property
+    def action_bounds(self) -> ActionBounds:
+        """Every per-action bound resolved for this host and ``concurrency``."""
+        settings = BoundSettings(
+            memory=self.action_memory, tmp_size=self.action_tmp_size, pids=self.action_pids,
+            cpu=self.action_cpu, stream_size=self.action_stream_size, open_files=self.action_open_files,
+            capture_timeout=self.capture_timeout,
+        )
+        return settings.resolve(self.concurrency, HostFacts.probe())
 
     @property
     def cache_bytes(self) -> int:
@@ -501,6 +556,10 @@ def _coerce(key: str, raw: Any, where: str) -> Any:
     if kind == "size":
         if isinstance(raw, bool) or not isinstance(raw, (int, str)):
             raise wrong('a size such as "10G" or a number of bytes')
+        return str(raw)
+    if kind == "bound":
+        if isinstance(raw, bool) or not isinstance(raw, (int, float, str)):
+            raise wrong('"auto", "unlimited" or a value such as "4G", 2048 or 1.5')
         return str(raw)
     if kind == "choice":
         if raw not in setting.choices:

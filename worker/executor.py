@@ -44,6 +44,7 @@ from reapi_worker.storage.directory.cas import CasDirectory
 from reapi_worker.storage.staging import Owner, Stager
 
 from .action import ActionSpec, load_action, parse_message
+from .bounds import CaptureDeadline, bound_status
 from .outputs import capture_outputs
 from .sandbox_tree import InputRootRules
 
@@ -62,7 +63,8 @@ class ExecutorConfig:
     ``build_root``: where per-action directories are made (same file system as the cache,
     so hardlinks work). ``max_action_timeout``: caps ``Action.timeout`` and applies when the
     action gives none. ``owner``: the uid/gid the sandbox runs as (it must be able to write
-    in the staged directories). ``limits``: per-action resource limits.
+    in the staged directories). ``limits``: per-action resource limits; ``capture_timeout``:
+    seconds to capture and upload the outputs (see :mod:`.bounds`).
     """
 
     build_root: str
@@ -71,6 +73,7 @@ class ExecutorConfig:
     owner: Owner | None = None
     limits: ResourceLimits = field(default_factory=ResourceLimits)
     extra_ro_binds: tuple[Bind, ...] = ()
+    capture_timeout: float | None = None
 
 
 @dataclass(slots=True)
@@ -189,6 +192,7 @@ class Executor:
                     outcome.failed_phase = "run"
                     return
                 self._stamp(metadata.output_upload_start_timestamp)
+                deadline = CaptureDeadline(self._config.capture_timeout)
                 self._record_run(spec, run, streams, outcome)
                 if outcome.ok:
                     # A lazily staged input that could not be read (the command got EIO)
@@ -198,10 +202,11 @@ class Executor:
                     except ReapiError:
                         outcome.failed_phase = "fetch"  # the blob's lazy fetch failed
                         raise
-                captured = capture_outputs(staged.path, spec, self._store, known=staged.known_digest)
+                captured = capture_outputs(staged.path, spec, deadline.guard(self._store), known=staged.known_digest)
         result = outcome.result
         result.MergeFrom(captured.result)  # capture fills only the output fields
         blobs = captured.blobs | {Digest.from_proto(d) for d in (result.stdout_digest, result.stderr_digest)}
+        deadline.check("before uploading")
         self._store.upload_missing(blobs)
         uploaded = self._stamp(metadata.output_upload_completed_timestamp)
         outcome.phases["upload"] = uploaded - ran
@@ -277,8 +282,9 @@ class Executor:
                 status_pb2.Status(code=code_pb2.DEADLINE_EXCEEDED, message=f"action timed out after {spec.timeout or self._config.max_action_timeout:g} s")
             )
             outcome.failed_phase = "run"
-        elif run.oom_killed:
-            outcome.status.message = "the action was killed for exceeding its memory limit (out of memory)"
+        elif (exceeded := bound_status(run, self._config.limits)) is not None:
+            outcome.status.CopyFrom(exceeded)
+            outcome.failed_phase = "run"
 
     def _stamp(self, field_: Timestamp) -> float:
         now = self._clock()

@@ -14,10 +14,11 @@ Numbering, and why:
   kernel knows it (its lookup count, decremented by ``forget``), so its number is stable
   for as long as anything can observe it.
 
-The table also holds the open files (handle -> descriptor of the cached blob, opened per
-``open`` and closed on ``release``, so descriptors are bounded by what actions hold open,
-not by what the kernel remembers; an open descriptor keeps the bytes readable even if the
-cache evicts the file meanwhile) and, per file inode, the roots that looked it up, so that
+The table also holds the open files (:mod:`.open_files`: a handle per ``open``, one
+descriptor per blob shared by its handles and closed with the last ``release``, a quota of
+handles per action; descriptors are bounded by what actions hold open, not by what the
+kernel remembers, and an open descriptor keeps the bytes readable even if the cache evicts
+the file meanwhile) and, per file inode, the roots that looked it up, so that
 a failed fetch can be reported to the actions that could have read it.
 
 Thread-safety: every method must be called with :attr:`InodeTable.lock` held. The FUSE
@@ -40,6 +41,7 @@ from reapi_worker.protos.errors import ReapiError
 from ..content import LocalContent
 from ..digests import Digest
 from ..directory.cas import CasDirectory, FileEntry, LinkEntry
+from .open_files import Opener, OpenFiles
 
 ROOT_INODE = 1
 
@@ -110,14 +112,13 @@ Inode = DirInode | LinkInode | FileInode
 class InodeTable:
     """Numbers and state of every inode the kernel may ask about (see the module docstring)."""
 
-    def __init__(self) -> None:
+    def __init__(self, open_files_per_action: int | None = None) -> None:
         self.lock = threading.Lock()
         self._next = itertools.count(ROOT_INODE + 1)
         self._inodes: dict[int, Inode] = {}
         self._roots: dict[str, ActionRoot] = {}
         self._files: dict[tuple[LocalContent, Digest, bool], FileInode] = {}
-        self._handles: dict[int, int] = {}  # open file handle -> descriptor
-        self._next_handle = itertools.count(1)
+        self.open_files = OpenFiles(open_files_per_action)
         self._opened: dict[LocalContent, set[Digest]] = {}  # blobs read since last taken
 
     # -- roots (executor threads) ---------------------------------------------------------
@@ -200,11 +201,18 @@ class InodeTable:
             del self._inodes[ino]
             del self._files[(inode.store, inode.digest, inode.executable)]
 
-    def add_handle(self, fd: int, file: FileInode) -> int:
-        """Register an open descriptor of ``file``'s blob; returns its handle (the table now
-        owns ``fd``)."""
-        handle = next(self._next_handle)
-        self._handles[handle] = fd
+    def share_handle(self, file: FileInode, opener: Opener) -> int | None:
+        """A handle on ``file``'s blob if a descriptor of it is open, else None (open one and
+        :meth:`add_handle` it). Raises QuotaExceeded when ``opener`` holds its quota."""
+        handle = self.open_files.share((file.store, file.digest), opener)
+        if handle is not None:
+            self._opened.setdefault(file.store, set()).add(file.digest)
+        return handle
+
+    def add_handle(self, fd: int, file: FileInode, opener: Opener) -> int:
+        """Register a descriptor of ``file``'s blob just opened; returns its handle (the
+        table now owns ``fd``). Raises QuotaExceeded (``fd`` closed)."""
+        handle = self.open_files.add((file.store, file.digest), fd, opener)
         self._opened.setdefault(file.store, set()).add(file.digest)
         return handle
 
@@ -214,21 +222,17 @@ class InodeTable:
         return self._opened.pop(store, set())
 
     def descriptor(self, handle: int) -> int | None:
-        return self._handles.get(handle)
+        return self.open_files.descriptor(handle)
 
     def close_handle(self, handle: int) -> None:
-        fd = self._handles.pop(handle, None)
-        if fd is not None:
-            os.close(fd)
+        self.open_files.release(handle)
 
     def open_handles(self) -> int:
-        return len(self._handles)
+        return self.open_files.handles
 
     def close_all(self) -> None:
         """Drop everything (the mount is gone): close every descriptor."""
-        for fd in self._handles.values():
-            os.close(fd)
-        self._handles.clear()
+        self.open_files.close_all()
         self._inodes.clear()
         self._files.clear()
         self._roots.clear()

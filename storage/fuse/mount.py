@@ -68,6 +68,8 @@ class FuseMount:
 
     ``uid``/``gid`` own the served files (default: this process's, the cache's owner).
     ``start_timeout``/``stop_timeout`` bound waiting for the FUSE thread.
+    ``open_files_per_action``: how many inputs one action may hold open through the mount
+    (EMFILE past it, see :mod:`.open_files`); ``None`` for no quota.
     """
 
     def __init__(
@@ -78,15 +80,17 @@ class FuseMount:
         gid: int | None = None,
         start_timeout: float = 10.0,
         stop_timeout: float = 10.0,
+        open_files_per_action: int | None = None,
     ) -> None:
         self.mount_dir = kernel_mounts.check_mountable_path(os.path.abspath(mount_dir), "FUSE mount directory")
         self._uid = os.geteuid() if uid is None else uid
         self._gid = os.getegid() if gid is None else gid
         self._start_timeout = start_timeout
         self._stop_timeout = stop_timeout
+        self._open_files_per_action = open_files_per_action
         self._lock = threading.Lock()  # open/close/restart, never held while serving
         self._lock_fd: int | None = None
-        self._table = InodeTable()
+        self._table = InodeTable(open_files_per_action)
         self._fs: InputFileSystem | None = None
         self._thread: threading.Thread | None = None
         self._token: trio.lowlevel.TrioToken | None = None
@@ -185,6 +189,18 @@ class FuseMount:
         with self._table.lock:
             return self._table.open_handles()
 
+    def open_descriptors(self) -> int:
+        """How many descriptors the worker holds for them (one per blob)."""
+        with self._table.lock:
+            return self._table.open_files.descriptors
+
+    def limit_open_files(self, per_action: int | None) -> None:
+        """Change the quota of open files per action (opens from now on)."""
+        with self._lock:
+            self._open_files_per_action = per_action
+        with self._table.lock:
+            self._table.open_files.per_action = per_action
+
     # -- internals ------------------------------------------------------------------------
 
     def _take_directory(self) -> None:
@@ -208,7 +224,7 @@ class FuseMount:
             self._lock_fd = None
 
     def _start(self) -> None:
-        self._table = InodeTable()
+        self._table = InodeTable(self._open_files_per_action)
         self._fs = InputFileSystem(self._table, self._uid, self._gid)
         self.failure = None
         self._stopping = False

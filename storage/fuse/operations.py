@@ -7,12 +7,14 @@ What each request costs, since every one is a round trip into Python:
   if the cache lost it). Attributes and entries never change, so the kernel may keep them
   for :data:`CACHE_SECONDS`; names that do not exist are cached too (negative entries),
   which matters under an overlay: every file an action creates is first looked up below.
-* ``open``: opens the blob's cache file; a blob not in the local cache is fetched first
-  (in a worker thread, at most ``fetch_timeout`` seconds, else EIO), once however many
-  open it together. ``keep_cache`` keeps the kernel's page cache across opens: a blob read
+* ``open``: shares the blob's descriptor if it is open already, else opens its cache file;
+  a blob not in the local cache is fetched first (in a worker thread, at most
+  ``fetch_timeout`` seconds, else EIO), once however many open it together. An action that
+  holds its quota of open files gets EMFILE (see :mod:`.open_files`). ``keep_cache`` keeps the kernel's page cache across opens: a blob read
   once is served by the kernel afterwards, for every action sharing the inode.
 * ``read``: one ``pread`` of the cached file. ``flush`` is left unimplemented (ENOSYS), so
-  the kernel stops sending it; ``release`` closes the descriptor.
+  the kernel stops sending it; ``release`` drops the handle (and the descriptor with the
+  blob's last handle).
 * Every write-side request fails with EROFS (the mount is read-only: actions write to an
   overlay's upper directory, never through this daemon).
 
@@ -44,6 +46,7 @@ from ..content import LocalContent
 from ..digests import Digest
 from ..directory.cas import CasDirectory
 from .inodes import ROOT_INODE, ActionRoot, DirInode, FileInode, InodeTable, LinkInode, NotLoaded
+from .open_files import QuotaExceeded, opener_of
 
 log = logging.getLogger(__name__)
 
@@ -222,11 +225,18 @@ class InputFileSystem(pyfuse3.Operations):
             file = self._known(inode)
         if type(file) is not FileInode:
             raise pyfuse3.FUSEError(errno.EISDIR if type(file) is DirInode else errno.EINVAL)
-        fd = _open_local(file.store, file.digest)
-        if fd is None:
-            fd = await self._fetch(file)
-        with self.table.lock:
-            handle = self.table.add_handle(fd, file)
+        opener = opener_of(ctx.pid)
+        try:
+            with self.table.lock:
+                handle = self.table.share_handle(file, opener)
+            if handle is None:
+                fd = _open_local(file.store, file.digest)
+                if fd is None:
+                    fd = await self._fetch(file)
+                with self.table.lock:
+                    handle = self.table.add_handle(fd, file, opener)
+        except QuotaExceeded:
+            raise pyfuse3.FUSEError(errno.EMFILE) from None
         return pyfuse3.FileInfo(fh=handle, keep_cache=True)
 
     @_handler

@@ -442,6 +442,13 @@ def test_the_dump_of_a_config_with_every_setting_changed_loads_back_equal(tmp_pa
         "sandbox_uid": 1000,
         "sandbox_gid": 1001,
         "staging": "auto",
+        "action_memory": "2G",
+        "action_tmp_size": "unlimited",
+        "action_pids": "100",
+        "action_cpu": "1.5",
+        "action_stream_size": "64M",
+        "action_open_files": "300",
+        "capture_timeout": "120",
         "bot_id": "builder-7",
         "concurrency": 13,
         "platform": (("ISA", "x86-32"), ("ISA", "x86-64"), ("OSFamily", "linux")),
@@ -624,3 +631,19 @@ def test_the_effective_bot_id_is_the_configured_one_or_the_default_of_the_cache_
     assert WorkerConfig(bot_id="builder-7").effective_bot_id == "builder-7"
     cfg = WorkerConfig(cache_dir="/srv/cache")
     assert cfg.effective_bot_id == default_bot_id("/srv/cache")
+
+
+def test_bounds_are_on_by_default_and_take_values_auto_or_unlimited(tmp_path):
+    bounds = WorkerConfig(concurrency=2).action_bounds
+    assert all(getattr(bounds.limits, name) is not None for name in bounds.limits.__dataclass_fields__)
+    assert bounds.capture_timeout is not None
+    config_file = tmp_path / "bounds.toml"
+    config_file.write_text('action_pids = 64\naction_memory = "1G"\naction_cpu = 0.5\naction_stream_size = "unlimited"\n')
+    loaded = load_config(str(config_file)).action_bounds.limits
+    assert (loaded.max_pids, loaded.memory_bytes, loaded.cpu_cores, loaded.stream_bytes) == (64, 1 << 30, 0.5, None)
+    assert loaded.tmp_bytes == 512 << 20  # auto: half the memory bound
+    with pytest.raises(InvalidArgument, match="action_pids"):
+        WorkerConfig(action_pids="many")
+    config_file.write_text("action_memory = true\n")
+    with pytest.raises(InvalidArgument, match="action_memory"):
+        load_config(str(config_file))
