@@ -57,7 +57,6 @@ Not fork-safe: a child process must open its own LocalCAS.
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
 import hashlib
 import itertools
@@ -75,9 +74,9 @@ from reapi_worker.protos.errors import (
     Internal,
     InvalidArgument,
     MissingBlobs,
-    NotFound,
     ReapiError,
     ResourceExhausted,
+    from_os_error,
 )
 
 from .content import LocalContent
@@ -256,12 +255,7 @@ class LocalCAS(LocalContent):
         try:
             fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         except OSError as err:
-            what = f"storing file {os.fsdecode(path)}"
-            if err.errno == errno.ENOENT:
-                raise NotFound(f"{what}: no such file") from err
-            if err.errno == errno.ELOOP:
-                raise InvalidArgument(f"{what}: is a symlink") from err
-            raise self._error(err, what) from err
+            raise from_os_error(err, f"storing file {os.fsdecode(path)}") from err
         with os.fdopen(fd, "rb") as stream:
             return self.write_stream(stream)
 
@@ -683,9 +677,7 @@ class LocalCAS(LocalContent):
             raise self._error(err, what) from err
 
     def _error(self, err: OSError, what: str) -> ReapiError:
-        if err.errno in (errno.ENOSPC, errno.EDQUOT):
-            return ResourceExhausted(f"{what}: {err.strerror} (local CAS at {self.root})")
-        return Internal(f"{what}: {err}")
+        return from_os_error(err, f"{what} (local CAS at {self.root})", own_file=True)
 
 
 class PinSet:

@@ -55,7 +55,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from reapi_worker.protos import bots_pb2, code_pb2
-from reapi_worker.storage.remote_cas import RetryPolicy
+from reapi_worker.storage.retry import RetryPolicy
 
 from .executor import ActionExecutor
 from .leases import LeaseRunner, unavailable

@@ -34,6 +34,7 @@ from reapi_worker.protos.errors import (
     InvalidArgument,
     NotFound,
     ReapiError,
+    from_os_error,
 )
 
 from ..content import ContentStore, LocalContent
@@ -682,7 +683,7 @@ class _Exporter:
                                 chown(name, *owner, dir_fd=dir_fd, follow_symlinks=False)
                             stack.append((parts + (name,), entry))
                     except OSError as err:
-                        raise _local.os_error(err, f"exporting {os.path.join(dest, *parts, name)}") from None
+                        raise from_os_error(err, f"exporting {os.path.join(dest, *parts, name)}") from None
 
     def _copy(self, entry: _File, name: str, dir_fd: int) -> None:
         out = _local.create_file(dir_fd, name, _local.EXPORT_MODES[entry.executable])

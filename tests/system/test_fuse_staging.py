@@ -27,7 +27,8 @@ from reapi_worker.storage.digests import Digest, serialize
 from reapi_worker.storage.directory.cas import CasDirectory
 from reapi_worker.storage.fetch_through import FetchThroughStore
 from reapi_worker.storage.fuse import kernel_mounts, operations
-from reapi_worker.storage.remote_cas import RemoteCAS, RemoteOptions, RetryPolicy
+from reapi_worker.storage.remote_cas import RemoteCAS, RemoteOptions
+from reapi_worker.storage.retry import RetryPolicy
 
 
 def require_fuse() -> None:

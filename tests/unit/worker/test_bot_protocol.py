@@ -19,7 +19,7 @@ from fakes.bots_server import FakeBotsServer
 from fakes.executor import FakeExecutor, action
 
 from reapi_worker.protos import bots_pb2, bots_pb2_grpc, code_pb2, re_pb2
-from reapi_worker.storage.remote_cas import RetryPolicy
+from reapi_worker.storage.retry import RetryPolicy
 from reapi_worker.worker.bot import Bot, BotConfig
 from reapi_worker.worker.session import BotIdentity, SessionClient
 
