@@ -9,7 +9,9 @@ One run, step by step (each step's *why* is in the code):
    fork. The options (from the pure :func:`~.bwrap_args.bwrap_arguments`) go through a pipe.
 4. bubblewrap reports its init's pid on ``--info-fd`` and then waits on ``--block-fd`` after
    setting up the mounts. The runner opens a pidfd on the init — from then on it can kill
-   the whole pid namespace without any pid-reuse race — and releases it. The timeout starts.
+   the whole pid namespace without any pid-reuse race —, attaches the outbound NAT to the
+   init's network namespace if the request wants network (:mod:`.network`), and releases
+   the command. The timeout starts.
 5. The runner waits on a pidfd of bubblewrap's monitor (no polling; with a ``cancel`` event,
    it wakes every 50 ms to look at it). On timeout or cancel it SIGKILLs the init (the
    kernel then kills every process of the namespace), the monitor, and, as a second line,
@@ -17,7 +19,10 @@ One run, step by step (each step's *why* is in the code):
 6. The monitor is reaped. It exits as soon as the command has, and its init — the pid
    namespace — dies with it (``--die-with-parent``); the runner SIGKILLs the init anyway and
    waits on its pidfd, which turns readable only once the kernel has emptied the namespace.
-   So when ``run`` returns, nothing of the action is alive, cgroup or not.
+   The init, orphaned when the monitor exited, is now the worker's child (the worker is a
+   child subreaper, :mod:`.reaper`, or PID 1 in a container): it is reaped through the
+   same pidfd, so no zombie outlives the action. So when ``run`` returns, nothing of the
+   action is alive, cgroup or not.
    ``--json-status-fd`` says whether the command was exec'd at all: if not, bubblewrap's own
    message in the stderr file (nothing else can have written there yet) says whether the
    command was not found / not executable (127 / 126) or the sandbox could not be set up.
@@ -44,6 +49,8 @@ from .bwrap_args import ControlFds, HostLayout, bwrap_arguments
 from .errors import SandboxSetupError
 from .identity import RunAs, effective_run_as, sandbox_can_protect_hardlinks, setpriv_prefix
 from .limits import Confinement, ResourceController
+from .network import SlirpNat
+from .reaper import become_child_subreaper, reap_if_child
 from .request import SandboxRequest
 from .result import SandboxResult
 from .runner import Runner
@@ -70,9 +77,12 @@ class BubblewrapRunner(Runner):
     * ``controller`` — limits and the second kill line; the composition root passes the one
       :func:`~.probe.choose_resource_controller` picked. ``None`` = choose now.
     * ``layout`` — the host paths a HOST_TOOLS sandbox shows; ``None`` = probe the host now.
+    * ``nat`` — outbound connectivity for requests with ``network``; ``None`` = such a
+      request is refused with SandboxSetupError (the operator forbids it, and the executor
+      should have refused the action before it got here).
 
-    Raises SandboxSetupError when bubblewrap or setpriv is missing or ``run_as`` is not
-    possible. Thread-safe.
+    Makes the worker process a child subreaper (:mod:`.reaper`). Raises SandboxSetupError
+    when bubblewrap or setpriv is missing or ``run_as`` is not possible. Thread-safe.
     """
 
     def __init__(
@@ -83,6 +93,7 @@ class BubblewrapRunner(Runner):
         controller: ResourceController | None = None,
         layout: HostLayout | None = None,
         setpriv_path: str = "setpriv",
+        nat: SlirpNat | None = None,
     ) -> None:
         found = shutil.which(bwrap_path)
         if found is None:
@@ -102,6 +113,8 @@ class BubblewrapRunner(Runner):
         self.controller = controller
         self.layout = HostLayout.probe() if layout is None else layout
         self.protects_hardlinks = sandbox_can_protect_hardlinks(run_as)
+        self.nat = nat
+        become_child_subreaper()
 
     @property
     def host_ids(self) -> tuple[int, int]:
@@ -112,6 +125,8 @@ class BubblewrapRunner(Runner):
         return self.run_as.uid, self.run_as.gid
 
     def run(self, request: SandboxRequest, cancel: threading.Event | None = None) -> SandboxResult:
+        if request.network and self.nat is None:
+            raise SandboxSetupError("the request wants network, and this runner has no outbound NAT")
         started = time.monotonic()
         confinement = self.controller.confine(request.limits)
         try:
@@ -155,6 +170,9 @@ class BubblewrapRunner(Runner):
                 stderr=stderr_fd,
                 pass_fds=child_ends,
                 env={},  # bubblewrap's own environment: C locale, nothing of the worker
+                # Nor its working directory: the cgroup-joining shell exports PWD, and that
+                # environment is what the sandbox's init shows in /proc/1/environ.
+                cwd="/",
                 start_new_session=True,  # the worker's terminal signals are the worker's
             )
         except OSError as e:
@@ -165,22 +183,27 @@ class BubblewrapRunner(Runner):
         monitor = _Monitor(proc)
         reason: str | None = None
         try:
-            _write_args(args_w, bwrap_args.options)
-            fds.close(args_w)
-            init_pid = _read_init_pid(info_r)
-            if init_pid is None:
-                monitor.kill()  # it failed before creating the sandbox; make sure it is gone
-            else:
-                monitor.hold_init(init_pid)
-                # Release the command. (EOF on --block-fd would release it too, which is why
-                # every failure path kills before any descriptor is closed.)
-                _write_quietly(block_w, b"1")
-            deadline = None if request.timeout is None else time.monotonic() + request.timeout
-            reason = monitor.wait(deadline, cancel)
-            if reason is not None:
-                monitor.kill()
-                confinement.kill_all()
-            status = monitor.reap()
+            with contextlib.ExitStack() as network:
+                _write_args(args_w, bwrap_args.options)
+                fds.close(args_w)
+                init_pid = _read_init_pid(info_r)
+                if init_pid is None:
+                    monitor.kill()  # it failed before creating the sandbox; make sure it is gone
+                else:
+                    monitor.hold_init(init_pid)
+                    if request.network and monitor.init_pidfd is not None:
+                        assert self.nat is not None
+                        # Stopped (the exit stack) only after the sandbox is gone.
+                        network.enter_context(self.nat.attach(init_pid))
+                    # Release the command. (EOF on --block-fd would release it too, which is
+                    # why every failure path kills before any descriptor is closed.)
+                    _write_quietly(block_w, b"1")
+                deadline = None if request.timeout is None else time.monotonic() + request.timeout
+                reason = monitor.wait(deadline, cancel)
+                if reason is not None:
+                    monitor.kill()
+                    confinement.kill_all()
+                status = monitor.reap()
         except BaseException:
             monitor.kill()
             monitor.reap()
@@ -294,6 +317,7 @@ class _Monitor:
                     with contextlib.suppress(ProcessLookupError):
                         signal.pidfd_send_signal(self.init_pidfd, signal.SIGKILL)
                     select.select([self.init_pidfd], [], [], INIT_EXIT_GRACE_SECONDS)
+                    reap_if_child(self.init_pidfd)
             finally:
                 for fd in (self.pidfd, self.init_pidfd):
                     if fd is not None:

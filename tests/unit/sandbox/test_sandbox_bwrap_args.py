@@ -44,9 +44,10 @@ def test_every_namespace_is_unshared_and_the_network_too_by_default():
     assert "--share-net" not in options
 
 
-def test_network_true_keeps_the_hosts_network_namespace():
+def test_attack_network_true_still_never_shares_the_hosts_network_namespace():
+    """Outbound network comes from the runner's NAT inside the sandbox's own namespace."""
     options = bwrap_arguments(request(network=True), MERGED_USR, FDS).options
-    assert "--unshare-net" not in options
+    assert "--unshare-net" in options and "--share-net" not in options
 
 
 def test_environment_is_cleared_then_set_exactly_in_sorted_order():
@@ -152,10 +153,13 @@ def test_layout_probe_reproduces_links_and_directories(tmp_path):
     (tmp_path / "usr" / "bin" / "env").write_text("#!/bin/sh\n")
     (tmp_path / "usr" / "bin" / "env").chmod(0o755)
     (tmp_path / "etc").mkdir()
+    (tmp_path / "etc" / "passwd").write_text("root:x:0:0::/root:/bin/sh\n")
     (tmp_path / "bin").symlink_to("usr/bin")
     (tmp_path / "lib32").mkdir()
     layout = HostLayout.probe(str(tmp_path))
-    assert layout.entries == (HostEntry("/usr"), HostEntry("/bin", "usr/bin"), HostEntry("/lib32"), HostEntry("/etc"))
+    assert layout.entries == (
+        HostEntry("/usr"), HostEntry("/bin", "usr/bin"), HostEntry("/lib32"), HostEntry("/etc/passwd"),
+    )
     assert layout.env_shim == "/usr/bin/env"
     (tmp_path / "usr" / "bin" / "env").unlink()
     assert HostLayout.probe(str(tmp_path)).env_shim is None
