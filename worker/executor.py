@@ -32,7 +32,7 @@ from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from reapi_worker.protos import code_pb2, execution_stats_pb2, re_pb2, status_pb2
-from reapi_worker.protos.errors import Internal, MissingBlobs, ReapiError
+from reapi_worker.protos.errors import Internal, InvalidArgument, MissingBlobs, ReapiError
 from reapi_worker.sandbox.request import Bind, ResourceLimits, SandboxRequest
 from reapi_worker.sandbox.result import SandboxResult
 from reapi_worker.sandbox.runner import Runner
@@ -41,7 +41,7 @@ from reapi_worker.storage.digests import Digest
 from reapi_worker.storage.directory.cas import CasDirectory
 from reapi_worker.storage.staging import Owner, Stager
 
-from .action import ActionSpec, load_action, parse_message
+from .action import NETWORK_KEY, ActionSpec, load_action, parse_message
 from .outputs import capture_outputs
 
 log = logging.getLogger(__name__)
@@ -60,6 +60,8 @@ class ExecutorConfig:
     so hardlinks work). ``max_action_timeout``: caps ``Action.timeout`` and applies when the
     action gives none. ``owner``: the uid/gid the sandbox runs as (it must be able to write
     in the staged directories). ``limits``: per-action resource limits.
+    ``allow_network``: whether an action may ask for ``network=on`` (the runner must then
+    have an outbound NAT); when not, such an action is refused with INVALID_ARGUMENT.
     """
 
     build_root: str
@@ -68,6 +70,7 @@ class ExecutorConfig:
     owner: Owner | None = None
     limits: ResourceLimits = field(default_factory=ResourceLimits)
     extra_ro_binds: tuple[Bind, ...] = ()
+    allow_network: bool = False
 
 
 @dataclass(slots=True)
@@ -163,6 +166,9 @@ class Executor:
         metadata = outcome.result.execution_metadata
         started = self._stamp(metadata.input_fetch_start_timestamp)
         spec = self._load(action_digest, action)
+        if spec.network and not self._config.allow_network:
+            # Before anything is fetched or staged: the operator keeps builds hermetic.
+            raise InvalidArgument(f"platform property {NETWORK_KEY}=on: this worker refuses actions with network")
         self._store.fetch_tree(spec.input_root_digest)
         root = CasDirectory.from_digest(self._store, spec.input_root_digest)
         tree_fetched = self._clock()
