@@ -158,8 +158,11 @@ class BubblewrapRunner(Runner):
         args_r, args_w = fds.pipe()
         child_ends = (info_w, status_w, block_r, args_r)
         bwrap_args = bwrap_arguments(request, self.layout, ControlFds(info_w, status_w, block_r))
+        # A network request starts in a fresh namespace of the NAT's (as root, before the
+        # uid switch), which bubblewrap then keeps.
+        network_prefix = self.nat.spawn_prefix if request.network and self.nat is not None else ()
         argv = [
-            *confinement.spawn_prefix, *self._drop,
+            *confinement.spawn_prefix, *network_prefix, *self._drop,
             self.bwrap_path, "--args", str(args_r), "--", *bwrap_args.command,
         ]
         try:

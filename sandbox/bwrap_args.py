@@ -8,11 +8,12 @@ paths and environment values out of ``/proc/1/cmdline`` inside the sandbox.
 
 Choices, and why:
 
-* Namespaces user, pid, ipc, uts (hostname fixed), cgroup and net — always net: with its own
-  net namespace the command has only a loopback of its own and cannot reach the host's
-  127.0.0.1 nor its abstract UNIX sockets. A request with ``network`` gets outbound
-  connectivity in that namespace from the runner (:mod:`.network`), never the host's
-  namespace. bubblewrap's pid-1 init reaps orphans, and when the command
+* Namespaces user, pid, ipc, uts (hostname fixed), cgroup, and net unless the request wants
+  network: with its own net namespace the command has only a loopback of its own and cannot
+  reach the host's 127.0.0.1 nor its abstract UNIX sockets. A request with ``network`` is
+  never run in the host's namespace either: the runner starts bubblewrap in a namespace of
+  its own with an outbound NAT attached (:mod:`.network`). bubblewrap's pid-1 init reaps
+  orphans, and when the command
   exits the init exits, which makes the kernel kill everything left in the namespace —
   double-forked daemons included.
 * ``--die-with-parent``: if the worker dies, so does the sandbox. ``--new-session``: no
@@ -121,8 +122,9 @@ def bwrap_arguments(request: SandboxRequest, layout: HostLayout, fds: ControlFds
     """
     args: list[str] = [
         "--unshare-user", "--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup",
-        "--unshare-net",
     ]
+    if not request.network:
+        args.append("--unshare-net")  # else the runner's NAT namespace (see the docstring)
     args += [
         "--uid", str(request.uid), "--gid", str(request.gid),
         "--hostname", SANDBOX_HOSTNAME,

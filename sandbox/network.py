@@ -1,10 +1,15 @@
 """Outbound network for a ``network=on`` sandbox, without the host's network namespace.
 
-Every sandbox has a network namespace of its own (see :mod:`.bwrap_args`). With ``network``
-the runner attaches a user-mode NAT to it: :class:`SlirpNat` starts ``slirp4netns`` on the
-sandbox's namespace before the command is released; it creates ``tap0`` (10.0.2.100/24,
+Every sandbox has a network namespace of its own. Without ``network`` bubblewrap makes it
+(loopback only). With ``network`` the runner starts bubblewrap inside a fresh namespace made
+by ``unshare --net`` (:attr:`SlirpNat.spawn_prefix`) and, before the command is released,
+:meth:`SlirpNat.attach` starts ``slirp4netns`` on it: it creates ``tap0`` (10.0.2.100/24,
 gateway 10.0.2.2, DNS forwarder 10.0.2.3) and turns the sandbox's TCP/UDP flows into
-ordinary sockets of its own in the worker's namespace. What the command can then reach:
+ordinary sockets of its own in the worker's namespace. Why not attach to bubblewrap's own
+namespace: bubblewrap configures its loopback after it has reported its pid, and two
+configurations at once make its netlink requests fail (seen: ``bwrap: loopback: Failed
+RTM_NEWADDR``); and a namespace made by the worker belongs to the worker's user namespace,
+so nothing in the sandbox ever holds a capability over it. What the command can reach:
 
 * **not the host's loopback**: ``127.0.0.1`` inside is the sandbox's own loopback, and the
   gateway address that slirp would map to the host's loopback is refused
@@ -15,8 +20,8 @@ ordinary sockets of its own in the worker's namespace. What the command can then
   its CAS listen on ``0.0.0.0``): slirp's sockets live in the host's namespace, so a flow to
   the host's ``eth0`` address would arrive at the host. Before the command runs, every
   local address of the worker's namespace gets an ``unreachable`` route in the sandbox's
-  namespace; the command has no capability to remove it (``--cap-drop ALL``, and the
-  namespace's owner is bubblewrap's user namespace, whose capabilities it dropped);
+  namespace; the command cannot remove it (the namespace belongs to the worker's user
+  namespace, in which the sandbox has no capability);
 * everything else a process of the host could reach: the operator's firewall decides.
 
 Why slirp4netns rather than passt's ``pasta``: pasta copies the host's addresses, routes
@@ -67,19 +72,26 @@ class SlirpNat:
     worker is not root. Thread-safe: each :meth:`attach` is independent.
     """
 
-    def __init__(self, slirp_path: str = "slirp4netns", ip_path: str = "ip", nsenter_path: str = "nsenter") -> None:
-        tools = {name: shutil.which(name) for name in (slirp_path, ip_path, nsenter_path)}
+    def __init__(
+        self, slirp_path: str = "slirp4netns", ip_path: str = "ip", nsenter_path: str = "nsenter",
+        unshare_path: str = "unshare",
+    ) -> None:
+        tools = {name: shutil.which(name) for name in (slirp_path, ip_path, nsenter_path, unshare_path)}
         missing = [name for name, found in tools.items() if found is None]
         if missing:
             raise SandboxSetupError(f"network=on needs {', '.join(missing)} (Debian: slirp4netns, iproute2, util-linux)")
         if os.geteuid() != 0:
             raise SandboxSetupError("network=on needs a worker running as root (/dev/net/tun is root-only)")
         self._slirp, self._ip, self._nsenter = (tools[name] for name in (slirp_path, ip_path, nsenter_path))
+        #: The argv prefix that starts bubblewrap (as root, before the uid switch) in a fresh
+        #: network namespace for :meth:`attach`; bubblewrap must then not unshare its own.
+        self.spawn_prefix: tuple[str, ...] = (str(tools[unshare_path]), "--net", "--")
 
     @contextlib.contextmanager
     def attach(self, pid: int) -> Iterator[None]:
-        """Give the network namespace of ``pid`` (a sandbox's init, blocked before the command)
-        outbound connectivity, with the host's addresses unreachable, for the context.
+        """Give the network namespace of ``pid`` (a sandbox's init started behind
+        :attr:`spawn_prefix`, blocked before the command) outbound connectivity, with the
+        host's addresses unreachable, for the context.
 
         Returns once the namespace is configured; on exit slirp4netns is stopped and reaped.
         Raises SandboxSetupError if it cannot be set up (nothing is left running then).
@@ -97,7 +109,7 @@ class SlirpNat:
                             self._slirp, "--configure", f"--mtu={SLIRP_MTU}", "--disable-host-loopback",
                             "--enable-sandbox", "--enable-seccomp",
                             f"--ready-fd={ready_w}", f"--exit-fd={exit_r}",
-                            f"--userns-path=/proc/{pid}/ns/user", "--netns-type=path", f"/proc/{pid}/ns/net",
+                            "--netns-type=path", f"/proc/{pid}/ns/net",
                             TAP_DEVICE,
                         ],
                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr,
@@ -147,12 +159,9 @@ class SlirpNat:
         return addresses
 
     def _block(self, pid: int, addresses: list[str]) -> None:
-        """Unreachable routes to ``addresses`` in ``pid``'s network namespace. As root in the
-        worker's user namespace, which owns every namespace below it, no user namespace need
-        be entered."""
-        if not addresses:
-            return
-        script = "".join(f"route add unreachable {address}\n" for address in addresses)
+        """Unreachable routes to ``addresses`` in ``pid``'s network namespace, and its
+        loopback up (nobody else brings it up there)."""
+        script = "link set lo up\n" + "".join(f"route add unreachable {address}\n" for address in addresses)
         done = subprocess.run(
             [self._nsenter, f"--net=/proc/{pid}/ns/net", "--", self._ip, "-batch", "-"],
             input=script, capture_output=True, text=True, env={}, cwd="/",
