@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import os
 import select
 import shutil
@@ -54,8 +53,6 @@ import tempfile
 from collections.abc import Iterator
 
 from .errors import SandboxSetupError
-
-log = logging.getLogger(__name__)
 
 #: The interface slirp4netns creates in the sandbox.
 TAP_DEVICE = "tap0"
@@ -68,8 +65,8 @@ READY_TIMEOUT_SECONDS = 10.0
 class SlirpNat:
     """Attaches slirp4netns to sandboxes' network namespaces (see the module docstring).
 
-    Raises SandboxSetupError when ``slirp4netns``, ``ip`` or ``nsenter`` is missing or the
-    worker is not root. Thread-safe: each :meth:`attach` is independent.
+    Raises SandboxSetupError when ``slirp4netns``, ``ip``, ``nsenter`` or ``unshare`` is
+    missing or the worker is not root. Thread-safe: each :meth:`attach` is independent.
     """
 
     def __init__(
