@@ -3,7 +3,8 @@
 #
 # System packages (only those missing; needs root): bubblewrap, fuse3, libfuse3-dev and
 # pkg-config (to build pyfuse3), a C compiler and Python headers, python3-venv,
-# postgresql (BuildGrid 0.4.4 only runs on PostgreSQL), iproute2 (multi-host tests),
+# postgresql (BuildGrid 0.4.4 only runs on PostgreSQL), iproute2 (multi-host tests, and
+# network=on actions), slirp4netns (outbound NAT of network=on actions),
 # bazel-bootstrap (a real REAPI client for the system tests), systemd (systemd-analyze
 # checks the unit in deploy/systemd/).
 # Python: the project and its test extras in a venv of its own, $REAPI_VENV (default
@@ -28,6 +29,7 @@ declare -A PKG_MARKERS=(
   [python3-venv]=/usr/lib/python3.11/ensurepip/__init__.py
   [postgresql]=/usr/lib/postgresql
   [iproute2]=/usr/sbin/ip
+  [slirp4netns]=/usr/bin/slirp4netns
   [procps]=/usr/bin/pgrep
   [bazel-bootstrap]=/usr/bin/bazel
   [systemd]=/usr/bin/systemd-analyze

@@ -29,7 +29,9 @@ Public surface::
     ResourceUsage(wall_seconds, user_cpu_seconds, system_cpu_seconds, peak_rss_bytes, cgroup)
     CgroupUsage(memory_peak_bytes, pids_peak, cpu_seconds, user_cpu_seconds, system_cpu_seconds)
     Runner.run(request, cancel: threading.Event | None = None) -> SandboxResult
-    BubblewrapRunner(bwrap_path="bwrap", *, run_as=None, controller=None, layout=None)
+    BubblewrapRunner(bwrap_path="bwrap", *, run_as=None, controller=None, layout=None, nat=None)
+    SlirpNat()                                           outbound network for network=on
+    HostLayout.probe(etc_allow=DEFAULT_HOST_ETC)         what a HOST_TOOLS sandbox shows
     FakeRunner(respond)                                  for the executor's unit tests
     SandboxSetupError(Internal)                          the sandbox could not be set up
     RunAs(uid, gid), NOBODY, prepare_build_dir(path, uid, gid),
@@ -40,17 +42,21 @@ Public surface::
     runner_probe(runner, scratch_dir, *, limits, extra_ro_binds) -> Probe   health's sandbox check
     bwrap_arguments(request, layout, fds) -> BwrapArguments   the pure argument builder
 
-The security argument (hardlinked inputs and uid 0) is in :mod:`.identity`; the sandbox's
-shape in :mod:`.bwrap_args`; one run step by step in :mod:`.bubblewrap`; limits in
-:mod:`.limits` and :mod:`.cgroups`; how each bound is enforced and seen in :mod:`.bounds`.
+The security argument (hardlinked inputs and uid 0) is in :mod:`.identity`; the network
+boundary in :mod:`.network`; the /etc allow-list in :mod:`.host_etc`; why no zombie outlives
+an action in :mod:`.reaper`; the sandbox's shape in :mod:`.bwrap_args`; one run step by step
+in :mod:`.bubblewrap`; limits in :mod:`.limits` and :mod:`.cgroups`; how each bound is
+enforced and seen in :mod:`.bounds`.
 """
 
 from .bubblewrap import BubblewrapRunner
 from .bwrap_args import BwrapArguments, ControlFds, HostLayout, bwrap_arguments
 from .errors import SandboxSetupError
 from .fake import FakeRunner
+from .host_etc import DEFAULT_HOST_ETC
 from .identity import NOBODY, RunAs, prepare_build_dir, sandbox_can_protect_hardlinks
 from .limits import Confinement, ResourceController
+from .network import SlirpNat
 from .probe import HostCapabilities, Probe, choose_resource_controller, probe_host, runner_probe
 from .request import HOST_TOOLS_INPUT_ROOT, Bind, ResourceLimits, RootMode, SandboxRequest, SubtreeAccess
 from .result import SandboxResult
@@ -58,6 +64,7 @@ from .runner import Runner
 from .usage import CgroupUsage, ResourceUsage
 
 __all__ = [
+    "DEFAULT_HOST_ETC",
     "HOST_TOOLS_INPUT_ROOT",
     "NOBODY",
     "Bind",
@@ -80,6 +87,7 @@ __all__ = [
     "SandboxResult",
     "SandboxSetupError",
     "SubtreeAccess",
+    "SlirpNat",
     "bwrap_arguments",
     "choose_resource_controller",
     "prepare_build_dir",

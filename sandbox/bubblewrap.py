@@ -11,8 +11,9 @@ One run, step by step (each step's *why* is in the code):
 4. bubblewrap reports its init's pid on ``--info-fd`` and then waits on ``--block-fd`` after
    setting up the mounts. The runner opens a pidfd on the init — from then on it can kill
    the whole pid namespace without any pid-reuse race — and, with a ``/tmp`` bound, the
-   sandbox's mount namespace (:class:`~.bounds.TmpfsWatch`) — and releases it. The timeout
-   starts.
+   sandbox's mount namespace (:class:`~.bounds.TmpfsWatch`), attaches the outbound NAT to
+   the init's network namespace if the request wants network (:mod:`.network`), and
+   releases the command. The timeout starts.
 5. The runner waits on a pidfd of bubblewrap's monitor with ``poll`` (never ``select``,
    which fails for descriptors past 1023, and a busy worker has many), moving bounded
    streams as they fill (with a ``cancel`` event, it wakes every 50 ms to look at it). On
@@ -22,7 +23,10 @@ One run, step by step (each step's *why* is in the code):
 6. The monitor is reaped. It exits as soon as the command has, and its init — the pid
    namespace — dies with it (``--die-with-parent``); the runner SIGKILLs the init anyway and
    waits on its pidfd, which turns readable only once the kernel has emptied the namespace.
-   So when ``run`` returns, nothing of the action is alive, cgroup or not.
+   The init, orphaned when the monitor exited, is now the worker's child (the worker is a
+   child subreaper, :mod:`.reaper`, or PID 1 in a container): it is reaped through the
+   same pidfd, so no zombie outlives the action. So when ``run`` returns, nothing of the
+   action is alive, cgroup or not.
    ``--json-status-fd`` says whether the command was exec'd at all: if not, bubblewrap's own
    message in the stderr file (nothing else can have written there yet) says whether the
    command was not found / not executable (127 / 126) or the sandbox could not be set up.
@@ -50,6 +54,8 @@ from .bwrap_args import ControlFds, HostLayout, bwrap_arguments
 from .errors import SandboxSetupError
 from .identity import RunAs, effective_run_as, sandbox_can_protect_hardlinks, setpriv_prefix
 from .limits import Confinement, ResourceController
+from .network import SlirpNat
+from .reaper import become_child_subreaper, reap_if_child
 from .request import SandboxRequest
 from .result import SandboxResult
 from .runner import Runner
@@ -77,9 +83,12 @@ class BubblewrapRunner(Runner):
     * ``controller`` — limits and the second kill line; the composition root passes the one
       :func:`~.probe.choose_resource_controller` picked. ``None`` = choose now.
     * ``layout`` — the host paths a HOST_TOOLS sandbox shows; ``None`` = probe the host now.
+    * ``nat`` — outbound connectivity for requests with ``network``; ``None`` = such a
+      request is refused with SandboxSetupError (the operator forbids it, and the executor
+      should have refused the action before it got here).
 
-    Raises SandboxSetupError when bubblewrap or setpriv is missing or ``run_as`` is not
-    possible. Thread-safe.
+    Makes the worker process a child subreaper (:mod:`.reaper`). Raises SandboxSetupError
+    when bubblewrap or setpriv is missing or ``run_as`` is not possible. Thread-safe.
     """
 
     def __init__(
@@ -90,6 +99,7 @@ class BubblewrapRunner(Runner):
         controller: ResourceController | None = None,
         layout: HostLayout | None = None,
         setpriv_path: str = "setpriv",
+        nat: SlirpNat | None = None,
     ) -> None:
         found = shutil.which(bwrap_path)
         if found is None:
@@ -109,6 +119,8 @@ class BubblewrapRunner(Runner):
         self.controller = controller
         self.layout = HostLayout.probe() if layout is None else layout
         self.protects_hardlinks = sandbox_can_protect_hardlinks(run_as)
+        self.nat = nat
+        become_child_subreaper()
 
     @property
     def host_ids(self) -> tuple[int, int]:
@@ -119,6 +131,8 @@ class BubblewrapRunner(Runner):
         return self.run_as.uid, self.run_as.gid
 
     def run(self, request: SandboxRequest, cancel: threading.Event | None = None) -> SandboxResult:
+        if request.network and self.nat is None:
+            raise SandboxSetupError("the request wants network, and this runner has no outbound NAT")
         started = time.monotonic()
         confinement = self.controller.confine(request.limits)
         try:
@@ -151,8 +165,11 @@ class BubblewrapRunner(Runner):
         args_r, args_w = fds.pipe()
         child_ends = (info_w, status_w, block_r, args_r)
         bwrap_args = bwrap_arguments(request, self.layout, ControlFds(info_w, status_w, block_r))
+        # A network request starts in a fresh namespace of the NAT's (as root, before the
+        # uid switch), which bubblewrap then keeps.
+        network_prefix = self.nat.spawn_prefix if request.network and self.nat is not None else ()
         argv = [
-            *confinement.spawn_prefix, *self._drop,
+            *confinement.spawn_prefix, *network_prefix, *self._drop,
             self.bwrap_path, "--args", str(args_r), "--", *bwrap_args.command,
         ]
         try:
@@ -163,6 +180,9 @@ class BubblewrapRunner(Runner):
                 stderr=stderr_fd,
                 pass_fds=child_ends,
                 env={},  # bubblewrap's own environment: C locale, nothing of the worker
+                # Nor its working directory: the cgroup-joining shell exports PWD, and that
+                # environment is what the sandbox's init shows in /proc/1/environ.
+                cwd="/",
                 start_new_session=True,  # the worker's terminal signals are the worker's
             )
         except OSError as e:
@@ -175,24 +195,29 @@ class BubblewrapRunner(Runner):
         reason: str | None = None
         tmp_watch: TmpfsWatch | None = None
         try:
-            _write_args(args_w, bwrap_args.options)
-            fds.close(args_w)
-            init_pid = _read_init_pid(info_r)
-            if init_pid is None:
-                monitor.kill()  # it failed before creating the sandbox; make sure it is gone
-            else:
-                monitor.hold_init(init_pid)
-                if request.limits.tmp_bytes is not None:
-                    tmp_watch = TmpfsWatch.hold(init_pid)
-                # Release the command. (EOF on --block-fd would release it too, which is why
-                # every failure path kills before any descriptor is closed.)
-                _write_quietly(block_w, b"1")
-            deadline = None if request.timeout is None else time.monotonic() + request.timeout
-            reason = monitor.wait(deadline, cancel, streams)
-            if reason is not None:
-                monitor.kill()
-                confinement.kill_all()
-            status = monitor.reap()
+            with contextlib.ExitStack() as network:
+                _write_args(args_w, bwrap_args.options)
+                fds.close(args_w)
+                init_pid = _read_init_pid(info_r)
+                if init_pid is None:
+                    monitor.kill()  # it failed before creating the sandbox; make sure it is gone
+                else:
+                    monitor.hold_init(init_pid)
+                    if request.limits.tmp_bytes is not None:
+                        tmp_watch = TmpfsWatch.hold(init_pid)
+                    if request.network and monitor.init_pidfd is not None:
+                        assert self.nat is not None
+                        # Stopped (the exit stack) only after the sandbox is gone.
+                        network.enter_context(self.nat.attach(init_pid))
+                    # Release the command. (EOF on --block-fd would release it too, which is
+                    # why every failure path kills before any descriptor is closed.)
+                    _write_quietly(block_w, b"1")
+                deadline = None if request.timeout is None else time.monotonic() + request.timeout
+                reason = monitor.wait(deadline, cancel, streams)
+                if reason is not None:
+                    monitor.kill()
+                    confinement.kill_all()
+                status = monitor.reap()
             streams.drain()  # every writer is gone: what is left in the pipes, then EOF
             wall = time.monotonic() - started
 
@@ -333,6 +358,7 @@ class _Monitor:
                     exited = select.poll()
                     exited.register(self.init_pidfd, select.POLLIN)
                     exited.poll(INIT_EXIT_GRACE_SECONDS * 1000)
+                    reap_if_child(self.init_pidfd)
             finally:
                 for fd in (self.pidfd, self.init_pidfd):
                     if fd is not None:

@@ -10,7 +10,10 @@ Choices, and why:
 
 * Namespaces user, pid, ipc, uts (hostname fixed), cgroup, and net unless the request wants
   network: with its own net namespace the command has only a loopback of its own and cannot
-  reach the host's 127.0.0.1. bubblewrap's pid-1 init reaps orphans, and when the command
+  reach the host's 127.0.0.1 nor its abstract UNIX sockets. A request with ``network`` is
+  never run in the host's namespace either: the runner starts bubblewrap in a namespace of
+  its own with an outbound NAT attached (:mod:`.network`). bubblewrap's pid-1 init reaps
+  orphans, and when the command
   exits the init exits, which makes the kernel kill everything left in the namespace —
   double-forked daemons included.
 * ``--die-with-parent``: if the worker dies, so does the sandbox. ``--new-session``: no
@@ -23,7 +26,8 @@ Choices, and why:
   bubblewrap's ``PWD`` (the sandbox working directory — deterministic, not worker data)
   stays; documented as the one difference. ``env`` would take an ``arguments[0]``
   containing ``=`` for an assignment, so such a command is also run without it.
-* HOST_TOOLS: a read-only tmpfs root with the host's ``/usr``, ``/etc`` and the top-level
+* HOST_TOOLS: a read-only tmpfs root with the host's ``/usr``, the allowed entries of its
+  ``/etc`` (:mod:`.host_etc`) and the top-level
   links or directories ``/bin``, ``/sbin``, ``/lib``, ``/lib32``, ``/lib64``, ``/libx32``
   that exist (a symlink on the host, as on merged-/usr systems, stays a symlink), the input
   root read-write at ``/build``, fresh ``/proc``, minimal ``/dev``, tmpfs ``/tmp``.
@@ -51,9 +55,10 @@ import stat
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from .host_etc import DEFAULT_HOST_ETC, allowed_etc_entries
 from .request import HOST_TOOLS_INPUT_ROOT, SANDBOX_HOSTNAME, RootMode, SandboxRequest
 
-#: Top-level host entries offered in HOST_TOOLS mode besides ``/usr`` and ``/etc``.
+#: Top-level host entries offered in HOST_TOOLS mode besides ``/usr`` and ``/etc``'s allowed ones.
 HOST_TOOLS_TOP_LEVEL = ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
 
 #: What every sandbox mounts of its own, whatever the input root holds there.
@@ -65,8 +70,8 @@ ENV_SHIM = "/usr/bin/env"
 
 @dataclass(frozen=True)
 class HostEntry:
-    """One top-level host path as HOST_TOOLS mode reproduces it: a directory to bind
-    read-only, or (``symlink_target`` set) a symlink to recreate."""
+    """One host path as HOST_TOOLS mode reproduces it: a directory or file to bind read-only,
+    or (``symlink_target`` set) a symlink to recreate."""
 
     path: str
     symlink_target: str | None = None
@@ -76,7 +81,8 @@ class HostEntry:
 class HostLayout:
     """The parts of the host a HOST_TOOLS sandbox shows, read once when a runner starts.
 
-    ``entries`` lists ``/usr``, ``/etc`` and the :data:`HOST_TOOLS_TOP_LEVEL` paths that exist;
+    ``entries`` lists ``/usr``, the :data:`HOST_TOOLS_TOP_LEVEL` paths that exist and the
+    allowed entries of ``/etc`` (``/etc/passwd``, ..., see :mod:`.host_etc`);
     ``env_shim`` is :data:`ENV_SHIM` if the host has it under ``/usr``, else ``None``.
     """
 
@@ -84,10 +90,11 @@ class HostLayout:
     env_shim: str | None
 
     @classmethod
-    def probe(cls, root: str = "/") -> "HostLayout":
-        """Read the layout of the host (or of ``root``, for tests)."""
+    def probe(cls, root: str = "/", etc_allow: tuple[str, ...] = DEFAULT_HOST_ETC) -> "HostLayout":
+        """Read the layout of the host (or of ``root``, for tests), showing the entries of
+        ``/etc`` that ``etc_allow`` names. Raises SandboxSetupError for a bad allow-list."""
         entries = []
-        for path in ("/usr", *HOST_TOOLS_TOP_LEVEL, "/etc"):
+        for path in ("/usr", *HOST_TOOLS_TOP_LEVEL):
             host = os.path.join(root, path.lstrip("/"))
             try:
                 st = os.lstat(host)
@@ -97,6 +104,7 @@ class HostLayout:
                 entries.append(HostEntry(path, symlink_target=os.readlink(host)))
             elif stat.S_ISDIR(st.st_mode):
                 entries.append(HostEntry(path))
+        entries += [HostEntry(path, target) for path, target in allowed_etc_entries(etc_allow, root)]
         shim = os.path.join(root, ENV_SHIM.lstrip("/"))
         has_shim = any(e.path == "/usr" and e.symlink_target is None for e in entries) and os.access(shim, os.X_OK)
         return cls(entries=tuple(entries), env_shim=ENV_SHIM if has_shim else None)
@@ -132,7 +140,7 @@ def bwrap_arguments(request: SandboxRequest, layout: HostLayout, fds: ControlFds
         "--unshare-user", "--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup",
     ]
     if not request.network:
-        args.append("--unshare-net")
+        args.append("--unshare-net")  # else the runner's NAT namespace (see the docstring)
     args += [
         "--uid", str(request.uid), "--gid", str(request.gid),
         "--hostname", SANDBOX_HOSTNAME,

@@ -100,7 +100,7 @@ class TreeRemover:
 
     def __init__(self, trash_dir: str) -> None:
         self._trash = trash_dir
-        os.makedirs(trash_dir, exist_ok=True)
+        os.makedirs(trash_dir, mode=0o700, exist_ok=True)  # only the worker deletes there
         self._queue: queue.Queue[str | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="tree-remover", daemon=True)
         self._thread.start()
@@ -187,6 +187,9 @@ class HardlinkStager(Stager):
             root.export_files(build_dir, can_link=self._link, dir_owner=None if owner is None else (owner.uid, owner.gid))
             for parts in directories:
                 make_dirs(build_dir, parts, owner)
+            # Private to the sandbox's uid (its owner): no other host user reads the inputs,
+            # the outputs, or runs what an action leaves behind.
+            os.chmod(build_dir, 0o700)
         except BaseException as error:
             pins.release()
             if os.path.lexists(build_dir):

@@ -7,7 +7,8 @@ bottom up (each line is built from the lines above it)::
     channel to the CAS -> RemoteCAS
     LocalCAS (the cache) -> FetchThroughStore (cache in front of the remote)  the store
     HardlinkStager | FuseStager | AutoStager (``staging``)                    make_stager
-    BubblewrapRunner (the sandbox, as ``sandbox_uid``/``sandbox_gid``)       the runner
+    BubblewrapRunner (the sandbox, as ``sandbox_uid``/``sandbox_gid``;       the runner
+      ``host_etc``; slirp4netns NAT when ``network_on = "nat"``)
     Executor (ExecutorConfig)                                                 open_executor
     HealthRecordingExecutor, then InstrumentedExecutor around it              open_bot
     HealthMonitor (its checks), WorkerMetrics, MetricsServer                  open_bot
@@ -31,7 +32,9 @@ import grpc
 from reapi_worker.protos import bots_pb2_grpc
 from reapi_worker.protos.errors import InvalidArgument
 from reapi_worker.sandbox.bubblewrap import BubblewrapRunner
+from reapi_worker.sandbox.bwrap_args import HostLayout
 from reapi_worker.sandbox.identity import RunAs, sandbox_can_protect_hardlinks
+from reapi_worker.sandbox.network import SlirpNat
 from reapi_worker.sandbox.probe import Probe, runner_probe
 from reapi_worker.storage.auto_staging import AutoStager, StagingRule
 from reapi_worker.storage.channels import open_channel
@@ -83,7 +86,11 @@ def open_executor(cfg: WorkerConfig) -> Iterator[ExecutorGraph]:
         with LocalCAS(cfg.cache_dir, max_bytes=cfg.cache_bytes) as local:
             store = FetchThroughStore(local, remote)
             remover = TreeRemover(os.path.join(cfg.build_root, ".trash"))
-            runner = BubblewrapRunner(run_as=run_as)
+            runner = BubblewrapRunner(
+                run_as=run_as,
+                layout=HostLayout.probe(etc_allow=cfg.host_etc),
+                nat=SlirpNat() if cfg.network_on == "nat" else None,
+            )
             # Hardlinks are the cache's own inodes: only safe when the sandbox's uid does
             # not own them (MEASURED.md's uid-0 trap); otherwise stage copies.
             link = sandbox_can_protect_hardlinks(run_as)
@@ -99,6 +106,7 @@ def open_executor(cfg: WorkerConfig) -> Iterator[ExecutorGraph]:
                     owner=Owner(run_as.uid, run_as.gid),
                     limits=bounds.limits,
                     capture_timeout=bounds.capture_timeout,
+                    allow_network=cfg.network_on == "nat",
                 )
                 probe = runner_probe(
                     runner, config.build_root, limits=config.limits, extra_ro_binds=config.extra_ro_binds,

@@ -41,6 +41,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from reapi_worker.protos.errors import InvalidArgument
+from reapi_worker.sandbox.errors import SandboxSetupError
+from reapi_worker.sandbox.host_etc import DEFAULT_HOST_ETC, check_etc_names
 from reapi_worker.storage.channels import ConnectionOptions
 
 from .bounds import ActionBounds, BoundSettings, HostFacts
@@ -56,8 +58,10 @@ Platform = tuple[tuple[str, str], ...]
 
 #: The stagers ``staging`` may name (built by :func:`~.compose.make_stager`).
 STAGINGS = ("hardlink", "fuse", "auto")
+#: What ``network_on`` may say (see its help).
+NETWORK_ON = ("refuse", "nat")
 
-_KINDS = ("str", "optional-str", "int", "optional-int", "float", "size", "free-space", "choice", "platform", "bound")
+_KINDS = ("str", "optional-str", "int", "optional-int", "float", "size", "free-space", "choice", "platform", "bound", "str-list")
 
 
 # ------------------------------------------------------------------------------ values
@@ -303,6 +307,20 @@ class WorkerConfig:
         "300", "600",
         "seconds to capture and upload an action's outputs; past it the action ends DEADLINE_EXCEEDED",
     )
+    network_on: str = _setting(
+        "refuse", group=EXECUTOR, kind="choice", choices=NETWORK_ON, example='"nat"',
+        help="what an action with the platform property network=on gets: refuse (INVALID_ARGUMENT naming "
+        "the property; hermetic builds) or nat (a network namespace of its own with outbound connectivity "
+        "through slirp4netns; the host's loopback, abstract sockets and own addresses stay unreachable)",
+    )
+    host_etc: tuple[str, ...] = _setting(
+        factory=lambda: DEFAULT_HOST_ETC, group=EXECUTOR, kind="str-list",
+        example='["passwd", "group", "hosts", "nsswitch.conf", "ld.so.*", "localtime"]',
+        default_doc="accounts, name resolution, ld.so.*, alternatives, locale and time zone, CA "
+        "certificates, shell, JVM, Perl and Python system files (sandbox/host_etc.py)",
+        help="entries of the host's /etc that host-tools actions see, read-only: names directly under "
+        "/etc or fnmatch patterns of them; nothing else of /etc exists inside",
+    )
     # -- bot ------------------------------------------------------------------------------
     bot_id: str | None = _setting(
         None, group=BOT, kind="optional-str", example='"builder-7"',
@@ -398,6 +416,14 @@ class WorkerConfig:
         for key, value in self.platform:
             if not key or not value:
                 raise InvalidArgument(f"platform: empty key or value in {key}={value}")
+        # Advertise only what is allowed: a scheduler matching on network=on would send
+        # actions this worker refuses.
+        if self.network_on == "refuse" and ("network", "on") in self.platform:
+            raise InvalidArgument('platform: network=on is advertised, but network_on = "refuse" refuses it')
+        try:
+            object.__setattr__(self, "host_etc", check_etc_names(self.host_etc))
+        except SandboxSetupError as error:
+            raise InvalidArgument(f"host_etc: {error.reason}") from None
         # URLs and TLS combinations are checked by ConnectionOptions, whose errors do not know
         # the key: name the one whose URL was being checked.
         for name in ("remote", "cas_remote"):
@@ -565,6 +591,10 @@ def _coerce(key: str, raw: Any, where: str) -> Any:
         if raw not in setting.choices:
             raise wrong("one of " + ", ".join(repr(c) for c in setting.choices))
         return raw
+    if kind == "str-list":
+        if not isinstance(raw, list) or not all(isinstance(item, str) for item in raw):
+            raise wrong("a list of strings")
+        return tuple(raw)
     raise AssertionError(kind)
 
 
@@ -605,6 +635,8 @@ def add_arguments(parser: argparse.ArgumentParser, groups: Iterable[str]) -> Non
         }
         if setting.kind == "platform":
             kwargs.update(action="append", metavar="KEY=VALUE")
+        elif setting.kind == "str-list":
+            kwargs.update(action="append", metavar="NAME", help=kwargs["help"] + "; repeatable")
         elif setting.kind == "choice":
             kwargs.update(choices=setting.choices, metavar="|".join(setting.choices))
         elif setting.kind in ("int", "optional-int"):
@@ -676,6 +708,8 @@ def _toml_value(value: Any) -> str:
         return repr(value)
     if isinstance(value, str):
         return _toml_string(value)
+    if isinstance(value, (tuple, list)):
+        return "[" + ", ".join(map(_toml_value, value)) + "]"
     raise AssertionError(value)
 
 

@@ -43,7 +43,7 @@ from reapi_worker.storage.digests import Digest
 from reapi_worker.storage.directory.cas import CasDirectory
 from reapi_worker.storage.staging import Owner, Stager
 
-from .action import ActionSpec, load_action, parse_message
+from .action import NETWORK_KEY, ActionSpec, load_action, parse_message
 from .bounds import CaptureDeadline, bound_status
 from .outputs import capture_outputs
 from .sandbox_tree import InputRootRules
@@ -65,6 +65,8 @@ class ExecutorConfig:
     action gives none. ``owner``: the uid/gid the sandbox runs as (it must be able to write
     in the staged directories). ``limits``: per-action resource limits; ``capture_timeout``:
     seconds to capture and upload the outputs (see :mod:`.bounds`).
+    ``allow_network``: whether an action may ask for ``network=on`` (the runner must then
+    have an outbound NAT); when not, such an action is refused with INVALID_ARGUMENT.
     """
 
     build_root: str
@@ -74,6 +76,7 @@ class ExecutorConfig:
     limits: ResourceLimits = field(default_factory=ResourceLimits)
     extra_ro_binds: tuple[Bind, ...] = ()
     capture_timeout: float | None = None
+    allow_network: bool = False
 
 
 @dataclass(slots=True)
@@ -172,6 +175,9 @@ class Executor:
         metadata = outcome.result.execution_metadata
         started = self._stamp(metadata.input_fetch_start_timestamp)
         spec = self._load(action_digest, action)
+        if spec.network and not self._config.allow_network:
+            # Before anything is fetched or staged: the operator keeps builds hermetic.
+            raise InvalidArgument(f"platform property {NETWORK_KEY}=on: this worker refuses actions with network")
         self._store.fetch_tree(spec.input_root_digest)
         root = CasDirectory.from_digest(self._store, spec.input_root_digest)
         access = self._input_root_rules.subtree_access(root, spec.root_mode)

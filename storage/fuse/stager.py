@@ -129,9 +129,10 @@ class _OverlayInput(StagedInput):
 
     def mount(self, store: LocalContent, dir_owner: tuple[int, int], fetch_timeout: float) -> None:
         work = os.path.join(self._build_dir, "work")
-        os.mkdir(self._build_dir, 0o755)
-        os.mkdir(self._upper, 0o755)
-        # The upper dir's root is the merged root's inode: the sandbox must own it.
+        os.mkdir(self._build_dir, 0o711)  # the sandbox's uid passes through; nobody lists it
+        # The upper dir's root is the merged root's inode: the sandbox must own it, and
+        # nobody else may enter it (it holds the outputs and every copied-up input).
+        os.mkdir(self._upper, 0o700)
         os.chown(self._upper, *dir_owner)
         os.mkdir(work, 0o700)
         os.mkdir(self.path, 0o755)

@@ -21,6 +21,7 @@ from reapi_worker.protos import re_pb2
 from reapi_worker.sandbox.bubblewrap import BubblewrapRunner
 from reapi_worker.sandbox.identity import NOBODY
 from reapi_worker.sandbox.request import Bind
+from reapi_worker.sandbox.runner import Runner
 from reapi_worker.storage.content import LocalContent
 from reapi_worker.storage.digests import Digest, serialize
 from reapi_worker.storage.directory.cas import CasDirectory
@@ -131,12 +132,14 @@ def make_farm(
     fetch_timeout: float = 60.0,
     cache_recency: float = 60.0,
     parent: str = "/tmp",
+    wrap_runner: Callable[[Runner], Runner] | None = None,
 ) -> Farm:
     """An executor over a fresh local cache in /tmp, staging with ``staging``.
     ``wrap_cache`` makes what the executor reads from out of the cache (e.g. a
     FetchThroughStore in front of a remote); the caller closes what it opened for it.
     ``cache_recency`` is the cache's LRU ``recency_interval``. ``parent``: where the farm's
-    directory goes (benchmarks use tmpfs)."""
+    directory goes (benchmarks use tmpfs). ``wrap_runner`` wraps the bubblewrap runner
+    (e.g. to look at the build directory while the action runs)."""
     # Not pytest's tmp_path: bubblewrap runs as an unprivileged uid and must be able to
     # reach the build directory, so every parent must be searchable by it (0755).
     top = tempfile.mkdtemp(prefix="reapi-worker-test-", dir=parent)
@@ -161,5 +164,8 @@ def make_farm(
         owner=Owner(NOBODY.uid, NOBODY.gid),
         extra_ro_binds=extra_ro_binds,
     )
-    executor = Executor(source, stager, BubblewrapRunner(), config)
+    runner: Runner = BubblewrapRunner()
+    if wrap_runner is not None:
+        runner = wrap_runner(runner)
+    executor = Executor(source, stager, runner, config)
     return Farm(top, cache, executor, remover, stager, staging, source)

@@ -237,9 +237,9 @@ def test_attack_network_off_cannot_connect_to_the_hosts_loopback(build):
         assert "Connection refused" in build.stderr  # its own loopback, where nobody listens
         with pytest.raises(BlockingIOError):
             server.accept()
-        # The control: with the network on, the same probe reaches the server.
-        assert build.run("python3", "-c", probe, network=True).exit_code == 0
-        assert build.stdout == "connected\n"
+        # The control: from the worker's namespace the server is there (network=on is no
+        # way to it either: see test_tenant_isolation.py).
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
 
 
 def test_attack_cannot_see_the_workers_cache_home_or_another_build(build):

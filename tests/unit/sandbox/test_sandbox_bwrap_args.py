@@ -44,7 +44,9 @@ def test_every_namespace_is_unshared_and_the_network_too_by_default():
     assert "--share-net" not in options
 
 
-def test_network_true_keeps_the_hosts_network_namespace():
+def test_network_true_leaves_the_network_namespace_to_the_runner():
+    """The runner starts bubblewrap in a namespace of its own with the NAT attached
+    (sandbox/network.py); bubblewrap must not replace it with an empty one."""
     options = bwrap_arguments(request(network=True), MERGED_USR, FDS).options
     assert "--unshare-net" not in options
 
@@ -152,10 +154,13 @@ def test_layout_probe_reproduces_links_and_directories(tmp_path):
     (tmp_path / "usr" / "bin" / "env").write_text("#!/bin/sh\n")
     (tmp_path / "usr" / "bin" / "env").chmod(0o755)
     (tmp_path / "etc").mkdir()
+    (tmp_path / "etc" / "passwd").write_text("root:x:0:0::/root:/bin/sh\n")
     (tmp_path / "bin").symlink_to("usr/bin")
     (tmp_path / "lib32").mkdir()
     layout = HostLayout.probe(str(tmp_path))
-    assert layout.entries == (HostEntry("/usr"), HostEntry("/bin", "usr/bin"), HostEntry("/lib32"), HostEntry("/etc"))
+    assert layout.entries == (
+        HostEntry("/usr"), HostEntry("/bin", "usr/bin"), HostEntry("/lib32"), HostEntry("/etc/passwd"),
+    )
     assert layout.env_shim == "/usr/bin/env"
     (tmp_path / "usr" / "bin" / "env").unlink()
     assert HostLayout.probe(str(tmp_path)).env_shim is None

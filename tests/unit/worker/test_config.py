@@ -449,9 +449,11 @@ def test_the_dump_of_a_config_with_every_setting_changed_loads_back_equal(tmp_pa
         "action_stream_size": "64M",
         "action_open_files": "300",
         "capture_timeout": "120",
+        "network_on": "nat",
+        "host_etc": ("passwd", "ld.so.*", "quoted \"name\""),
         "bot_id": "builder-7",
         "concurrency": 13,
-        "platform": (("ISA", "x86-32"), ("ISA", "x86-64"), ("OSFamily", "linux")),
+        "platform": (("ISA", "x86-32"), ("ISA", "x86-64"), ("OSFamily", "linux"), ("network", "on")),
         "metrics_port": 9102,
         "metrics_host": "::1",
         "disk_low_free": "20G",
@@ -538,7 +540,8 @@ def test_every_setting_appears_in_the_dump_with_its_help_text(x86_linux, optiona
         else:
             # The key follows its own documentation, not another key's.
             assert re.search(rf"{re.escape(help_line)}\n(#.*\n)*{name} = ", text), name
-            assert document[name] == getattr(cfg, name), name
+            value = getattr(cfg, name)
+            assert document[name] == (list(value) if isinstance(value, tuple) else value), name  # TOML arrays
 
 
 def test_the_dump_of_the_sample_file_loads_back_equal(tmp_path):
@@ -647,3 +650,25 @@ def test_bounds_are_on_by_default_and_take_values_auto_or_unlimited(tmp_path):
     config_file.write_text("action_memory = true\n")
     with pytest.raises(InvalidArgument, match="action_memory"):
         load_config(str(config_file))
+
+
+# ----------------------------------------------------------------- network and /etc
+
+
+def test_network_on_is_refused_by_default_and_never_advertised_while_refused(x86_linux):
+    assert WorkerConfig().network_on == "refuse"
+    with pytest.raises(InvalidArgument, match='network=on is advertised, but network_on = "refuse"'):
+        WorkerConfig(platform=(("network", "off"), ("network", "on")))
+    assert WorkerConfig(network_on="nat", platform=(("network", "on"),)).platform == (("network", "on"),)
+
+
+def test_the_etc_allow_list_comes_from_the_file_or_repeated_flags(tmp_path, x86_linux):
+    path = write(tmp_path, 'host_etc = ["passwd", "ld.so.*"]\n')
+    assert load_config(path).host_etc == ("passwd", "ld.so.*")
+    assert load_config(path, {"host_etc": ["group"]}).host_etc == ("group",)
+
+
+@pytest.mark.parametrize("entry", ["..", "reapi-worker/worker.toml", ""])
+def test_attack_an_etc_allow_list_entry_leaving_etc_is_refused_naming_the_key(tmp_path, x86_linux, entry):
+    with pytest.raises(InvalidArgument, match="host_etc: .*directly under /etc"):
+        load_config(write(tmp_path, f"host_etc = [{entry!r}]\n".replace("'", '"')))

@@ -146,11 +146,13 @@ class Rig:
         self.runner = FakeRunner(lambda request: self.respond(request))
         self.executor = Executor(store, stager, self.runner, ExecutorConfig(build_root=build_root, worker_name="w"))
 
-    def action(self, output_file: str = "out", timeout: float | None = None) -> Digest:
+    def action(self, output_file: str = "out", timeout: float | None = None, network: str | None = None) -> Digest:
         # output_files (not output_paths) so that a directory in its place is an error.
         command = re_pb2.Command(arguments=["cmd"], output_files=[output_file])
         root = self.store.write(serialize(re_pb2.Directory()))
         action = re_pb2.Action(command_digest=self.store.write(serialize(command)).to_proto(), input_root_digest=root.to_proto())
+        if network is not None:
+            action.platform.properties.add(name="network", value=network)
         if timeout is not None:
             action.timeout.FromNanoseconds(int(timeout * 1e9))
         return self.store.write(serialize(action))
@@ -206,6 +208,20 @@ def test_fetch_an_absent_action_is_missing_blobs_naming_it(rig):
     assert_failed(outcome, code_pb2.FAILED_PRECONDITION, "fetch")
     assert absent.hash in outcome.status.message
     assert rig.runner.requests == []
+
+
+def test_attack_network_on_is_refused_by_default_naming_the_property_before_anything_runs(rig):
+    outcome = rig.execute(rig.action(network="on"))
+    assert_failed(outcome, code_pb2.INVALID_ARGUMENT, "fetch")
+    assert "network=on" in outcome.status.message
+    assert rig.runner.requests == []
+    assert rig.execute(rig.action(network="off")).ok
+
+
+def test_network_on_reaches_the_runner_when_the_operator_allows_it(rig):
+    rig.executor = Executor(rig.store, rig.stager, rig.runner, ExecutorConfig(build_root=rig.build_root, allow_network=True))
+    assert rig.execute(rig.action(network="on")).ok
+    assert [request.network for request in rig.runner.requests] == [True]
 
 
 def test_fetch_the_input_tree_from_an_unreachable_cas_is_unavailable(rig):

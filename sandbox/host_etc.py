@@ -1,0 +1,81 @@
+"""Which of the host's ``/etc`` a HOST_TOOLS sandbox sees: an allow-list, never the whole.
+
+The host's ``/etc`` is the worker's, too: its own configuration directory (world-readable
+when it is a Kubernetes ConfigMap mount), credentials of other services, the host's network
+and mount set-up. An action needs little of it — who users are, how names resolve, where
+shared libraries are, the time zone and locale, CA certificates — so only the top-level
+entries named by an allow-list are shown, each read-only, and nothing else of ``/etc``
+exists inside.
+
+An allow-list entry is one name directly under ``/etc`` (``passwd``, ``ld.so.conf.d``) or an
+``fnmatch`` pattern of one (``ld.so.*``, ``java-*``); a directory comes whole. Entries that
+do not exist on the host are skipped. A symlink (``/etc/localtime`` ->
+``/usr/share/zoneinfo/...``) is recreated as the same symlink rather than bound, so it
+resolves inside the sandbox as it does on the host, and never to a host path outside the
+sandbox's view. Names are checked where they enter (:func:`check_etc_names`): no ``/``, no
+``.`` or ``..``, nothing empty — an allow-list cannot climb out of ``/etc``.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import stat
+from collections.abc import Iterable
+
+from .errors import SandboxSetupError
+
+#: What compilers, shells, interpreters and test runners commonly read, and nothing that
+#: belongs to a service: accounts and name resolution (``passwd``, ``group``, ``hosts``,
+#: ``nsswitch.conf``, ``resolv.conf``, ``gai.conf``, ``host.conf``, ``services``,
+#: ``protocols``), the dynamic linker (``ld.so.*``), Debian's ``alternatives`` links, time
+#: zone and locale, CA certificates for ``network=on`` fetches, the OS identification files,
+#: shell start-up files, and the system-wide configuration of a JVM and of Perl/Python.
+DEFAULT_HOST_ETC: tuple[str, ...] = (
+    "passwd", "group", "hosts", "host.conf", "nsswitch.conf", "resolv.conf", "gai.conf",
+    "services", "protocols", "ld.so.*", "alternatives", "localtime", "timezone",
+    "locale.alias", "locale.conf", "ssl", "ca-certificates", "ca-certificates.conf",
+    "os-release", "debian_version", "shells", "profile", "bash.bashrc", "inputrc",
+    "mime.types", "java-*", "perl", "python3*",
+)
+
+
+def check_etc_names(names: Iterable[str]) -> tuple[str, ...]:
+    """The allow-list as a tuple, each entry checked: one path component or a pattern of one.
+
+    Raises SandboxSetupError (an operator's mistake) naming the bad entry.
+    """
+    checked = []
+    for name in names:
+        if not isinstance(name, str) or not name or "/" in name or "\0" in name or name in (".", ".."):
+            raise SandboxSetupError(
+                f"host /etc allow-list entry {name!r} must be one name (or pattern) directly under /etc"
+            )
+        checked.append(name)
+    return tuple(checked)
+
+
+def allowed_etc_entries(allow: Iterable[str], root: str = "/") -> list[tuple[str, str | None]]:
+    """``(sandbox path, symlink target or None)`` for each allowed entry of ``root``'s ``/etc``,
+    sorted by name; ``None`` means "bind it read-only". Entries that are neither a file, a
+    directory nor a symlink (sockets, fifos, devices) are never shown."""
+    patterns = check_etc_names(allow)
+    etc = os.path.join(root, "etc")
+    try:
+        names = sorted(os.listdir(etc))
+    except FileNotFoundError:
+        return []
+    entries: list[tuple[str, str | None]] = []
+    for name in names:
+        if not any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns):
+            continue
+        host = os.path.join(etc, name)
+        try:
+            st = os.lstat(host)
+        except FileNotFoundError:
+            continue
+        if stat.S_ISLNK(st.st_mode):
+            entries.append(("/etc/" + name, os.readlink(host)))
+        elif stat.S_ISDIR(st.st_mode) or stat.S_ISREG(st.st_mode):
+            entries.append(("/etc/" + name, None))
+    return entries
