@@ -35,7 +35,7 @@ from reapi_worker.storage.digests import Digest
 from reapi_worker.storage.directory.cas import CasDirectory
 from reapi_worker.storage.staging import Owner, Stager
 
-from .action import ActionSpec, load_action, parse_message
+from .action import ActionSpec, PlatformPolicy, load_action, parse_message
 from .outputs import capture_outputs
 
 log = logging.getLogger(__name__)
@@ -54,6 +54,9 @@ class ExecutorConfig:
     so hardlinks work). ``max_action_timeout``: caps ``Action.timeout`` and applies when the
     action gives none. ``owner``: the uid/gid the sandbox runs as (it must be able to write
     in the staged directories). ``limits``: per-action resource limits.
+    ``platform``: the default root mode and the platform keys accepted besides the
+    worker's own. ``max_output_bytes``: bound on the new file content one action's outputs
+    may store (None: unbounded).
     """
 
     build_root: str
@@ -62,6 +65,8 @@ class ExecutorConfig:
     owner: Owner | None = None
     limits: ResourceLimits = field(default_factory=ResourceLimits)
     extra_ro_binds: tuple[Bind, ...] = ()
+    platform: PlatformPolicy = field(default_factory=PlatformPolicy)
+    max_output_bytes: int | None = None
 
 
 @dataclass(slots=True)
@@ -167,7 +172,9 @@ class Executor:
                     except ReapiError:
                         outcome.failed_phase = "fetch"  # the blob's lazy fetch failed
                         raise
-                captured = capture_outputs(staged.path, spec, self._store, known=staged.known_digest)
+                captured = capture_outputs(
+                    staged.path, spec, self._store, known=staged.known_digest, max_bytes=self._config.max_output_bytes
+                )
         result = outcome.result
         result.MergeFrom(captured.result)  # capture fills only the output fields
         blobs = captured.blobs | {Digest.from_proto(d) for d in (result.stdout_digest, result.stderr_digest)}
@@ -188,7 +195,7 @@ class Executor:
             missing = self._store.find_missing(Digest.from_proto(field_) for field_ in roots)
             if missing:
                 raise MissingBlobs(missing, "fetching inputs")
-        return load_action(self._store, action_digest, action)
+        return load_action(self._store, action_digest, action, self._config.platform)
 
     def _request(self, spec: ActionSpec, input_root: str, streams: str) -> SandboxRequest:
         timeout = min(spec.timeout or self._config.max_action_timeout, self._config.max_action_timeout)

@@ -19,22 +19,30 @@ def _store_action(store, command, **action_fields):
 
 def test_outputs_are_relative_to_the_working_directory():
     store = MemoryStore()
-    command = re_pb2.Command(
-        arguments=["true"], working_directory="src/pkg", output_paths=["out/a", "b"], output_files=["c"],
-        output_directories=["d"],
-    )
+    command = re_pb2.Command(arguments=["true"], working_directory="src/pkg", output_paths=["out/a", "b"])
     spec = load_action(store, _store_action(store, command))
     assert [(o.path, o.components, o.kind) for o in spec.outputs] == [
         ("out/a", ("src", "pkg", "out", "a"), OutputKind.PATH),
         ("b", ("src", "pkg", "b"), OutputKind.PATH),
+    ]
+    assert spec.working_directory == ("src", "pkg")
+    legacy = re_pb2.Command(arguments=["true"], working_directory="src/pkg", output_files=["c"], output_directories=["d"])
+    spec = load_action(store, _store_action(store, legacy))
+    assert [(o.path, o.components, o.kind) for o in spec.outputs] == [
         ("c", ("src", "pkg", "c"), OutputKind.FILE),
         ("d", ("src", "pkg", "d"), OutputKind.DIRECTORY),
     ]
-    assert spec.working_directory == ("src", "pkg")
+
+
+def test_output_paths_make_the_legacy_fields_ignored():
+    # REAPI v2.1: "If output_paths is used, output_files and output_directories will be ignored!"
+    store = MemoryStore()
+    command = re_pb2.Command(arguments=["true"], output_paths=["a"], output_files=["b"], output_directories=["c"])
+    assert [o.path for o in load_action(store, _store_action(store, command)).outputs] == ["a"]
 
 
 @pytest.mark.parametrize("field", ["output_paths", "output_files", "output_directories"])
-@pytest.mark.parametrize("path", ["../escape", "a/../../b", "/etc/passwd"])
+@pytest.mark.parametrize("path", ["../escape", "a/../../b", "/etc/passwd", "out/"])
 def test_output_path_escaping_the_root_is_refused(field, path):
     store = MemoryStore()
     command = re_pb2.Command(arguments=["true"], **{field: [path]})
