@@ -87,6 +87,8 @@ def open_executor(cfg: WorkerConfig) -> Iterator[ExecutorGraph]:
                     worker_name=cfg.effective_bot_id,
                     max_action_timeout=cfg.max_action_timeout,
                     owner=Owner(run_as.uid, run_as.gid),
+                    platform=cfg.platform_policy,
+                    max_output_bytes=cfg.output_bytes_limit,
                 )
                 probe = runner_probe(
                     runner, config.build_root, limits=config.limits, extra_ro_binds=config.extra_ro_binds,
