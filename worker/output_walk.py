@@ -23,7 +23,7 @@ from reapi_worker.storage.paths import RelPath
 
 DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
-#: Directory descriptors one walk keeps open at most (besides its top's).
+#: Directory descriptors one walk keeps open at most (one more while it opens a child).
 OPEN_DIRECTORIES = 32
 
 #: Called once per directory, before its subdirectories, with its components below the
