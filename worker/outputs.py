@@ -94,7 +94,10 @@ def capture_outputs(
     or symlink target that is not UTF-8, ResourceExhausted past ``max_bytes``, Internal
     for I/O errors of the worker's own disk.
     """
-    root_fd = os.open(root, DIR_FLAGS)
+    try:
+        root_fd = os.open(root, DIR_FLAGS)
+    except OSError as error:
+        raise Internal(f"capturing outputs: opening the build directory: {error}") from None
     try:
         cost = _Cost(max_bytes)
         scans = [_guarded(output, lambda o=output: _scan(root_fd, o, known, cost)) for output in spec.outputs]
