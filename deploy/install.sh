@@ -6,7 +6,7 @@
 # postgresql (BuildGrid 0.4.4 only runs on PostgreSQL), iproute2 (multi-host tests, and
 # network=on actions), slirp4netns (outbound NAT of network=on actions),
 # bazel-bootstrap (a real REAPI client for the system tests), systemd (systemd-analyze
-# checks the unit in deploy/systemd/).
+# checks the unit in deploy/systemd/), busybox-static (a sysroot for chroot-mode tests).
 # Python: the project and its test extras in a venv of its own, $REAPI_VENV (default
 # <repo>/.venv), so the system Python stays untouched (Debian marks it externally managed).
 #
@@ -33,6 +33,7 @@ declare -A PKG_MARKERS=(
   [procps]=/usr/bin/pgrep
   [bazel-bootstrap]=/usr/bin/bazel
   [systemd]=/usr/bin/systemd-analyze
+  [busybox-static]=/bin/busybox
 )
 
 missing=()

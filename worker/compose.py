@@ -106,7 +106,8 @@ def open_executor(cfg: WorkerConfig) -> Iterator[ExecutorGraph]:
                     owner=Owner(run_as.uid, run_as.gid),
                     limits=bounds.limits,
                     capture_timeout=bounds.capture_timeout,
-                    allow_network=cfg.network_on == "nat",
+                    platform=cfg.platform_policy,
+                    max_output_bytes=cfg.output_bytes_limit,
                 )
                 probe = runner_probe(
                     runner, config.build_root, limits=config.limits, extra_ro_binds=config.extra_ro_binds,

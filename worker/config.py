@@ -43,10 +43,11 @@ from typing import Any
 from reapi_worker.protos.errors import InvalidArgument
 from reapi_worker.sandbox.errors import SandboxSetupError
 from reapi_worker.sandbox.host_etc import DEFAULT_HOST_ETC, check_etc_names
+from reapi_worker.sandbox.request import RootMode
 from reapi_worker.storage.channels import ConnectionOptions
 
 from .bounds import ActionBounds, BoundSettings, HostFacts
-
+from .platform_properties import PlatformPolicy
 
 #: Groups of settings, by which commands take them as flags.
 SERVER = "server"  # every command that talks to a server
@@ -321,6 +322,25 @@ class WorkerConfig:
         help="entries of the host's /etc that host-tools actions see, read-only: names directly under "
         "/etc or fnmatch patterns of them; nothing else of /etc exists inside",
     )
+    root_mode: str = _setting(
+        RootMode.HOST_TOOLS.value, group=EXECUTOR, kind="choice", choices=tuple(m.value for m in RootMode),
+        example='"chroot"',
+        help="root mode of an action that sets no rootMode platform property: host-tools (the input root at "
+        "/build, the host's /usr, /bin, /lib* and /etc read-only around it; Bazel) or chroot (the input root "
+        "is /; BuildStream, which cannot send rootMode)",
+    )
+    accepted_platform_keys: str = _setting(
+        "", group=EXECUTOR, kind="str", example='"Pool,gpu"',
+        help="comma-separated platform property keys an action may carry besides OSFamily, ISA, rootMode, "
+        "network and the keys of [platform]: keys the scheduler matches on; an action with any other key "
+        "is refused, naming it",
+    )
+    max_output_size: str | None = _setting(
+        None, group=EXECUTOR, kind="size", example='"8G"', default_doc="a quarter of cache_size",
+        help="most new file content one action's outputs may store (K, M, G, T), counted before anything is "
+        "stored: apparent sizes (a sparse file counts its full length), unmodified inputs free; past it the "
+        "action fails with RESOURCE_EXHAUSTED naming this key",
+    )
     # -- bot ------------------------------------------------------------------------------
     bot_id: str | None = _setting(
         None, group=BOT, kind="optional-str", example='"builder-7"',
@@ -397,6 +417,14 @@ class WorkerConfig:
             parse_size(self.cache_size)
         except InvalidArgument as error:
             raise InvalidArgument(f"cache_size: {error}") from None
+        if self.max_output_size is not None:
+            try:
+                parse_size(self.max_output_size)
+            except InvalidArgument as error:
+                raise InvalidArgument(f"max_output_size: {error}") from None
+        for key in self.extra_platform_keys:
+            if not key or key != key.strip():
+                raise InvalidArgument(f"accepted_platform_keys: {self.accepted_platform_keys!r} has an empty or padded key")
         if self.concurrency < 1:
             raise InvalidArgument(f"concurrency must be at least 1, not {self.concurrency}")
         self.disk_watermarks  # parses and orders both free-space settings
@@ -456,6 +484,26 @@ class WorkerConfig:
     @property
     def cache_bytes(self) -> int:
         return parse_size(self.cache_size)
+
+    @property
+    def output_bytes_limit(self) -> int:
+        """``max_output_size`` in bytes; by default a quarter of the cache, so that one
+        action's outputs never push most of its inputs and other actions' blobs out."""
+        return parse_size(self.max_output_size) if self.max_output_size is not None else self.cache_bytes // 4
+
+    @property
+    def extra_platform_keys(self) -> tuple[str, ...]:
+        return tuple(key for key in self.accepted_platform_keys.split(",")) if self.accepted_platform_keys else ()
+
+    @property
+    def platform_policy(self) -> PlatformPolicy:
+        """The default root mode, the keys accepted besides the worker's own (the operator's
+        list and every key this bot advertises: the scheduler matched on it), and whether
+        ``network=on`` is allowed."""
+        advertised = {key for key, _value in self.platform}
+        return PlatformPolicy.of(
+            RootMode(self.root_mode), advertised | set(self.extra_platform_keys), allow_network=self.network_on == "nat"
+        )
 
     @property
     def effective_bot_id(self) -> str:

@@ -43,7 +43,7 @@ from reapi_worker.storage.digests import Digest
 from reapi_worker.storage.directory.cas import CasDirectory
 from reapi_worker.storage.staging import Owner, Stager
 
-from .action import NETWORK_KEY, ActionSpec, load_action, parse_message
+from .action import ActionSpec, PlatformPolicy, load_action, parse_message
 from .bounds import CaptureDeadline, bound_status
 from .outputs import capture_outputs
 from .sandbox_tree import InputRootRules
@@ -65,8 +65,10 @@ class ExecutorConfig:
     action gives none. ``owner``: the uid/gid the sandbox runs as (it must be able to write
     in the staged directories). ``limits``: per-action resource limits; ``capture_timeout``:
     seconds to capture and upload the outputs (see :mod:`.bounds`).
-    ``allow_network``: whether an action may ask for ``network=on`` (the runner must then
-    have an outbound NAT); when not, such an action is refused with INVALID_ARGUMENT.
+    ``platform``: the default root mode, the platform keys accepted besides the worker's
+    own, and whether ``network=on`` is allowed (the runner must then have an outbound NAT).
+    ``max_output_bytes``: bound on the new file content one action's outputs may store
+    (None: unbounded).
     """
 
     build_root: str
@@ -76,7 +78,8 @@ class ExecutorConfig:
     limits: ResourceLimits = field(default_factory=ResourceLimits)
     extra_ro_binds: tuple[Bind, ...] = ()
     capture_timeout: float | None = None
-    allow_network: bool = False
+    platform: PlatformPolicy = field(default_factory=PlatformPolicy)
+    max_output_bytes: int | None = None
 
 
 @dataclass(slots=True)
@@ -175,9 +178,6 @@ class Executor:
         metadata = outcome.result.execution_metadata
         started = self._stamp(metadata.input_fetch_start_timestamp)
         spec = self._load(action_digest, action)
-        if spec.network and not self._config.allow_network:
-            # Before anything is fetched or staged: the operator keeps builds hermetic.
-            raise InvalidArgument(f"platform property {NETWORK_KEY}=on: this worker refuses actions with network")
         self._store.fetch_tree(spec.input_root_digest)
         root = CasDirectory.from_digest(self._store, spec.input_root_digest)
         access = self._input_root_rules.subtree_access(root, spec.root_mode)
@@ -208,7 +208,10 @@ class Executor:
                     except ReapiError:
                         outcome.failed_phase = "fetch"  # the blob's lazy fetch failed
                         raise
-                captured = capture_outputs(staged.path, spec, deadline.guard(self._store), known=staged.known_digest)
+                captured = capture_outputs(
+                    staged.path, spec, deadline.guard(self._store), known=staged.known_digest,
+                    max_bytes=self._config.max_output_bytes,
+                )
         result = outcome.result
         result.MergeFrom(captured.result)  # capture fills only the output fields
         blobs = captured.blobs | {Digest.from_proto(d) for d in (result.stdout_digest, result.stderr_digest)}
@@ -230,7 +233,7 @@ class Executor:
             missing = self._store.find_missing(Digest.from_proto(field_) for field_ in roots)
             if missing:
                 raise MissingBlobs(missing, "fetching inputs")
-        return load_action(self._store, action_digest, action)
+        return load_action(self._store, action_digest, action, self._config.platform)
 
     def _run(self, request: SandboxRequest, cancel: threading.Event | None) -> SandboxResult:
         """Run the sandbox; a set-up failure is blamed on the action or the host by the

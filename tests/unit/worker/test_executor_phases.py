@@ -31,6 +31,7 @@ from reapi_worker.storage.directory.cas import CasDirectory
 from reapi_worker.storage.local_cas import LocalCAS
 from reapi_worker.storage.paths import RelPath
 from reapi_worker.storage.staging import Owner, StagedInput, Stager
+from reapi_worker.worker.platform_properties import PlatformPolicy
 from reapi_worker.worker.executor import PHASES, Executor, ExecutorConfig, Outcome, is_sandbox_setup_failure
 
 # -- fakes of our own interfaces ---------------------------------------------------------
@@ -219,7 +220,7 @@ def test_attack_network_on_is_refused_by_default_naming_the_property_before_anyt
 
 
 def test_network_on_reaches_the_runner_when_the_operator_allows_it(rig):
-    rig.executor = Executor(rig.store, rig.stager, rig.runner, ExecutorConfig(build_root=rig.build_root, allow_network=True))
+    rig.executor = Executor(rig.store, rig.stager, rig.runner, ExecutorConfig(build_root=rig.build_root, platform=PlatformPolicy(allow_network=True)))
     assert rig.execute(rig.action(network="on")).ok
     assert [request.network for request in rig.runner.requests] == [True]
 
