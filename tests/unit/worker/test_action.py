@@ -91,7 +91,8 @@ def test_platform_properties_choose_root_mode_and_network():
         re_pb2.Platform.Property(name="network", value="on"),
         re_pb2.Platform.Property(name="rootMode", value="chroot"),
     ])
-    spec = load_action(store, _store_action(store, command, platform=platform, timeout=Duration(seconds=7)))
+    digest = _store_action(store, command, platform=platform, timeout=Duration(seconds=7))
+    spec = load_action(store, digest, policy=PlatformPolicy(allow_network=True))
     assert spec.root_mode is RootMode.CHROOT
     assert spec.network is True
     assert spec.timeout == 7.0
@@ -161,4 +162,4 @@ def test_the_command_platform_is_read_when_the_action_has_none():
     store = MemoryStore()
     command = re_pb2.Command(arguments=["x"], platform=re_pb2.Platform(properties=[
         re_pb2.Platform.Property(name="network", value="on")]))
-    assert load_action(store, _store_action(store, command)).network is True
+    assert load_action(store, _store_action(store, command), policy=PlatformPolicy(allow_network=True)).network is True

@@ -26,17 +26,17 @@ def test_an_actions_root_mode_overrides_the_farm_default():
 
 
 def test_unknown_keys_are_refused_naming_each_of_them():
-    platform = _platform(("OSFamily", "linux"), ("rootmode", "chroot"), ("unixUID", "1000"), ("unixUID", "1001"))
+    platform = _platform(("OSFamily", "linux"), ("rootmode", "chroot"), ("dockerImage", "a"), ("dockerImage", "b"))
     with pytest.raises(InvalidArgument) as raised:
         check_platform(platform, PlatformPolicy(), "action.platform")
     message = str(raised.value)
-    assert message.startswith("action.platform: unsupported properties 'rootmode', 'unixUID' (")
+    assert message.startswith("action.platform: unsupported properties 'rootmode', 'dockerImage' (")
     assert "rootMode" in message  # what the worker does understand
 
 
 def test_an_operator_allow_listed_key_is_accepted_and_not_interpreted():
     platform = _platform(("Pool", "big"), ("Pool", "fast"), ("network", "on"))
-    assert check_platform(platform, PlatformPolicy.of(RootMode.HOST_TOOLS, ["Pool"])).network is True
+    assert check_platform(platform, PlatformPolicy.of(RootMode.HOST_TOOLS, ["Pool"], allow_network=True)).network is True
     with pytest.raises(InvalidArgument, match="'Pool'"):
         check_platform(platform, PlatformPolicy())
 
@@ -53,10 +53,23 @@ def test_conflicting_values_of_an_interpreted_key_are_refused(key, values):
 
 
 def test_the_same_value_twice_is_harmless():
-    assert check_platform(_platform(("network", "on"), ("network", "on")), PlatformPolicy()).network is True
+    assert check_platform(_platform(("network", "on"), ("network", "on")), PlatformPolicy(allow_network=True)).network is True
 
 
 @pytest.mark.parametrize(("key", "value"), [("network", "yes"), ("rootMode", "vm")])
 def test_a_value_outside_the_choices_is_refused_naming_it(key, value):
     with pytest.raises(InvalidArgument, match=f"{key}={value!r}"):
         check_platform(_platform((key, value)), PlatformPolicy())
+
+
+def test_attack_network_on_is_refused_unless_the_operator_allows_it_naming_the_property():
+    with pytest.raises(InvalidArgument, match="network=on: this worker refuses actions with network"):
+        check_platform(_platform(("network", "on")), PlatformPolicy(), "action.platform")
+    assert check_platform(_platform(("network", "off")), PlatformPolicy()).network is False
+
+
+def test_the_ids_the_command_sees_come_from_unix_uid_and_gid():
+    seen = check_platform(_platform(("unixUID", "1000"), ("unixGID", "100")), PlatformPolicy())
+    assert (seen.uid, seen.gid) == (1000, 100)
+    with pytest.raises(InvalidArgument, match="unixUID is given twice"):
+        check_platform(_platform(("unixUID", "1000"), ("unixUID", "1001")), PlatformPolicy())
