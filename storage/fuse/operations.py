@@ -313,17 +313,14 @@ def _open_local(store: LocalContent, digest: Digest) -> int | None:
     """A descriptor of the blob's cache file, or None if it is not local. Once open, the
     bytes stay readable even if the cache evicts the file.
 
-    Opens the cache's object path directly when the store has one (LocalCAS and the
-    fetch-through store in front of it) and checks the size, as LocalCAS's own reads do:
-    ``path()`` would first take the cache's shared counter lock, on every open.
+    Opens the cache's object path directly and checks the size, as LocalCAS's own reads
+    do: ``path()`` would first take the cache's shared counter lock, on every open.
     """
-    object_path = getattr(store, "object_path", None)
     try:
-        if object_path is not None:
-            fd = os.open(object_path(digest), os.O_RDONLY | os.O_CLOEXEC)
-            if os.fstat(fd).st_size == digest.size_bytes:
-                return fd
-            os.close(fd)  # being written or truncated: let the store decide
+        fd = os.open(store.object_path(digest), os.O_RDONLY | os.O_CLOEXEC)
+        if os.fstat(fd).st_size == digest.size_bytes:
+            return fd
+        os.close(fd)  # being written or truncated: let the store decide
         return os.open(store.path(digest), os.O_RDONLY | os.O_CLOEXEC)
     except (MissingBlobs, FileNotFoundError):
         return None
