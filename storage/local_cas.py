@@ -49,7 +49,7 @@ Why it is built this way:
   mismatch is DataLoss and nothing is stored. Reads of a hit are not re-hashed: the file
   was verified on entry, is mode 0444, owned by the worker and never opened for writing
   again, and re-hashing would double the cost of every read. (A sandbox running as the
-  cache's owner could still chmod a hardlinked input: see MEASURED.md's security trap.)
+  cache's owner could still chmod a hardlinked input: see docs/measured.md's security trap.)
 
 Not fork-safe: a child process must open its own LocalCAS.
 """
@@ -634,7 +634,7 @@ class LocalCAS(LocalContent):
     def _take_pin_file(self) -> tuple[str, int]:
         """An empty pin file of ours, a released one if there is one: pinning for each
         action (or each FetchThroughStore.read) then allocates no inode, which is slow
-        on an ext4 after churn (MEASURED.md). Caller holds pins.lock."""
+        on an ext4 after churn (docs/measured.md). Caller holds pins.lock."""
         with self._lock:
             if self._spare_pin_files:
                 return self._spare_pin_files.pop()

@@ -79,7 +79,7 @@ def open_executor(cfg: WorkerConfig) -> Iterator[ExecutorGraph]:
             remover = TreeRemover(os.path.join(cfg.build_root, ".trash"))
             runner = BubblewrapRunner(run_as=run_as)
             # Hardlinks are the cache's own inodes: only safe when the sandbox's uid does
-            # not own them (MEASURED.md's uid-0 trap); otherwise stage copies.
+            # not own them (docs/measured.md's uid-0 trap); otherwise stage copies.
             link = sandbox_can_protect_hardlinks(run_as)
             with make_stager(cfg.staging, store, remover, cfg.build_root, link=link) as stager:
                 config = ExecutorConfig(

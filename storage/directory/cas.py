@@ -612,7 +612,7 @@ def _digests(tree: SrcDir) -> Iterable[Digest]:
 class _Exporter:
     """Writes nodes to disk: hardlinks from a LocalContent where it can, copies otherwise.
 
-    The per-file loop is the hot path of staging (MEASURED.md: within 2x of ``cp -al``):
+    The per-file loop is the hot path of staging (docs/measured.md: within 2x of ``cp -al``):
     no stat, one link per file, cache paths computed once per blob.
     """
 
