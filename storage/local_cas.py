@@ -49,7 +49,7 @@ Why it is built this way:
   mismatch is DataLoss and nothing is stored. Reads of a hit are not re-hashed: the file
   was verified on entry, is mode 0444, owned by the worker and never opened for writing
   again, and re-hashing would double the cost of every read. (A sandbox running as the
-  cache's owner could still chmod a hardlinked input: see MEASURED.md's security trap.)
+  cache's owner could still chmod a hardlinked input: see docs/measured.md's security trap.)
 
 Not fork-safe: a child process must open its own LocalCAS.
 """
@@ -79,7 +79,7 @@ from reapi_worker.protos.errors import (
     from_os_error,
 )
 
-from .content import LocalContent
+from .content import LocalContent, PinSet
 from .digests import HASH_HEX_LENGTH, Digest
 
 _CHUNK = 1 << 20
@@ -283,9 +283,9 @@ class LocalCAS(LocalContent):
 
     # ---- public: pins, eviction, lifecycle ---------------------------------------------
 
-    def pin_set(self) -> PinSet:
-        """A new, empty PinSet for one action's lifetime; the caller releases it."""
-        return PinSet(self)
+    def pin_set(self) -> LocalPinSet:
+        """A new, empty pin set for one action's lifetime; the caller releases it."""
+        return LocalPinSet(self)
 
     @contextlib.contextmanager
     def pinned(self, digests: Iterable[Digest]) -> Iterator[None]:
@@ -634,7 +634,7 @@ class LocalCAS(LocalContent):
     def _take_pin_file(self) -> tuple[str, int]:
         """An empty pin file of ours, a released one if there is one: pinning for each
         action (or each FetchThroughStore.read) then allocates no inode, which is slow
-        on an ext4 after churn (MEASURED.md). Caller holds pins.lock."""
+        on an ext4 after churn (docs/measured.md). Caller holds pins.lock."""
         with self._lock:
             if self._spare_pin_files:
                 return self._spare_pin_files.pop()
@@ -680,7 +680,7 @@ class LocalCAS(LocalContent):
         return from_os_error(err, f"{what} (local CAS at {self.root})", own_file=True)
 
 
-class PinSet:
+class LocalPinSet(PinSet):
     """Blobs protected from eviction, by every process sharing the cache, until released.
 
     Get one from :meth:`LocalCAS.pin_set`; it may grow over an action's lifetime. Safe to
@@ -688,7 +688,7 @@ class PinSet:
     process dies, the kernel drops its owner lock and the next eviction pass deletes the
     pin file. Releasing records every pinned blob as used for LRU: up to one ``utime`` per
     blob, so a caller in a hurry may release off its critical path. The released pin file
-    is emptied and kept for the next PinSet of this LocalCAS.
+    is emptied and kept for the next pin set of this LocalCAS.
     """
 
     def __init__(self, cas: LocalCAS) -> None:
@@ -727,12 +727,6 @@ class PinSet:
         if self._fd >= 0:
             with self._cas._translated("releasing pins"):
                 self._cas._give_back_pin_file(self._path, self._fd)
-
-    def __enter__(self) -> PinSet:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.release()
 
 
 def _chunks(stream: BinaryIO) -> Iterator[bytes]:

@@ -11,6 +11,7 @@ is refused with InvalidArgument naming it, never silently ignored.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TypeVar
 
 from google.protobuf.message import DecodeError, Message
 
@@ -24,6 +25,8 @@ from reapi_worker.storage.paths import RelPath, split_relative
 
 from .output_paths import OutputKind, OutputSpec, output_specs
 from .platform_properties import NETWORK_KEY, ROOT_MODE_KEY, PlatformPolicy, check_platform
+
+M = TypeVar("M", bound=Message)
 
 __all__ = [
     "ActionSpec", "NETWORK_KEY", "NODE_PROPERTIES", "OutputKind", "OutputSpec", "PlatformPolicy", "ROOT_MODE_KEY",
@@ -55,7 +58,8 @@ class ActionSpec:
     output_directory_format: OutputDirectoryFormat = OutputDirectoryFormat.TREE_ONLY
 
 
-def parse_message(message_type: type, data: bytes, what: str):  # type: ignore[no-untyped-def]
+def parse_message(message_type: type[M], data: bytes, what: str) -> M:
+    """``data`` parsed as a ``message_type``; InvalidArgument naming ``what`` if it is not one."""
     message = message_type()
     try:
         message.ParseFromString(data)

@@ -92,7 +92,7 @@ def open_executor(cfg: WorkerConfig) -> Iterator[ExecutorGraph]:
                 nat=SlirpNat() if cfg.network_on == "nat" else None,
             )
             # Hardlinks are the cache's own inodes: only safe when the sandbox's uid does
-            # not own them (MEASURED.md's uid-0 trap); otherwise stage copies.
+            # not own them (docs/measured.md's uid-0 trap); otherwise stage copies.
             link = sandbox_can_protect_hardlinks(run_as)
             with make_stager(
                 cfg.staging, store, remover, cfg.build_root, link=link,

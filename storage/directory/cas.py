@@ -626,7 +626,7 @@ def _digests(tree: SrcDir) -> Iterable[Digest]:
 class _Exporter:
     """Writes nodes to disk: hardlinks from a LocalContent where it can, copies otherwise.
 
-    The per-file loop is the hot path of staging (MEASURED.md: within 2x of ``cp -al``):
+    The per-file loop is the hot path of staging (docs/measured.md: within 2x of ``cp -al``):
     no stat, one link per file, cache paths computed once per blob.
     """
 
@@ -635,8 +635,10 @@ class _Exporter:
         self.dir_owner = dir_owner
         self._local = store if isinstance(store, LocalContent) else None
         self._link = link and self._local is not None
-        # LocalCAS.object_path(digest) is the non-executable path without a stat.
-        self._object_path: Callable[[Digest], str] | None = getattr(store, "object_path", None)
+        # object_path(digest) is the non-executable path without a stat.
+        self._object_path: Callable[[Digest], str] | None = (
+            self._local.object_path if self._local is not None else None
+        )
         self._paths: dict[tuple[Digest, bool], str] = {}
 
     def _cache_path(self, entry: _File) -> str:

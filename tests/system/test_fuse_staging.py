@@ -105,7 +105,7 @@ def remote_farm() -> Iterator[RemoteFarm]:
 
 
 def _tree(files: int, size: int = 2048) -> dict[str, bytes]:
-    """``files`` distinct files, 20 per leaf directory, 10 leaves per parent (MEASURED.md's shape)."""
+    """``files`` distinct files, 20 per leaf directory, 10 leaves per parent (docs/measured.md's shape)."""
     return {f"p{i // 200:03d}/d{i // 20 % 10}/f{i % 20:02d}": (b"%08d" % i) * (size // 8) for i in range(files)}
 
 

@@ -1,5 +1,5 @@
 """The session loop against the fake Bots server (tests/fakes/bots_server.py): each point
-of shared/buildgrid/PROTOCOL.md the bot depends on, on a real gRPC server on loopback.
+of docs/buildgrid-protocol.md the bot depends on, on a real gRPC server on loopback.
 
 Rates and bounds here are about behaviour (a bot that spins makes hundreds of calls a
 second; a bot that waits out a long-poll takes its full length), so their margins are wide.
