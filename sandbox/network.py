@@ -73,8 +73,9 @@ class SlirpNat:
         self, slirp_path: str = "slirp4netns", ip_path: str = "ip", nsenter_path: str = "nsenter",
         unshare_path: str = "unshare",
     ) -> None:
-        tools = {name: shutil.which(name) for name in (slirp_path, ip_path, nsenter_path, unshare_path)}
-        missing = [name for name, found in tools.items() if found is None]
+        found = {name: shutil.which(name) for name in (slirp_path, ip_path, nsenter_path, unshare_path)}
+        tools = {name: path for name, path in found.items() if path is not None}
+        missing = [name for name in found if name not in tools]
         if missing:
             raise SandboxSetupError(f"network=on needs {', '.join(missing)} (Debian: slirp4netns, iproute2, util-linux)")
         if os.geteuid() != 0:

@@ -35,6 +35,7 @@ REAPI rules followed (v2.3 with the v2.0 fields):
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import stat
 from collections.abc import Callable, Iterable
@@ -100,12 +101,12 @@ def capture_outputs(
         raise Internal(f"capturing outputs: opening the build directory: {error}") from None
     try:
         cost = _Cost(max_bytes)
-        scans = [_guarded(output, lambda o=output: _scan(root_fd, o, known, cost)) for output in spec.outputs]
+        scans = [_guarded(output, functools.partial(_scan, root_fd, output, known, cost)) for output in spec.outputs]
         captured = CapturedOutputs()
         writer = _Writer(root_fd, store, spec.node_properties, captured.blobs)
         for scan in scans:
             if scan is not None:
-                _guarded(scan.output, lambda scan=scan: _report(scan, writer, spec, captured.result))
+                _guarded(scan.output, functools.partial(_report, scan, writer, spec, captured.result))
         return captured
     finally:
         os.close(root_fd)

@@ -70,5 +70,5 @@ def check_mount_points(root: CasDirectory, root_mode: RootMode, binds: tuple[Bin
 
 def _kind(entry: object) -> str:
     if type(entry) is LinkEntry:
-        return f"a symlink (to {entry.target!r})"  # type: ignore[attr-defined]
+        return f"a symlink (to {entry.target!r})"
     return "a regular file"
