@@ -4,8 +4,9 @@
 # System packages (only those missing; needs root): bubblewrap, fuse3, libfuse3-dev and
 # pkg-config (to build pyfuse3), a C compiler and Python headers, python3-venv,
 # postgresql (BuildGrid 0.4.4 only runs on PostgreSQL), iproute2 (multi-host tests),
-# bazel-bootstrap (a real REAPI client for the system tests), busybox-static (the sysroot
-# of the BuildStream system test), systemd (systemd-analyze checks the unit in deploy/systemd/).
+# bazel-bootstrap (a real REAPI client for the system tests), systemd (systemd-analyze
+# checks the unit in deploy/systemd/), busybox-static (a sysroot for chroot-mode tests and
+# the BuildStream system test).
 # Python: the project and its test extras in a venv of its own, $REAPI_VENV (default
 # <repo>/.venv), so the system Python stays untouched (Debian marks it externally managed).
 #

@@ -1,42 +1,37 @@
 """Load an Action and its Command from CAS and check everything the client controls.
 
-Nothing past this module sees an unchecked path: output paths and the working
-directory become tuples of checked components, relative to the input root.
+Nothing past this module sees an unchecked path: output paths (resolved as REAPI says,
+:mod:`.output_paths`) and the working directory become tuples of checked components,
+relative to the input root. Platform properties are checked strictly
+(:mod:`.platform_properties`). A field the worker does not support — an unknown field
+number from a newer REAPI, an unknown output node property or output directory format —
+is refused with InvalidArgument naming it, never silently ignored.
 """
 
 from __future__ import annotations
 
-import enum
 from dataclasses import dataclass
 
-from google.protobuf.message import DecodeError
+from google.protobuf.message import DecodeError, Message
 
 from reapi_worker.protos import re_pb2
 from reapi_worker.protos.errors import InvalidArgument
+from reapi_worker.protos.unbound_fields import OutputDirectoryFormat, output_directory_format, unhandled_field_numbers
 from reapi_worker.sandbox.request import RootMode
 from reapi_worker.storage.content import ContentStore
 from reapi_worker.storage.digests import Digest
 from reapi_worker.storage.paths import RelPath, split_relative
 
-# Platform property keys this worker understands (advertised by the bot). ``rootMode``
-# takes a :class:`RootMode` value: ``host-tools`` (default) or ``chroot``.
-ROOT_MODE_KEY = "rootMode"
-NETWORK_KEY = "network"
+from .output_paths import OutputKind, OutputSpec, output_specs
+from .platform_properties import NETWORK_KEY, ROOT_MODE_KEY, PlatformPolicy, check_platform
 
+__all__ = [
+    "ActionSpec", "NETWORK_KEY", "NODE_PROPERTIES", "OutputKind", "OutputSpec", "PlatformPolicy", "ROOT_MODE_KEY",
+    "RootMode", "check_action", "load_action", "parse_message",
+]
 
-class OutputKind(enum.Enum):
-    """Which REAPI field an output path came from; it decides how it is reported."""
-
-    PATH = "output_paths"  # v2.1: file, directory or symlink, whatever is found
-    FILE = "output_files"  # legacy
-    DIRECTORY = "output_directories"  # legacy
-
-
-@dataclass(frozen=True, slots=True)
-class OutputSpec:
-    path: str  # as the client wrote it, relative to the working directory: reported back
-    components: RelPath  # relative to the input root, checked
-    kind: OutputKind
+#: ``output_node_properties`` this worker records (REAPI: any other is INVALID_ARGUMENT).
+NODE_PROPERTIES = frozenset({"mtime", "unix_mode"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +50,7 @@ class ActionSpec:
     root_mode: RootMode
     network: bool
     node_properties: frozenset[str]
+    output_directory_format: OutputDirectoryFormat = OutputDirectoryFormat.TREE_ONLY
 
 
 def parse_message(message_type: type, data: bytes, what: str):  # type: ignore[no-untyped-def]
@@ -66,8 +62,14 @@ def parse_message(message_type: type, data: bytes, what: str):  # type: ignore[n
     return message
 
 
-def load_action(store: ContentStore, action_digest: Digest, action: re_pb2.Action | None = None) -> ActionSpec:
-    """Read (unless given) the Action and its Command, and check them.
+def load_action(
+    store: ContentStore,
+    action_digest: Digest,
+    action: re_pb2.Action | None = None,
+    policy: PlatformPolicy = PlatformPolicy(),
+) -> ActionSpec:
+    """Read (unless given) the Action and its Command, and check them (see
+    :func:`check_action`; ``policy`` is the operator's side of platform properties).
 
     Raises MissingBlobs for absent blobs (both at once when both are absent) and
     InvalidArgument naming the offending field.
@@ -81,12 +83,22 @@ def load_action(store: ContentStore, action_digest: Digest, action: re_pb2.Actio
     command_digest = _checked_digest(action.command_digest, "action.command_digest")
     input_root_digest = _checked_digest(action.input_root_digest, "action.input_root_digest")
     command = parse_message(re_pb2.Command, store.read(command_digest), f"command {command_digest}")
-    return check_action(action_digest, action, command, input_root_digest)
+    return check_action(action_digest, action, command, input_root_digest, policy)
 
 
 def check_action(
-    action_digest: Digest, action: re_pb2.Action, command: re_pb2.Command, input_root_digest: Digest
+    action_digest: Digest,
+    action: re_pb2.Action,
+    command: re_pb2.Command,
+    input_root_digest: Digest,
+    policy: PlatformPolicy = PlatformPolicy(),
 ) -> ActionSpec:
+    """Check every client-controlled field and translate it: InvalidArgument names the
+    field (and the path or property) at fault. A field the worker does not support is
+    refused rather than ignored, since ignoring it would run a different action than the
+    one asked for."""
+    _refuse_unhandled_fields(action, "action")
+    _refuse_unhandled_fields(command, "command")
     if not command.arguments:
         raise InvalidArgument("command.arguments is empty")
     if any("\0" in argument for argument in command.arguments):
@@ -99,33 +111,24 @@ def check_action(
             raise InvalidArgument(f"command.environment_variables: {variable.name!r} set twice")
         environment[variable.name] = variable.value
     working_directory = split_relative(command.working_directory, "command.working_directory")
+    outputs = output_specs(working_directory, command.output_paths, command.output_files, command.output_directories)
 
-    outputs = []
-    for kind, paths in (
-        (OutputKind.PATH, command.output_paths),
-        (OutputKind.FILE, command.output_files),
-        (OutputKind.DIRECTORY, command.output_directories),
-    ):
-        for path in paths:
-            relative = split_relative(path, f"command.{kind.value} entry")
-            components = working_directory + relative
-            if not components and kind is not OutputKind.DIRECTORY and kind is not OutputKind.PATH:
-                raise InvalidArgument(f"command.{kind.value}: {path!r} names the working directory itself")
-            outputs.append(OutputSpec(path=path, components=components, kind=kind))
+    unsupported = sorted(set(command.output_node_properties) - NODE_PROPERTIES)
+    if unsupported:
+        raise InvalidArgument(
+            f"command.output_node_properties: unsupported {', '.join(map(repr, unsupported))} "
+            f"(this worker records {', '.join(sorted(NODE_PROPERTIES))})"
+        )
+    directory_format = output_directory_format(command)
+    if directory_format not in set(OutputDirectoryFormat):
+        # REAPI says to fall back to TREE_ONLY; a value from a newer API is more likely a
+        # format the client depends on, and a clear refusal beats a result it cannot read.
+        raise InvalidArgument(f"command.output_directory_format {directory_format} is not supported")
 
-    platform = action.platform if action.HasField("platform") else command.platform
-    properties: dict[str, str] = {}
-    for prop in platform.properties:
-        properties.setdefault(prop.name, prop.value)
-    root_mode_name = properties.get(ROOT_MODE_KEY, RootMode.HOST_TOOLS.value)
-    try:
-        root_mode = RootMode(root_mode_name)
-    except ValueError:
-        choices = ", ".join(mode.value for mode in RootMode)
-        raise InvalidArgument(f"platform property {ROOT_MODE_KEY}={root_mode_name!r}: expected one of {choices}") from None
-    network_value = properties.get(NETWORK_KEY, "off")
-    if network_value not in ("on", "off"):
-        raise InvalidArgument(f"platform property {NETWORK_KEY}={network_value!r}: expected 'on' or 'off'")
+    if action.HasField("platform"):
+        platform = check_platform(action.platform, policy, "action.platform")
+    else:
+        platform = check_platform(command.platform, policy, "command.platform")
 
     timeout = None
     if action.HasField("timeout"):
@@ -142,12 +145,23 @@ def check_action(
         arguments=tuple(command.arguments),
         environment=environment,
         working_directory=working_directory,
-        outputs=tuple(outputs),
+        outputs=outputs,
         timeout=timeout,
-        root_mode=root_mode,
-        network=network_value == "on",
+        root_mode=platform.root_mode,
+        network=platform.network,
         node_properties=frozenset(command.output_node_properties),
+        output_directory_format=OutputDirectoryFormat(directory_format),
     )
+
+
+def _refuse_unhandled_fields(message: Message, what: str) -> None:
+    numbers = unhandled_field_numbers(message)
+    if numbers:
+        listed = ", ".join(str(n) for n in numbers)
+        raise InvalidArgument(
+            f"{what} sets field number{'s' if len(numbers) > 1 else ''} {listed}, which this worker does not "
+            f"support (from a newer REAPI version than it knows)"
+        )
 
 
 def _checked_digest(proto: re_pb2.Digest, field: str) -> Digest:

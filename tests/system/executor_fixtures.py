@@ -28,6 +28,7 @@ from reapi_worker.storage.fuse import FuseMount, FuseStager
 from reapi_worker.storage.local_cas import LocalCAS
 from reapi_worker.storage.staging import HardlinkStager, Owner, Stager, TreeRemover
 from reapi_worker.worker.executor import Executor, ExecutorConfig, Outcome
+from reapi_worker.worker.platform_properties import PlatformPolicy
 
 STAGINGS = ("hardlink", "fuse")
 
@@ -131,12 +132,15 @@ def make_farm(
     fetch_timeout: float = 60.0,
     cache_recency: float = 60.0,
     parent: str = "/tmp",
+    platform: PlatformPolicy = PlatformPolicy(),
+    max_output_bytes: int | None = None,
 ) -> Farm:
     """An executor over a fresh local cache in /tmp, staging with ``staging``.
     ``wrap_cache`` makes what the executor reads from out of the cache (e.g. a
     FetchThroughStore in front of a remote); the caller closes what it opened for it.
     ``cache_recency`` is the cache's LRU ``recency_interval``. ``parent``: where the farm's
-    directory goes (benchmarks use tmpfs)."""
+    directory goes (benchmarks use tmpfs). ``platform`` and ``max_output_bytes`` are the
+    executor's (default root mode and accepted keys; the output bound)."""
     # Not pytest's tmp_path: bubblewrap runs as an unprivileged uid and must be able to
     # reach the build directory, so every parent must be searchable by it (0755).
     top = tempfile.mkdtemp(prefix="reapi-worker-test-", dir=parent)
@@ -160,6 +164,8 @@ def make_farm(
         max_action_timeout=max_action_timeout,
         owner=Owner(NOBODY.uid, NOBODY.gid),
         extra_ro_binds=extra_ro_binds,
+        platform=platform,
+        max_output_bytes=max_output_bytes,
     )
     executor = Executor(source, stager, BubblewrapRunner(), config)
     return Farm(top, cache, executor, remover, stager, staging, source)

@@ -7,7 +7,8 @@ from reapi_worker.protos import re_pb2
 from reapi_worker.protos.errors import InvalidArgument, MissingBlobs
 from reapi_worker.storage.content import MemoryStore
 from reapi_worker.storage.digests import Digest, serialize
-from reapi_worker.worker.action import OutputKind, RootMode, load_action
+from reapi_worker.protos.unbound_fields import OutputDirectoryFormat, set_output_directory_format
+from reapi_worker.worker.action import OutputKind, PlatformPolicy, RootMode, check_action, load_action
 
 
 def _store_action(store, command, **action_fields):
@@ -19,22 +20,30 @@ def _store_action(store, command, **action_fields):
 
 def test_outputs_are_relative_to_the_working_directory():
     store = MemoryStore()
-    command = re_pb2.Command(
-        arguments=["true"], working_directory="src/pkg", output_paths=["out/a", "b"], output_files=["c"],
-        output_directories=["d"],
-    )
+    command = re_pb2.Command(arguments=["true"], working_directory="src/pkg", output_paths=["out/a", "b"])
     spec = load_action(store, _store_action(store, command))
     assert [(o.path, o.components, o.kind) for o in spec.outputs] == [
         ("out/a", ("src", "pkg", "out", "a"), OutputKind.PATH),
         ("b", ("src", "pkg", "b"), OutputKind.PATH),
+    ]
+    assert spec.working_directory == ("src", "pkg")
+    legacy = re_pb2.Command(arguments=["true"], working_directory="src/pkg", output_files=["c"], output_directories=["d"])
+    spec = load_action(store, _store_action(store, legacy))
+    assert [(o.path, o.components, o.kind) for o in spec.outputs] == [
         ("c", ("src", "pkg", "c"), OutputKind.FILE),
         ("d", ("src", "pkg", "d"), OutputKind.DIRECTORY),
     ]
-    assert spec.working_directory == ("src", "pkg")
+
+
+def test_output_paths_make_the_legacy_fields_ignored():
+    # REAPI v2.1: "If output_paths is used, output_files and output_directories will be ignored!"
+    store = MemoryStore()
+    command = re_pb2.Command(arguments=["true"], output_paths=["a"], output_files=["b"], output_directories=["c"])
+    assert [o.path for o in load_action(store, _store_action(store, command)).outputs] == ["a"]
 
 
 @pytest.mark.parametrize("field", ["output_paths", "output_files", "output_directories"])
-@pytest.mark.parametrize("path", ["../escape", "a/../../b", "/etc/passwd"])
+@pytest.mark.parametrize("path", ["../escape", "a/../../b", "/etc/passwd", "out/"])
 def test_output_path_escaping_the_root_is_refused(field, path):
     store = MemoryStore()
     command = re_pb2.Command(arguments=["true"], **{field: [path]})
@@ -100,3 +109,56 @@ def test_defaults_are_host_tools_without_network_or_timeout():
     spec = load_action(store, _store_action(store, re_pb2.Command(arguments=["x"], environment_variables=[
         re_pb2.Command.EnvironmentVariable(name="A", value="1")])))
     assert (spec.root_mode, spec.network, spec.timeout, spec.environment) == (RootMode.HOST_TOOLS, False, None, {"A": "1"})
+
+
+def test_a_field_from_a_newer_reapi_is_refused_naming_its_number():
+    store = MemoryStore()
+    command = re_pb2.Command(arguments=["true"])
+    command.MergeFromString(bytes([(15 << 3) | 0, 1]))  # field 15, varint 1: unknown to this worker
+    with pytest.raises(InvalidArgument, match="command sets field number 15"):
+        load_action(store, _store_action(store, command))
+    action = re_pb2.Action()
+    action.MergeFromString(bytes([(14 << 3) | 0, 1]))
+    with pytest.raises(InvalidArgument, match="action sets field number 14"):
+        check_action(Digest.of_bytes(b""), action, re_pb2.Command(arguments=["true"]), Digest.of_bytes(b""))
+
+
+@pytest.mark.parametrize("value", list(OutputDirectoryFormat))
+def test_output_directory_format_is_read_though_the_bindings_predate_it(value):
+    store = MemoryStore()
+    command = re_pb2.Command(arguments=["true"], output_paths=["."])
+    set_output_directory_format(command, value)
+    spec = load_action(store, _store_action(store, command))
+    assert spec.output_directory_format is value
+
+
+def test_an_unknown_output_directory_format_is_refused():
+    store = MemoryStore()
+    command = re_pb2.Command(arguments=["true"])
+    set_output_directory_format(command, 7)
+    with pytest.raises(InvalidArgument, match="output_directory_format 7"):
+        load_action(store, _store_action(store, command))
+
+
+def test_an_unknown_output_node_property_is_refused_naming_it():
+    store = MemoryStore()
+    command = re_pb2.Command(arguments=["true"], output_node_properties=["mtime", "owner"])
+    with pytest.raises(InvalidArgument, match="output_node_properties: unsupported 'owner'"):
+        load_action(store, _store_action(store, command))
+
+
+def test_an_unknown_platform_key_is_refused_and_an_operator_may_accept_it():
+    store = MemoryStore()
+    platform = re_pb2.Platform(properties=[re_pb2.Platform.Property(name="Pool", value="big")])
+    digest = _store_action(store, re_pb2.Command(arguments=["x"]), platform=platform)
+    with pytest.raises(InvalidArgument, match="action.platform: unsupported property 'Pool'"):
+        load_action(store, digest)
+    policy = PlatformPolicy.of(RootMode.CHROOT, ["Pool"])
+    assert load_action(store, digest, policy=policy).root_mode is RootMode.CHROOT
+
+
+def test_the_command_platform_is_read_when_the_action_has_none():
+    store = MemoryStore()
+    command = re_pb2.Command(arguments=["x"], platform=re_pb2.Platform(properties=[
+        re_pb2.Platform.Property(name="network", value="on")]))
+    assert load_action(store, _store_action(store, command)).network is True

@@ -20,6 +20,8 @@ import pytest
 from reapi_worker.protos.errors import InvalidArgument
 from reapi_worker.worker import cli, config
 from reapi_worker.worker.config import (
+    FreeSpace,
+    Watermarks,
     WorkerConfig,
     config_from_args,
     default_bot_id,
@@ -29,7 +31,6 @@ from reapi_worker.worker.config import (
     parse_platform_flags,
     settings,
 )
-from reapi_worker.worker.health import FreeSpace, Watermarks
 
 DETECTED = (("ISA", "x86-64"), ("OSFamily", "linux"))
 
@@ -441,6 +442,9 @@ def test_the_dump_of_a_config_with_every_setting_changed_loads_back_equal(tmp_pa
         "sandbox_uid": 1000,
         "sandbox_gid": 1001,
         "staging": "auto",
+        "root_mode": "chroot",
+        "accepted_platform_keys": "Pool,gpu",
+        "max_output_size": "3G",
         "bot_id": "builder-7",
         "concurrency": 13,
         "platform": (("ISA", "x86-32"), ("ISA", "x86-64"), ("OSFamily", "linux")),

@@ -45,10 +45,11 @@ def test_file_directory_and_symlink_output_paths(tmp_path):
 def test_output_symlink_to_etc_passwd_is_captured_as_a_symlink(tmp_path):
     os.symlink("/etc/passwd", tmp_path / "leak")
     store = MemoryStore()
-    result = capture_outputs(str(tmp_path), _spec(output_paths=["leak"], output_files=["leak"]), store).result
+    result = capture_outputs(str(tmp_path), _spec(output_paths=["leak"]), store).result
     assert [(s.path, s.target) for s in result.output_symlinks] == [("leak", "/etc/passwd")]
-    assert [s.target for s in result.output_file_symlinks] == ["/etc/passwd"]
-    assert not result.output_files
+    legacy = capture_outputs(str(tmp_path), _spec(output_files=["leak"]), store).result
+    assert [s.target for s in legacy.output_file_symlinks] == ["/etc/passwd"]
+    assert not result.output_files and not legacy.output_files
     passwd = open("/etc/passwd", "rb").read()
     assert store.find_missing([Digest.of_bytes(passwd)]) == {Digest.of_bytes(passwd)}
 
