@@ -18,7 +18,9 @@ Public surface::
 
     SandboxRequest(arguments, environment, input_root, stdout_path, stderr_path,
                    working_directory="", root_mode=RootMode.HOST_TOOLS, network=False,
-                   timeout=None, limits=ResourceLimits(), extra_ro_binds=(), uid=0, gid=0)
+                   timeout=None, limits=ResourceLimits(), extra_ro_binds=(),
+                   subtree_access=(), uid=0, gid=0)
+    SubtreeAccess(path, read_only)                 a read-only (or writable again) subtree
     RootMode.HOST_TOOLS | RootMode.CHROOT          HOST_TOOLS_INPUT_ROOT == "/build"
     ResourceLimits(memory_bytes=None, max_pids=None, cpu_cores=None)
     Bind(source, target)
@@ -49,7 +51,7 @@ from .fake import FakeRunner
 from .identity import NOBODY, RunAs, prepare_build_dir, sandbox_can_protect_hardlinks
 from .limits import Confinement, ResourceController
 from .probe import HostCapabilities, Probe, choose_resource_controller, probe_host, runner_probe
-from .request import HOST_TOOLS_INPUT_ROOT, Bind, ResourceLimits, RootMode, SandboxRequest
+from .request import HOST_TOOLS_INPUT_ROOT, Bind, ResourceLimits, RootMode, SandboxRequest, SubtreeAccess
 from .result import SandboxResult
 from .runner import Runner
 from .usage import CgroupUsage, ResourceUsage
@@ -76,6 +78,7 @@ __all__ = [
     "SandboxRequest",
     "SandboxResult",
     "SandboxSetupError",
+    "SubtreeAccess",
     "bwrap_arguments",
     "choose_resource_controller",
     "prepare_build_dir",

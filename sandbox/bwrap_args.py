@@ -29,6 +29,17 @@ Choices, and why:
   root read-write at ``/build``, fresh ``/proc``, minimal ``/dev``, tmpfs ``/tmp``.
 * CHROOT: the input root read-write as ``/``, fresh ``/proc``, minimal ``/dev``, tmpfs ``/tmp``.
 * Operator binds come last, read-only, so they may cover anything above.
+* Read-only subtrees (``subtree_access``, the client's ``SubtreeReadOnly``): every subtree
+  whose access changes is first bound onto itself (the root already is a mount), so it is
+  a mount point of its own; after ``/proc``, ``/dev``, ``/tmp`` and the operator binds are
+  mounted — their mount points still created where missing — the read-only ones are
+  remounted read-only. ``--remount-ro`` does not recurse, so a writable subtree inside a
+  read-only one (a mount of its own) and the sandbox's own mounts stay as they are.
+  Why a mount and not file modes: the sandbox's uid owns the staged directories and could
+  ``chmod`` them back, whereas a read-only mount is out of its reach — it holds no
+  capability to remount or unmount it (``--cap-drop ALL``), and in any user namespace it
+  could create, the kernel locks the mount's read-only flag and keeps it joined to its
+  parent mounts. Writes get EROFS, with either stager: both give a directory to bind.
 """
 
 from __future__ import annotations
@@ -42,6 +53,9 @@ from .request import HOST_TOOLS_INPUT_ROOT, SANDBOX_HOSTNAME, RootMode, SandboxR
 
 #: Top-level host entries offered in HOST_TOOLS mode besides ``/usr`` and ``/etc``.
 HOST_TOOLS_TOP_LEVEL = ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
+
+#: What every sandbox mounts of its own, whatever the input root holds there.
+SANDBOX_MOUNTS = ("/proc", "/dev", "/tmp")
 
 #: The in-sandbox exec shim used in HOST_TOOLS mode (see the module docstring).
 ENV_SHIM = "/usr/bin/env"
@@ -135,9 +149,17 @@ def bwrap_arguments(request: SandboxRequest, layout: HostLayout, fds: ControlFds
         args += ["--bind", request.input_root, HOST_TOOLS_INPUT_ROOT]
     else:
         args += ["--bind", request.input_root, "/"]
+    # Subtrees the sandbox mounts over keep the access of what covers them.
+    subtrees = [a for a in request.subtree_access if not _covered(request.sandbox_path(a.path), request)]
+    for access in subtrees:
+        if access.path:  # each its own mount point (see the module docstring)
+            args += ["--bind", os.path.join(request.input_root, access.path), request.sandbox_path(access.path)]
     args += ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp"]
     for bind in request.extra_ro_binds:
         args += ["--ro-bind", bind.source, bind.target]
+    for access in subtrees:
+        if access.read_only:
+            args += ["--remount-ro", request.sandbox_path(access.path)]
     if request.root_mode is RootMode.HOST_TOOLS:
         # The tmpfs root itself: nothing to write there; /build and /tmp stay writable.
         args += ["--remount-ro", "/"]
@@ -145,6 +167,12 @@ def bwrap_arguments(request: SandboxRequest, layout: HostLayout, fds: ControlFds
     args += ["--chdir", request.sandbox_working_directory]
     args += ["--info-fd", str(fds.info_fd), "--json-status-fd", str(fds.status_fd), "--block-fd", str(fds.block_fd)]
     return BwrapArguments(options=tuple(args), command=tuple(_command(request, layout)))
+
+
+def _covered(path: str, request: SandboxRequest) -> bool:
+    """Whether the sandbox path ``path`` is at or below one of the sandbox's own mounts."""
+    mounts = [*SANDBOX_MOUNTS, *(bind.target for bind in request.extra_ro_binds)]
+    return any(path == mount or path.startswith(mount + "/") for mount in mounts)
 
 
 def uses_env_shim(request: SandboxRequest, layout: HostLayout) -> bool:

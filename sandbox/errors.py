@@ -10,8 +10,11 @@
                                    exist, a cgroup that cannot be created or joined
 
 A command that runs and fails, crashes, times out or cannot be found inside the sandbox is
-*not* an error: it is a :class:`~reapi_worker.sandbox.result.SandboxResult`. Only a broken
-host or configuration raises, so the caller can report INTERNAL and keep the bot alive.
+*not* an error: it is a :class:`~reapi_worker.sandbox.result.SandboxResult`. A set-up
+failure means a broken host or configuration *or* a request this host cannot build a
+sandbox for (an input root bubblewrap cannot mount over); the runner cannot tell which, so
+the executor asks a trivial probe sandbox before it reports anything (see
+``reapi_worker.worker.executor``).
 """
 
 from __future__ import annotations

@@ -30,6 +30,11 @@ HOST_TOOLS_INPUT_ROOT = "/build"
 SANDBOX_HOSTNAME = "localhost"
 
 
+#: The paths, relative to the input root, a CHROOT sandbox mounts over (fresh ``/proc``,
+#: minimal ``/dev``, tmpfs ``/tmp``); each must be a directory of the input root or absent.
+CHROOT_MOUNT_POINTS = ("proc", "dev", "tmp")
+
+
 class RootMode(enum.Enum):
     """What the sandbox's ``/`` is."""
 
@@ -41,7 +46,8 @@ class RootMode(enum.Enum):
     #: The input root *is* ``/`` (read-write), with fresh ``/proc``, minimal ``/dev`` and a
     #: tmpfs ``/tmp`` on top, plus the operator's ``extra_ro_binds``. BuildStream sends
     #: actions that carry their whole root this way. bubblewrap creates the ``/proc``,
-    #: ``/dev``, ``/tmp`` and bind-target directories inside the input root if missing.
+    #: ``/dev``, ``/tmp`` and bind-target directories inside the input root if missing; where
+    #: present they must be directories (the executor refuses anything else by name first).
     CHROOT = "chroot"
 
 
@@ -96,6 +102,27 @@ class Bind:
 
 
 @dataclass(frozen=True)
+class SubtreeAccess:
+    """Whether the command may write below ``path`` (relative to the input root, ``""`` for
+    the root itself, normalised): a client's ``SubtreeReadOnly`` marking, reduced to where
+    the answer changes. Deeper entries override shallower ones; ``path`` must be a directory
+    of the staged input root (the runner binds it onto itself)."""
+
+    path: str
+    read_only: bool
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.path, str) or "\0" in self.path or self.path.startswith("/"):
+            raise InvalidArgument(f"read-only subtree {self.path!r} is not a relative path")
+        if self.path and posixpath.normpath(self.path) != self.path or self.path.split("/")[0] == "..":
+            raise InvalidArgument(f"read-only subtree {self.path!r} is not a normalised path inside the input root")
+
+    @property
+    def depth(self) -> int:
+        return len(self.path.split("/")) if self.path else 0
+
+
+@dataclass(frozen=True)
 class SandboxRequest:
     """Run ``arguments`` with exactly ``environment`` in ``working_directory`` of ``input_root``.
 
@@ -115,6 +142,10 @@ class SandboxRequest:
       outside the input root so the command cannot see them by path.
     * ``extra_ro_binds`` are operator-configured host paths bound read-only; in HOST_TOOLS mode
       they may not land on or under :data:`HOST_TOOLS_INPUT_ROOT`.
+    * ``subtree_access`` makes subtrees of the input root read-only (or writable again below
+      a read-only one), each path once (kept sorted shallowest first); empty: all writable.
+      ``/proc``, ``/dev``, ``/tmp`` and operator binds are mounts of their own and keep
+      their own access whatever the subtree around them says.
     * ``uid`` / ``gid`` are the ids the command sees *inside* the sandbox (default 0, as the
       C++ reference runner and BuildStream expect). They map to the runner's unprivileged host
       uid, never to the host's root; see :mod:`.identity`.
@@ -132,6 +163,7 @@ class SandboxRequest:
     timeout: float | None = None
     limits: ResourceLimits = field(default_factory=ResourceLimits)
     extra_ro_binds: tuple[Bind, ...] = ()
+    subtree_access: tuple[SubtreeAccess, ...] = ()
     uid: int = 0
     gid: int = 0
 
@@ -140,6 +172,11 @@ class SandboxRequest:
         object.__setattr__(self, "arguments", tuple(self.arguments))
         object.__setattr__(self, "environment", types.MappingProxyType(dict(self.environment)))
         object.__setattr__(self, "extra_ro_binds", tuple(self.extra_ro_binds))
+        # Shallower first, so that a subtree's own mount always lands on its parent's.
+        access = tuple(sorted(self.subtree_access, key=lambda a: (a.depth, a.path)))
+        object.__setattr__(self, "subtree_access", access)
+        if len({a.path for a in access}) != len(access):
+            raise InvalidArgument("a read-only subtree is listed twice")
         if not self.arguments or self.arguments[0] == "":
             raise InvalidArgument("a command needs a non-empty arguments[0]")
         for arg in self.arguments:
@@ -169,8 +206,23 @@ class SandboxRequest:
     @property
     def sandbox_working_directory(self) -> str:
         """The working directory as the command sees it (an absolute sandbox path)."""
+        return self.sandbox_path(self.working_directory)
+
+    def sandbox_path(self, path: str) -> str:
+        """Where ``path`` (relative to the input root) appears inside the sandbox."""
         root = HOST_TOOLS_INPUT_ROOT if self.root_mode is RootMode.HOST_TOOLS else "/"
-        return posixpath.join(root, self.working_directory) if self.working_directory else root
+        return posixpath.join(root, path) if path else root
+
+
+def mount_points(root_mode: RootMode, extra_ro_binds: tuple[Bind, ...]) -> tuple[str, ...]:
+    """The paths, relative to the input root, where a sandbox of ``root_mode`` mounts
+    something over the input root: :data:`CHROOT_MOUNT_POINTS` and the operator's bind
+    targets in CHROOT mode; none in HOST_TOOLS mode (the input root is ``/build`` and no
+    bind may land there). bubblewrap follows a symlink at such a path and fails on
+    anything but a directory, so the caller refuses those before the sandbox is built."""
+    if root_mode is not RootMode.CHROOT:
+        return ()
+    return CHROOT_MOUNT_POINTS + tuple(bind.target.lstrip("/") for bind in extra_ro_binds)
 
 
 def _check_working_directory(path: str) -> str:

@@ -51,6 +51,8 @@ class ActionSpec:
     network: bool
     node_properties: frozenset[str]
     output_directory_format: OutputDirectoryFormat = OutputDirectoryFormat.TREE_ONLY
+    uid: int = 0  # the ids the command sees (worker/sandbox_ids.py)
+    gid: int = 0
 
 
 def parse_message(message_type: type, data: bytes, what: str):  # type: ignore[no-untyped-def]
@@ -151,6 +153,8 @@ def check_action(
         network=platform.network,
         node_properties=frozenset(command.output_node_properties),
         output_directory_format=OutputDirectoryFormat(directory_format),
+        uid=platform.uid,
+        gid=platform.gid,
     )
 
 

@@ -32,8 +32,10 @@ from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from reapi_worker.protos import code_pb2, execution_stats_pb2, re_pb2, status_pb2
-from reapi_worker.protos.errors import Internal, MissingBlobs, ReapiError
-from reapi_worker.sandbox.request import Bind, ResourceLimits, SandboxRequest
+from reapi_worker.protos.errors import Internal, InvalidArgument, MissingBlobs, ReapiError, Unavailable
+from reapi_worker.sandbox.errors import SandboxSetupError
+from reapi_worker.sandbox.probe import runner_probe
+from reapi_worker.sandbox.request import Bind, ResourceLimits, SandboxRequest, SubtreeAccess
 from reapi_worker.sandbox.result import SandboxResult
 from reapi_worker.sandbox.runner import Runner
 from reapi_worker.storage.content import LocalContent
@@ -43,6 +45,7 @@ from reapi_worker.storage.staging import Owner, Stager
 
 from .action import ActionSpec, PlatformPolicy, load_action, parse_message
 from .outputs import capture_outputs
+from .sandbox_tree import InputRootRules
 
 log = logging.getLogger(__name__)
 
@@ -95,10 +98,12 @@ class Outcome:
 
 
 def is_sandbox_setup_failure(outcome: Outcome) -> bool:
-    """Whether an execution failed because its sandbox could not be set up: INTERNAL from
-    the run phase, which is what the executor reports for a SandboxSetupError (a runner
-    that does not start the command); a command that runs and fails is not an error."""
-    return outcome.status.code == code_pb2.INTERNAL and outcome.failed_phase == "run"
+    """Whether an execution failed because its sandbox could not be set up on this host:
+    UNAVAILABLE (a SandboxSetupError the worker's own probe sandbox confirmed, see
+    :meth:`Executor._run`) or INTERNAL (a bug) from the run phase. A set-up failure the
+    action caused is INVALID_ARGUMENT and not one of these; a command that runs and fails
+    is not an error."""
+    return outcome.status.code in (code_pb2.UNAVAILABLE, code_pb2.INTERNAL) and outcome.failed_phase == "run"
 
 
 class ActionExecutor(Protocol):
@@ -139,6 +144,7 @@ class Executor:
         self._runner = runner
         self._config = config
         self._clock = clock
+        self._input_root_rules = InputRootRules(config.extra_ro_binds)
         os.makedirs(config.build_root, exist_ok=True)
 
     def execute(
@@ -170,6 +176,7 @@ class Executor:
         spec = self._load(action_digest, action)
         self._store.fetch_tree(spec.input_root_digest)
         root = CasDirectory.from_digest(self._store, spec.input_root_digest)
+        access = self._input_root_rules.subtree_access(root, spec.root_mode)
         tree_fetched = self._clock()
         outcome.phases["fetch"] = tree_fetched - started
         build_dir = os.path.join(self._config.build_root, uuid.uuid4().hex)
@@ -179,7 +186,7 @@ class Executor:
             outcome.phases["stage"] = fetched - tree_fetched
             with tempfile.TemporaryDirectory(prefix="streams-", dir=self._config.build_root) as streams:
                 self._stamp(metadata.execution_start_timestamp)
-                run = self._runner.run(self._request(spec, staged.path, streams), cancel)
+                run = self._run(self._request(spec, staged.path, streams, access), cancel)
                 ran = self._stamp(metadata.execution_completed_timestamp)
                 outcome.phases["run"] = ran - fetched
                 if run.cancelled:
@@ -221,7 +228,32 @@ class Executor:
                 raise MissingBlobs(missing, "fetching inputs")
         return load_action(self._store, action_digest, action, self._config.platform)
 
-    def _request(self, spec: ActionSpec, input_root: str, streams: str) -> SandboxRequest:
+    def _run(self, request: SandboxRequest, cancel: threading.Event | None) -> SandboxResult:
+        """Run the sandbox; a set-up failure is blamed on the action or the host by the
+        worker's own probe sandbox, run at once.
+
+        Why: a set-up failure is INTERNAL to the runner, but passing it on as INTERNAL would
+        make the scheduler retry an action whose own input root or command breaks the
+        sandbox on every worker, and treating it as the host's fault would bench every
+        worker it reaches. If a trivial sandbox still works here, the difference is the
+        action: INVALID_ARGUMENT, a result for the client. If not, this host is broken:
+        UNAVAILABLE, so the scheduler retries elsewhere, and the health check (told by
+        the outcome) runs its own probe, which alone may turn the worker UNHEALTHY.
+        """
+        try:
+            return self._runner.run(request, cancel)
+        except SandboxSetupError as error:
+            config = self._config
+            probe = runner_probe(self._runner, config.build_root, limits=config.limits, extra_ro_binds=config.extra_ro_binds)
+            problem = probe()
+            if problem is None:
+                raise InvalidArgument(
+                    f"the action's sandbox could not be set up (a trivial sandbox can be on this worker, "
+                    f"so the action's input root or command is the cause): {error.reason}"
+                ) from None
+            raise Unavailable(f"the sandbox could not be set up on this worker: {error.reason}") from None
+
+    def _request(self, spec: ActionSpec, input_root: str, streams: str, access: tuple[SubtreeAccess, ...] = ()) -> SandboxRequest:
         timeout = min(spec.timeout or self._config.max_action_timeout, self._config.max_action_timeout)
         return SandboxRequest(
             arguments=spec.arguments,
@@ -235,6 +267,9 @@ class Executor:
             timeout=timeout,
             limits=self._config.limits,
             extra_ro_binds=self._config.extra_ro_binds,
+            subtree_access=access,
+            uid=spec.uid,
+            gid=spec.gid,
         )
 
     def _record_run(self, spec: ActionSpec, run: SandboxResult, streams: str, outcome: Outcome) -> None:

@@ -23,10 +23,12 @@ The checks:
   to get back above it (then the space is measured again); only if free space is still
   below ``critical`` does the worker stop taking work. Either way the reason says why.
 * :class:`SandboxCheck` — a trivial sandbox (``sandbox.probe.runner_probe``: ``/bin/true``
-  through the real runner, with the actions' limits) at most every ``interval_seconds``; an action whose
-  sandbox could not be set up (:func:`~.executor.is_sandbox_setup_failure`, fed by
-  :meth:`HealthMonitor.record_outcome`) fails the check at once, until a probe passes again
-  (retried every ``retry_seconds`` meanwhile).
+  through the real runner, with the actions' limits) at most every ``interval_seconds``; an
+  action whose sandbox could not be set up on this host
+  (:func:`~.executor.is_sandbox_setup_failure`, fed by :meth:`HealthMonitor.record_outcome`)
+  makes the probe run at the next evaluation. Only the probe fails the check (then retried
+  every ``retry_seconds``): an action's own sandbox may fail for the action's sake, and one
+  such action must not bench every worker it reaches.
 
 Who calls what: the composition root builds the monitor (:func:`standard_checks`) and calls
 :meth:`HealthMonitor.start`, which checks once and then every few seconds on a thread of
@@ -299,12 +301,14 @@ def standard_disk_checks(
 
 
 class SandboxCheck:
-    """Whether sandboxes can be set up: a ``probe`` every ``interval_seconds``; after a
-    failure (the probe's, or an action's reported by :meth:`record_outcome`) the check
-    stays UNHEALTHY until a probe passes, tried every ``retry_seconds``.
+    """Whether sandboxes can be set up: a ``probe`` every ``interval_seconds``, and at the
+    next evaluation after an action's sandbox could not be set up (:meth:`record_outcome`);
+    after a probe failed the check stays UNHEALTHY until a probe passes, tried every
+    ``retry_seconds``.
 
-    Only a probe clears a failure: an action that succeeds while the check is failing may
-    have started before the cause appeared. Thread-safe.
+    Only the probe decides, both ways: an action's set-up failure may be the action's own
+    doing (its input root), and an action that succeeds while the check is failing may have
+    started before the cause appeared. Thread-safe.
     """
 
     name = "sandbox"
@@ -323,20 +327,20 @@ class SandboxCheck:
         self._clock = clock
         self._lock = threading.Lock()
         self._problem: str | None = None
-        self._reported = 0  # action failures recorded so far
+        self._probe_now = False  # an action's sandbox failed since the last probe
         self._last_probe: float | None = None
 
     def record_outcome(self, outcome: Outcome) -> None:
-        """Look at an action's outcome; a sandbox set-up failure fails the check at once."""
+        """Look at an action's outcome; after a sandbox set-up failure, probe at once."""
         if is_sandbox_setup_failure(outcome):
             with self._lock:
-                self._problem = f"an action's sandbox could not be set up: {outcome.status.message[:300]}"
-                self._reported += 1
+                self._probe_now = True
 
     def evaluate(self, now: float) -> CheckResult:
         with self._lock:
-            problem, last, reported = self._problem, self._last_probe, self._reported
-        due = last is None or now - last >= (self._retry if problem else self._interval)
+            problem, last = self._problem, self._last_probe
+            due = self._probe_now or last is None or now - last >= (self._retry if problem else self._interval)
+            self._probe_now = False
         if due:
             try:
                 found = self._probe()
@@ -344,10 +348,7 @@ class SandboxCheck:
                 found = f"the sandbox probe failed: {error!r}"
             with self._lock:
                 self._last_probe = now
-                # An action that failed while the probe ran is newer evidence than a pass.
-                if found is not None or self._reported == reported:
-                    self._problem = found
-                problem = self._problem
+                self._problem = problem = found
         if problem:
             return CheckResult(self.name, Level.UNHEALTHY, problem)
         return CheckResult(self.name, Level.OK)

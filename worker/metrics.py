@@ -65,7 +65,8 @@ METRICS: dict[str, str] = {
     "stage (input root made a directory), run (the sandbox), upload (outputs captured and sent).",
     f"{PREFIX}_action_failures": "Actions whose status was not OK (cancellations excepted), by the phase that failed "
     "and google.rpc code.",
-    f"{PREFIX}_sandbox_setup_failures": "Actions whose sandbox could not be set up (INTERNAL from the run phase).",
+    f"{PREFIX}_sandbox_setup_failures": "Actions whose sandbox could not be set up on this host (UNAVAILABLE or INTERNAL from the run phase; "
+    "a set-up failure the action caused is INVALID_ARGUMENT and not counted).",
     f"{PREFIX}_session_reconnects": "Bot sessions created again after one was lost or the scheduler was unreachable.",
     f"{PREFIX}_cas_fetched_blobs": "Blobs fetched from the remote CAS into the local cache.",
     f"{PREFIX}_cas_fetched_bytes": "Bytes fetched from the remote CAS into the local cache.",

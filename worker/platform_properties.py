@@ -5,7 +5,8 @@ A worker that ignores a key it does not understand runs the action somewhere oth
 where the client asked (``network=on`` ignored is a build that fails for no visible
 reason; a misspelt ``rootmode`` silently runs in the default mode). So each key is one of:
 
-* **interpreted** by this worker (:data:`ROOT_MODE_KEY`, :data:`NETWORK_KEY`): its value
+* **interpreted** by this worker (:data:`ROOT_MODE_KEY`, :data:`NETWORK_KEY`, and
+  ``unixUID`` / ``unixGID``, see :mod:`.sandbox_ids`): its value
   decides how the sandbox is built, so it must be unambiguous — a key given twice with
   different values is refused (the same value twice is harmless);
 * **matched** by the scheduler only (``OSFamily``, ``ISA``, and whatever the operator adds
@@ -24,11 +25,13 @@ from reapi_worker.protos import re_pb2
 from reapi_worker.protos.errors import InvalidArgument
 from reapi_worker.sandbox.request import RootMode
 
+from .sandbox_ids import SANDBOX_ID_KEYS, sandbox_ids
+
 # Platform property keys this worker interprets. ``rootMode`` takes a :class:`RootMode`
 # value (default: the operator's ``root_mode``); ``network`` is ``on`` or ``off``.
 ROOT_MODE_KEY = "rootMode"
 NETWORK_KEY = "network"
-INTERPRETED_KEYS = frozenset({ROOT_MODE_KEY, NETWORK_KEY})
+INTERPRETED_KEYS = frozenset({ROOT_MODE_KEY, NETWORK_KEY, *SANDBOX_ID_KEYS})
 
 #: Keys every REAPI scheduler matches on (platform.md's standard lexicon).
 STANDARD_MATCHED_KEYS = frozenset({"OSFamily", "ISA"})
@@ -58,6 +61,8 @@ class ActionPlatform:
 
     root_mode: RootMode
     network: bool
+    uid: int = 0  # the ids the command sees
+    gid: int = 0
 
 
 def check_platform(platform: re_pb2.Platform, policy: PlatformPolicy, where: str = "platform") -> ActionPlatform:
@@ -91,4 +96,5 @@ def check_platform(platform: re_pb2.Platform, policy: PlatformPolicy, where: str
     network_value = values.get(NETWORK_KEY, "off")
     if network_value not in ("on", "off"):
         raise InvalidArgument(f"{where} property {NETWORK_KEY}={network_value!r}: expected 'on' or 'off'")
-    return ActionPlatform(root_mode=root_mode, network=network_value == "on")
+    uid, gid = sandbox_ids(values)
+    return ActionPlatform(root_mode=root_mode, network=network_value == "on", uid=uid, gid=gid)

@@ -1,7 +1,9 @@
 """Canonical REAPI ``Directory`` protos: built from entries, checked when loaded.
 
 Canonical means: each of ``files``, ``directories`` and ``symlinks`` sorted by name with
-no repeats, no name in two of them, every name a valid component, no node properties.
+no repeats, no name in two of them, every name a valid component. A Directory's own
+``node_properties`` (e.g. BuildStream's ``SubtreeReadOnly``) are kept, sorted by name as
+REAPI asks; file and symlink node properties are not produced.
 Both backends build their digests here, which is why they agree. Names sort by code
 point, which is the order of their UTF-8 bytes.
 """
@@ -23,11 +25,15 @@ def build_proto(
     files: Iterable[tuple[str, Digest, bool]],
     directories: Iterable[tuple[str, Digest]],
     symlinks: Iterable[tuple[str, str]],
+    properties: Iterable[tuple[str, str]] = (),
 ) -> re_pb2.Directory:
     """The Directory holding these entries. Each iterable must already be sorted by name
-    (the callers sort once, over all entries of a directory together)."""
+    (the callers sort once, over all entries of a directory together); ``properties`` are
+    the directory's own node properties, as (name, value), sorted here."""
     proto = re_pb2.Directory()
     try:
+        for name, value in sorted(properties):
+            proto.node_properties.properties.add(name=name, value=value)
         file_nodes = proto.files
         for name, digest, executable in files:
             node = file_nodes.add(name=name, is_executable=executable)
@@ -51,9 +57,10 @@ def build(
     files: Iterable[tuple[str, Digest, bool]],
     directories: Iterable[tuple[str, Digest]],
     symlinks: Iterable[tuple[str, str]],
+    properties: Iterable[tuple[str, str]] = (),
 ) -> tuple[Digest, bytes]:
     """The digest and bytes of :func:`build_proto`'s Directory."""
-    data = serialize(build_proto(files, directories, symlinks))
+    data = serialize(build_proto(files, directories, symlinks, properties))
     return Digest.of_bytes(data), data
 
 

@@ -93,6 +93,9 @@ class CasDirectory(Directory):
         self._name = ""
         self._digest = digest
         self._entries: dict[str, _Entry] | None = None if digest is not None else {}
+        # The Directory proto's own node properties as (name, value), known once loaded;
+        # kept through edits so a recomputed proto still carries them.
+        self._properties: tuple[tuple[str, str], ...] = ()
 
     @classmethod
     def empty(cls, store: ContentStore, symlink_policy: SymlinkPolicy = SymlinkPolicy.ANY) -> "CasDirectory":
@@ -163,6 +166,7 @@ class CasDirectory(Directory):
             entries[name] = child
         for link_node in proto.symlinks:
             entries[link_node.name] = _Link(link_node.target)
+        self._properties = tuple((p.name, p.value) for p in proto.node_properties.properties)
         self._entries = entries
         return entries
 
@@ -247,6 +251,15 @@ class CasDirectory(Directory):
         threads make sure one node is not visited for the first time by two at once.
         """
         return MappingProxyType(self._load())
+
+    def node_properties(self) -> Mapping[str, str]:
+        """This directory's own ``node_properties`` (name -> value; the first wins if a name
+        repeats), read on first visit like :meth:`entries`. Empty for a new directory."""
+        self._load()
+        properties: dict[str, str] = {}
+        for name, value in self._properties:
+            properties.setdefault(name, value)
+        return MappingProxyType(properties)
 
     def loaded_entries(self) -> Mapping[str, "FileEntry | LinkEntry | CasDirectory"] | None:
         """As :meth:`entries` if this node has been visited, else None; never reads the store
@@ -388,6 +401,7 @@ class CasDirectory(Directory):
                     entry = child
                 entries[name] = entry
             copy._entries = entries
+            copy._properties = original._properties
         return clone
 
     # -- digests and protos ------------------------------------------------------------------
@@ -402,7 +416,7 @@ class CasDirectory(Directory):
                 assert node._entries is not None
                 dirty.extend(e for e in node._entries.values() if isinstance(e, CasDirectory) and e._digest is None)
             for node in reversed(dirty):
-                digest, data = _canonical.build(*node._sorted_entries())
+                digest, data = _canonical.build(*node._sorted_entries(), node._properties)
                 node._store.write(data)
                 node._digest = digest
         assert self._digest is not None
@@ -426,7 +440,7 @@ class CasDirectory(Directory):
 
     def _proto(self) -> re_pb2.Directory:
         self.digest()  # so that every child has its digest
-        return _canonical.build_proto(*self._sorted_entries())
+        return _canonical.build_proto(*self._sorted_entries(), self._properties)
 
     def file_digests(self) -> Iterator[tuple[Digest, bool]]:
         """(digest, is_executable) of every file in the tree, once per file (a blob used

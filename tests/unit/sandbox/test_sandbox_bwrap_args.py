@@ -159,3 +159,82 @@ def test_layout_probe_reproduces_links_and_directories(tmp_path):
     assert layout.env_shim == "/usr/bin/env"
     (tmp_path / "usr" / "bin" / "env").unlink()
     assert HostLayout.probe(str(tmp_path)).env_shim is None
+
+
+# -- read-only subtrees (SubtreeReadOnly) --------------------------------------------------------
+
+
+def _mount_ops(options: tuple[str, ...]) -> list[tuple[str, ...]]:
+    """The mount-table operations, in order: binds, sandbox mounts and remounts."""
+    ops = []
+    for i, option in enumerate(options):
+        if option in ("--bind", "--ro-bind"):
+            ops.append((option, options[i + 1], options[i + 2]))
+        elif option in ("--proc", "--dev", "--tmpfs", "--remount-ro"):
+            ops.append((option, options[i + 1]))
+    return ops
+
+
+def test_no_subtree_access_gives_exactly_todays_mounts():
+    for mode in RootMode:
+        options = bwrap_arguments(request(root_mode=mode), MERGED_USR, FDS).options
+        assert [op for op in _mount_ops(options) if op[0] == "--remount-ro"] == (
+            [("--remount-ro", "/")] if mode is RootMode.HOST_TOOLS else [])
+
+
+def test_read_only_subtrees_are_bound_onto_themselves_first_and_remounted_read_only_last():
+    from reapi_worker.sandbox.request import SubtreeAccess
+
+    access = (SubtreeAccess("", True), SubtreeAccess("src/gen", False), SubtreeAccess("src", True))
+    options = bwrap_arguments(request(root_mode=RootMode.CHROOT, subtree_access=access), MERGED_USR, FDS).options
+    assert _mount_ops(options) == [
+        ("--bind", "/var/builds/b1", "/"),
+        ("--bind", "/var/builds/b1/src", "/src"),  # shallowest first: a mount lands on its parent's
+        ("--bind", "/var/builds/b1/src/gen", "/src/gen"),
+        ("--proc", "/proc"), ("--dev", "/dev"), ("--tmpfs", "/tmp"),
+        ("--remount-ro", "/"),  # not recursive: /src/gen, /proc, /dev, /tmp keep their own access
+        ("--remount-ro", "/src"),
+    ]
+
+
+def test_read_only_subtrees_in_host_tools_mode_land_under_build():
+    from reapi_worker.sandbox.request import SubtreeAccess
+
+    access = (SubtreeAccess("", True), SubtreeAccess("out", False))
+    options = bwrap_arguments(request(subtree_access=access), MERGED_USR, FDS).options
+    ops = _mount_ops(options)
+    assert ("--bind", "/var/builds/b1/out", "/build/out") in ops
+    assert ops[-2:] == [("--remount-ro", "/build"), ("--remount-ro", "/")]
+
+
+def test_a_marked_subtree_the_sandbox_mounts_over_keeps_the_sandboxs_own_mount():
+    # BuildStream marks tmp, proc and dev; a tmpfs /tmp must stay writable whatever tmp says.
+    from reapi_worker.sandbox.request import SubtreeAccess
+
+    access = (SubtreeAccess("tmp", True), SubtreeAccess("proc/x", True), SubtreeAccess("opt/tool", True))
+    binds = (Bind("/srv/tool", "/opt/tool"),)
+    options = bwrap_arguments(
+        request(root_mode=RootMode.CHROOT, subtree_access=access, extra_ro_binds=binds), MERGED_USR, FDS
+    ).options
+    assert _mount_ops(options) == [
+        ("--bind", "/var/builds/b1", "/"),
+        ("--proc", "/proc"), ("--dev", "/dev"), ("--tmpfs", "/tmp"),
+        ("--ro-bind", "/srv/tool", "/opt/tool"),
+    ]
+
+
+@pytest.mark.parametrize("path", ["/abs", "a/../b", "..", "../up", "a//b", "a/", "./a"])
+def test_subtree_access_path_that_is_not_a_normalised_relative_path_is_refused(path):
+    from reapi_worker.protos.errors import InvalidArgument
+    from reapi_worker.sandbox.request import SubtreeAccess
+
+    with pytest.raises(InvalidArgument, match="read-only subtree"):
+        SubtreeAccess(path, True)
+
+
+def test_subtree_access_listed_twice_is_refused():
+    from reapi_worker.protos.errors import InvalidArgument
+    from reapi_worker.sandbox.request import SubtreeAccess
+
+    with pytest.raises(InvalidArgument, match="twice"):
+        request(subtree_access=(SubtreeAccess("a", True), SubtreeAccess("a", False)))

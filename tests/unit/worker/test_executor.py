@@ -231,14 +231,35 @@ def test_a_bug_in_a_stager_costs_the_action_internal_and_never_raises(rig):
     assert "a bug" in outcome.status.message
 
 
-def test_run_a_sandbox_that_cannot_be_set_up_is_internal_from_the_run_phase(rig):
+def test_run_a_sandbox_that_cannot_be_set_up_on_this_host_is_unavailable_from_the_run_phase(rig):
+    # Every sandbox fails, the worker's own probe's too: the host is broken, retry elsewhere.
+    requests = []
+
     def respond(request):
+        requests.append(request)
         raise SandboxSetupError("bwrap: no permission")
 
     rig.respond = respond
     outcome = rig.execute(rig.action())
-    assert_failed(outcome, code_pb2.INTERNAL, "run")
+    assert_failed(outcome, code_pb2.UNAVAILABLE, "run")
+    assert "bwrap: no permission" in outcome.status.message
     assert is_sandbox_setup_failure(outcome)
+    assert len(requests) == 2 and requests[1].arguments == ("/bin/true",)  # the action's, then the probe's
+
+
+def test_run_a_sandbox_only_the_action_breaks_is_invalid_argument_and_no_host_failure(rig):
+    # The probe sandbox works: what differs is the action, so the client gets the answer.
+    def respond(request):
+        if "health-probe-" in request.input_root:
+            return ran(0)
+        raise SandboxSetupError("bwrap: Can't mkdir /proc: Read-only file system")
+
+    rig.respond = respond
+    outcome = rig.execute(rig.action())
+    assert_failed(outcome, code_pb2.INVALID_ARGUMENT, "run")
+    assert "the action's sandbox could not be set up" in outcome.status.message
+    assert "Can't mkdir /proc" in outcome.status.message
+    assert not is_sandbox_setup_failure(outcome)
 
 
 def test_run_a_timeout_is_deadline_exceeded_keeping_what_the_command_wrote(rig):

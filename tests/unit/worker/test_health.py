@@ -147,7 +147,16 @@ def outcome(code: int = code_pb2.OK, phase: str | None = None, message: str = ""
     )
 
 
-SETUP_FAILURE = outcome(code_pb2.INTERNAL, "run", "bwrap: Creating new namespace failed: Operation not permitted")
+#: What the executor reports when an action's sandbox could not be set up and its own probe
+#: failed too (the host is broken): UNAVAILABLE, so the scheduler retries elsewhere.
+SETUP_FAILURE = outcome(
+    code_pb2.UNAVAILABLE, "run",
+    "the sandbox could not be set up on this worker: bwrap: Creating new namespace failed: Operation not permitted",
+)
+#: ... and when the probe passed, so the action's own input root or command was the cause.
+ACTIONS_OWN_SETUP_FAILURE = outcome(
+    code_pb2.INVALID_ARGUMENT, "run", "the action's sandbox could not be set up (...): bwrap: Can't mkdir /proc",
+)
 
 
 # ---- free space and watermarks -------------------------------------------------------------
@@ -423,6 +432,8 @@ def test_scheduler_recovers_on_contact_and_the_grace_restarts_from_it():
     "seen, expected",
     [
         (SETUP_FAILURE, True),
+        (outcome(code_pb2.INTERNAL, "run", "bug"), True),  # a bug in running it: worth a probe
+        (ACTIONS_OWN_SETUP_FAILURE, False),  # the action's doing: a result for the client
         (outcome(code_pb2.INTERNAL, "fetch", "bug"), False),  # INTERNAL, but not the sandbox
         (outcome(code_pb2.DEADLINE_EXCEEDED, "run", "timed out"), False),  # it ran
         (outcome(code_pb2.OK, exit_code=1), False),  # a failing command is a result
@@ -476,59 +487,54 @@ def test_sandbox_probe_that_raises_is_unhealthy():
     assert result.reason == "the sandbox probe failed: RuntimeError('no build root')"
 
 
-def test_sandbox_setup_failure_of_an_action_fails_the_check_at_once():
+def test_sandbox_setup_failure_of_an_action_makes_the_probe_run_at_once():
     clock, probe = FakeClock(), FakeProbe()
     check = sandbox_check(probe, clock)
     assert check.evaluate(clock()).level is Level.OK
-    clock.advance(1)
+    clock.advance(1)  # far from the 300 s interval
     check.record_outcome(SETUP_FAILURE)
+    probe.answer = "a trivial sandbox could not be set up: bwrap: No permissions"
     result = check.evaluate(clock())
-    assert result.level is Level.UNHEALTHY
-    assert result.reason == (
-        "an action's sandbox could not be set up: bwrap: Creating new namespace failed: Operation not permitted"
-    )
-    assert probe.calls == 1  # no probe needed to fail
+    assert probe.calls == 2
+    assert (result.level, result.reason) == (Level.UNHEALTHY, probe.answer)
+
+
+def test_sandbox_setup_failure_of_an_action_alone_never_makes_the_worker_unhealthy():
+    # The probe is the only judge: an action whose own input root breaks its sandbox must
+    # not bench every worker the scheduler hands it to.
+    clock, probe = FakeClock(), FakeProbe()
+    check = sandbox_check(probe, clock)
+    check.evaluate(clock())
+    for seen in (SETUP_FAILURE, ACTIONS_OWN_SETUP_FAILURE, SETUP_FAILURE):
+        check.record_outcome(seen)
+        assert check.evaluate(clock()).level is Level.OK
+    assert probe.calls == 3  # the two host-side failures each made it probe once
 
 
 def test_sandbox_only_a_passing_probe_clears_a_failure():
     clock, probe = FakeClock(), FakeProbe()
     check = sandbox_check(probe, clock)
+    probe.answer = "broken"
     check.evaluate(clock())
-    check.record_outcome(SETUP_FAILURE)
     check.record_outcome(outcome(code_pb2.OK))  # may have started before the cause appeared
     clock.advance(14)
     assert check.evaluate(clock()).level is Level.UNHEALTHY
     assert probe.calls == 1
+    probe.answer = None
     clock.advance(1)  # 15 s after the last probe: retried, though the interval is 300 s
     assert check.evaluate(clock()).level is Level.OK
     assert probe.calls == 2
 
 
-def test_sandbox_other_failures_of_actions_do_not_fail_the_check():
+def test_sandbox_other_failures_of_actions_do_not_fail_the_check_or_probe():
     clock, probe = FakeClock(), FakeProbe()
     check = sandbox_check(probe, clock)
     check.evaluate(clock())
-    for seen in (outcome(code_pb2.INTERNAL, "upload", "bug"), outcome(code_pb2.DEADLINE_EXCEEDED, "run"), outcome(exit_code=2)):
+    for seen in (outcome(code_pb2.INTERNAL, "upload", "bug"), outcome(code_pb2.DEADLINE_EXCEEDED, "run"),
+                 outcome(exit_code=2), ACTIONS_OWN_SETUP_FAILURE):
         check.record_outcome(seen)
     assert check.evaluate(clock()).level is Level.OK
-
-
-def test_sandbox_failure_reported_while_a_probe_runs_is_not_cleared_by_its_pass():
-    clock, probe = FakeClock(), FakeProbe()
-    check = sandbox_check(probe, clock)
-    probe.during = lambda: check.record_outcome(SETUP_FAILURE)
-    result = check.evaluate(clock())
     assert probe.calls == 1
-    assert result.level is Level.UNHEALTHY and "an action's sandbox could not be set up" in result.reason
-
-
-def test_sandbox_action_message_is_cut_to_300_characters():
-    clock, probe = FakeClock(), FakeProbe()
-    check = sandbox_check(probe, clock)
-    check.evaluate(clock())
-    check.record_outcome(outcome(code_pb2.INTERNAL, "run", "x" * 1000))
-    reason = check.evaluate(clock()).reason
-    assert reason.endswith("x" * 300) and "x" * 301 not in reason
 
 
 # ---- runner probe --------------------------------------------------------------------------
@@ -687,9 +693,10 @@ def test_monitor_routes_outcomes_to_the_sandbox_check():
     clock, probe = FakeClock(), FakeProbe()
     monitor = HealthMonitor([SchedulerCheck(60, clock=clock), sandbox_check(probe, clock)], clock=clock)
     assert monitor.check().ok
-    monitor.record_outcome(SETUP_FAILURE)
+    probe.answer = "a trivial sandbox could not be set up: bwrap: No permissions"
+    monitor.record_outcome(SETUP_FAILURE)  # the probe is due at once, 300 s early
     ok, reasons = monitor.check().ok, monitor.healthy()[1]
-    assert not ok and len(reasons) == 1 and reasons[0].startswith("an action's sandbox could not be set up")
+    assert not ok and reasons == (probe.answer,)
 
 
 def test_monitor_report_as_json():
@@ -785,7 +792,7 @@ def test_recording_executor_shows_every_outcome_to_the_monitor():
     digest, act, cancel = Digest.of_bytes(b"action"), re_pb2.Action(), threading.Event()
     assert executor.execute(digest, act, cancel) is SETUP_FAILURE
     assert inner.calls == [(digest, act, cancel)]
-    assert not monitor.check().ok
+    assert monitor.check().ok and probe.calls == 2  # shown: the probe ran at once, and passed
 
 
 def test_recording_executor_passes_a_healthy_outcome_and_an_error_through():

@@ -26,12 +26,19 @@ def test_an_actions_root_mode_overrides_the_farm_default():
 
 
 def test_unknown_keys_are_refused_naming_each_of_them():
-    platform = _platform(("OSFamily", "linux"), ("rootmode", "chroot"), ("unixUID", "1000"), ("unixUID", "1001"))
+    platform = _platform(("OSFamily", "linux"), ("rootmode", "chroot"), ("dockerImage", "a"), ("dockerImage", "b"))
     with pytest.raises(InvalidArgument) as raised:
         check_platform(platform, PlatformPolicy(), "action.platform")
     message = str(raised.value)
-    assert message.startswith("action.platform: unsupported properties 'rootmode', 'unixUID' (")
-    assert "rootMode" in message  # what the worker does understand
+    assert message.startswith("action.platform: unsupported properties 'rootmode', 'dockerImage' (")
+    assert "rootMode" in message and "unixUID" in message  # what the worker does understand
+
+
+def test_unix_ids_are_interpreted():
+    platform = check_platform(_platform(("unixUID", "1000"), ("unixGID", "100")), PlatformPolicy())
+    assert (platform.uid, platform.gid) == (1000, 100)
+    with pytest.raises(InvalidArgument, match="unixUID"):
+        check_platform(_platform(("unixUID", "1000"), ("unixUID", "1001")), PlatformPolicy())
 
 
 def test_an_operator_allow_listed_key_is_accepted_and_not_interpreted():
