@@ -38,6 +38,9 @@ BUSYBOX = "/bin/busybox"
 ELEMENTS = ("base.bst", "tree.bst", "many.bst", "uses.bst", "script.bst")
 # Those that run commands, so one action each on the worker (base.bst is an import).
 SANDBOXED = ("tree.bst", "many.bst", "uses.bst", "script.bst")
+# How an operator runs a BuildStream farm: this host's OSFamily/ISA (the only properties
+# BuildStream sends) and chroot as the default root mode (it cannot send rootMode).
+BUILDSTREAM_FARM = ("--platform", "OSFamily=linux", "--platform", "ISA=x86-64", "--root-mode", "chroot")
 
 
 @pytest.fixture(scope="module")
@@ -143,9 +146,7 @@ def farm(buildgrid):
 
 def test_buildstream_builds_remotely_with_artifacts_equal_to_a_local_build(farm, bst):
     project = make_project(farm.top)
-    # The only bot for BuildStream's OSFamily/ISA: this host's values, the farm default root
-    # mode chroot (BuildStream's input root is a whole sysroot).
-    worker = farm.start_worker("bst", 2, "--platform", "OSFamily=linux", "--platform", "ISA=x86-64")
+    worker = farm.start_worker("bst", 2, *BUILDSTREAM_FARM)
     worker.wait_registered()
     remote = Bst(bst, project, os.path.join(farm.top, "bst-remote"), farm.address)
     local = Bst(bst, project, os.path.join(farm.top, "bst-local"), None)
@@ -176,7 +177,7 @@ def test_buildstream_builds_remotely_with_artifacts_equal_to_a_local_build(farm,
 
 def test_a_write_into_the_read_only_root_fails_remotely_as_it_fails_locally(farm, bst):
     project = make_project(farm.top)
-    worker = farm.start_worker("bst-ro", 1, "--platform", "OSFamily=linux", "--platform", "ISA=x86-64")
+    worker = farm.start_worker("bst-ro", 1, *BUILDSTREAM_FARM)
     worker.wait_registered()
     remote = Bst(bst, project, os.path.join(farm.top, "bst-remote"), farm.address)
     local = Bst(bst, project, os.path.join(farm.top, "bst-local"), None)
