@@ -39,9 +39,9 @@ PROJECT = REPO / "tests" / "system" / "buildstream_project"
 INSTALL = REPO / "deploy" / "buildstream" / "install.sh"
 BUSYBOX = "/bin/busybox"
 # Every element with an artifact of its own; all.bst is the stack of the buildable ones.
-ELEMENTS = ("base.bst", "tree.bst", "many.bst", "uses.bst", "script.bst")
+ELEMENTS = ("base.bst", "tree.bst", "many.bst", "uses.bst", "script.bst", "sources.bst")
 # Those that run commands, so one action each on the worker (base.bst is an import).
-SANDBOXED = ("tree.bst", "many.bst", "uses.bst", "script.bst")
+SANDBOXED = ("tree.bst", "many.bst", "uses.bst", "script.bst", "sources.bst")
 # How an operator runs a BuildStream farm: the worker's default properties, this host's
 # OSFamily/ISA (what BuildStream sends), and chroot as the default root mode (BuildStream
 # cannot send rootMode). Farm.start_worker adds its own ISA=<token> beside them.
