@@ -6,7 +6,8 @@
 # postgresql (BuildGrid 0.4.4 only runs on PostgreSQL), iproute2 (multi-host tests, and
 # network=on actions), slirp4netns (outbound NAT of network=on actions),
 # bazel-bootstrap (a real REAPI client for the system tests), systemd (systemd-analyze
-# checks the unit in deploy/systemd/), busybox-static (a sysroot for chroot-mode tests).
+# checks the unit in deploy/systemd/), busybox-static (a sysroot for chroot-mode tests and
+# the BuildStream system test).
 # Python: the project and its test extras in a venv of its own, $REAPI_VENV (default
 # <repo>/.venv), so the system Python stays untouched (Debian marks it externally managed).
 #
@@ -32,8 +33,9 @@ declare -A PKG_MARKERS=(
   [slirp4netns]=/usr/bin/slirp4netns
   [procps]=/usr/bin/pgrep
   [bazel-bootstrap]=/usr/bin/bazel
+  # Not /bin/busybox: Debian's dynamically linked `busybox` ships that path too.
+  [busybox-static]=/var/lib/dpkg/info/busybox-static.list
   [systemd]=/usr/bin/systemd-analyze
-  [busybox-static]=/bin/busybox
 )
 
 missing=()

@@ -7,8 +7,10 @@
 set -Eeuo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="$("$REPO/deploy/install.sh")"
-# Install BuildGrid's own venv up front so its ~40 s shows as a step, not as a slow test.
+# Install BuildGrid's own venv up front so its ~40 s shows as a step, not as a slow test;
+# likewise BuildStream's (a client of the system tests, in a venv of its own).
 "$REPO/deploy/buildgrid/start.sh" install
+"$REPO/deploy/buildstream/install.sh" >/dev/null
 cd "$REPO"
 # Type-check first (the levels are in pyproject.toml, [tool.mypy]). The source folders
 # are installed under one import root, reapi_worker/<folder>, so mypy reads them through

@@ -53,9 +53,9 @@ class ActionSpec:
     root_mode: RootMode
     network: bool
     node_properties: frozenset[str]
+    output_directory_format: OutputDirectoryFormat = OutputDirectoryFormat.TREE_ONLY
     uid: int = 0  # the ids the command sees (worker/sandbox_ids.py)
     gid: int = 0
-    output_directory_format: OutputDirectoryFormat = OutputDirectoryFormat.TREE_ONLY
 
 
 def parse_message(message_type: type[M], data: bytes, what: str) -> M:
@@ -135,7 +135,6 @@ def check_action(
         platform = check_platform(action.platform, policy, "action.platform")
     else:
         platform = check_platform(command.platform, policy, "command.platform")
-    uid, gid = platform.uid, platform.gid
 
     timeout = None
     if action.HasField("timeout"):
@@ -157,9 +156,9 @@ def check_action(
         root_mode=platform.root_mode,
         network=platform.network,
         node_properties=frozenset(command.output_node_properties),
-        uid=uid,
-        gid=gid,
         output_directory_format=OutputDirectoryFormat(directory_format),
+        uid=platform.uid,
+        gid=platform.gid,
     )
 
 

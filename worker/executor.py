@@ -42,6 +42,7 @@ from reapi_worker.storage.content import LocalContent
 from reapi_worker.storage.digests import Digest
 from reapi_worker.storage.directory.cas import CasDirectory
 from reapi_worker.storage.staging import Owner, Stager
+from reapi_worker.storage.writable_inputs import copy_writable_inputs
 
 from .action import ActionSpec, PlatformPolicy, load_action, parse_message
 from .bounds import CaptureDeadline, bound_status
@@ -186,6 +187,7 @@ class Executor:
         build_dir = os.path.join(self._config.build_root, uuid.uuid4().hex)
         directories = [spec.working_directory] + [o.components[:-1] for o in spec.outputs if o.components]
         with self._stager.stage(root, build_dir, directories, self._config.owner) as staged:
+            _copy_writable_inputs(staged.path, access, self._config.owner)
             fetched = self._stamp(metadata.input_fetch_completed_timestamp)
             outcome.phases["stage"] = fetched - tree_fetched
             with tempfile.TemporaryDirectory(prefix="streams-", dir=self._config.build_root) as streams:
@@ -299,6 +301,17 @@ class Executor:
         now = self._clock()
         field_.FromNanoseconds(int(now * 1e9))
         return now
+
+
+def _copy_writable_inputs(path: str, access: tuple[SubtreeAccess, ...], owner: Owner | None) -> None:
+    """Inputs below a ``SubtreeReadOnly=false`` marking become the command's own files
+    (see :mod:`reapi_worker.storage.writable_inputs`); unmarked trees stay as staged."""
+    def parts(entry: SubtreeAccess) -> tuple[str, ...]:
+        return tuple(part for part in entry.path.split("/") if part)
+
+    writable = [parts(entry) for entry in access if not entry.read_only]
+    if writable:
+        copy_writable_inputs(path, writable, [parts(entry) for entry in access if entry.read_only], owner)
 
 
 def _first_error_wins(outcome: Outcome, status: status_pb2.Status, action_digest: Digest) -> None:
