@@ -58,6 +58,9 @@ class StagedInput(abc.ABC):
     """
 
     path: str
+    #: A directory for the action's other writes (its stdout and stderr), on the same
+    #: bounded space as its writable layer; None when the stager bounds nothing.
+    scratch_dir: str | None = None
 
     @abc.abstractmethod
     def close(self) -> None: ...

@@ -7,7 +7,8 @@ metrics the input fetch is timed in two parts, ``fetch`` and ``stage`` (see :dat
 
 :meth:`Executor.execute` never raises: every problem becomes the ``status`` of the
 :class:`Outcome` (the first error wins), a bad action never takes the worker down, and a
-non-zero exit code is a normal, successful result.
+non-zero exit code is a normal, successful result. A fault of the worker's own (out of
+space, ...) is UNAVAILABLE, never a result (worker/faults.py).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from reapi_worker.protos import code_pb2, execution_stats_pb2, re_pb2, status_pb2
-from reapi_worker.protos.errors import Internal, MissingBlobs, ReapiError
+from reapi_worker.protos.errors import BoundExceeded, Internal, MissingBlobs, ReapiError
 from reapi_worker.sandbox.request import Bind, ResourceLimits, SandboxRequest
 from reapi_worker.sandbox.result import SandboxResult
 from reapi_worker.sandbox.runner import Runner
@@ -36,6 +37,7 @@ from reapi_worker.storage.directory.cas import CasDirectory
 from reapi_worker.storage.staging import Owner, Stager
 
 from .action import ActionSpec, load_action, parse_message
+from .faults import lease_status, worker_resource_cause
 from .outputs import capture_outputs
 
 log = logging.getLogger(__name__)
@@ -123,10 +125,13 @@ class Executor:
         try:
             self._execute(action_digest, action, cancel, outcome)
         except ReapiError as error:
-            outcome.status.CopyFrom(error.to_status())
+            # The worker's own faults (out of space, ...) are never results: faults.py.
+            outcome.status.CopyFrom(lease_status(error))
         except Exception as error:  # a bug must cost one action, never the worker
-            log.exception("executing %s", action_digest)
-            outcome.status.CopyFrom(Internal(f"executing {action_digest}: {error!r}").to_status())
+            if worker_resource_cause(error) is None:
+                log.exception("executing %s", action_digest)
+                error = Internal(f"executing {action_digest}: {error!r}")
+            outcome.status.CopyFrom(lease_status(error))
         if not outcome.ok and outcome.failed_phase is None:
             # A phase records its duration when it finishes, so an error rose in the first
             # phase without one.
@@ -148,7 +153,9 @@ class Executor:
         with self._stager.stage(root, build_dir, directories, self._config.owner) as staged:
             fetched = self._stamp(metadata.input_fetch_completed_timestamp)
             outcome.phases["stage"] = fetched - tree_fetched
-            with tempfile.TemporaryDirectory(prefix="streams-", dir=self._config.build_root) as streams:
+            # The streams are the action's writes: on its own bounded space when it has one.
+            scratch = staged.scratch_dir or self._config.build_root
+            with tempfile.TemporaryDirectory(prefix="streams-", dir=scratch) as streams:
                 self._stamp(metadata.execution_start_timestamp)
                 run = self._runner.run(self._request(spec, staged.path, streams), cancel)
                 ran = self._stamp(metadata.execution_completed_timestamp)
@@ -164,8 +171,9 @@ class Executor:
                     # fails the action with that reason; stdout/stderr are kept.
                     try:
                         staged.check()
-                    except ReapiError:
-                        outcome.failed_phase = "fetch"  # the blob's lazy fetch failed
+                    except ReapiError as error:
+                        # A bound the action went past, or a blob's lazy fetch that failed.
+                        outcome.failed_phase = "run" if isinstance(error, BoundExceeded) else "fetch"
                         raise
                 captured = capture_outputs(staged.path, spec, self._store, known=staged.known_digest)
         result = outcome.result
