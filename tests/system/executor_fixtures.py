@@ -21,6 +21,7 @@ from reapi_worker.protos import re_pb2
 from reapi_worker.sandbox.bubblewrap import BubblewrapRunner
 from reapi_worker.sandbox.identity import NOBODY
 from reapi_worker.sandbox.request import Bind
+from reapi_worker.storage.bounded_staging import BoundedStager
 from reapi_worker.storage.content import LocalContent
 from reapi_worker.storage.digests import Digest, serialize
 from reapi_worker.storage.directory.cas import CasDirectory
@@ -131,12 +132,14 @@ def make_farm(
     fetch_timeout: float = 60.0,
     cache_recency: float = 60.0,
     parent: str = "/tmp",
+    bound_bytes: int | None = None,
 ) -> Farm:
     """An executor over a fresh local cache in /tmp, staging with ``staging``.
     ``wrap_cache`` makes what the executor reads from out of the cache (e.g. a
     FetchThroughStore in front of a remote); the caller closes what it opened for it.
     ``cache_recency`` is the cache's LRU ``recency_interval``. ``parent``: where the farm's
-    directory goes (benchmarks use tmpfs)."""
+    directory goes (benchmarks use tmpfs). ``bound_bytes``: each action's writes on a tmpfs
+of that size (storage/bounded_staging.py; root only)."""
     # Not pytest's tmp_path: bubblewrap runs as an unprivileged uid and must be able to
     # reach the build directory, so every parent must be searchable by it (0755).
     top = tempfile.mkdtemp(prefix="reapi-worker-test-", dir=parent)
@@ -154,6 +157,8 @@ def make_farm(
         stager = FuseStager(source, remover, shared_fuse_mount(), os.path.join(top, "builds"), fetch_timeout=fetch_timeout)
     else:
         raise ValueError(f"unknown staging {staging!r}")
+    if bound_bytes is not None:
+        stager = BoundedStager(stager, bound_bytes)
     config = ExecutorConfig(
         build_root=os.path.join(top, "builds"),
         worker_name="test-worker",
