@@ -1,8 +1,10 @@
 """Build the executor's object graph from settings: the one place concrete classes meet.
 
 Layers stack here, bottom up: gRPC channel -> RemoteCAS -> LocalCAS -> FetchThroughStore ->
-stager (hardlink, FUSE, or auto choosing between them: :func:`make_stager`) -> bubblewrap
-runner -> Executor. Everything else receives these through constructors.
+stager (hardlink, FUSE, or auto choosing between them: :func:`make_stager`), wrapped in a
+BoundedStager when actions' writes are bounded -> bubblewrap runner -> Executor. Build
+directories live in this worker's part of the build root (storage/build_root.py).
+Everything else receives these through constructors.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from reapi_worker.sandbox.identity import RunAs, sandbox_can_protect_hardlinks
 from reapi_worker.sandbox.request import ResourceLimits
 from reapi_worker.storage.channels import ConnectionOptions, open_channel
 from reapi_worker.storage.auto_staging import AutoStager, StagingRule
+from reapi_worker.storage.bounded_staging import BoundedStager
+from reapi_worker.storage.build_root import BuildRoot
 from reapi_worker.storage.content import LocalContent
 from reapi_worker.storage.fetch_through import FetchThroughStore
 from reapi_worker.storage.fuse import FuseMount, FuseStager
@@ -57,7 +61,12 @@ class ExecutorSettings:
     instance_name: str = ""
     cache_dir: str = "/var/lib/reapi-worker/cache"
     cache_bytes: int = 10 * 2**30
+    #: Free space the cache keeps on its file system by evicting (storage/local_cas.py).
+    cache_keep_free_bytes: int = 0
     build_root: str = "/var/lib/reapi-worker/builds"
+    #: Bytes each action may write, on a tmpfs of its own (storage/bounded_staging.py);
+    #: None: no bound.
+    build_dir_bytes: int | None = None
     max_action_timeout: float = 3600.0
     sandbox_uid: int = 65534
     sandbox_gid: int = 65534
@@ -78,16 +87,22 @@ def open_executor(settings: ExecutorSettings) -> Iterator[tuple[Executor, FetchT
     channel = open_channel(settings.cas)
     try:
         remote = RemoteCAS(channel, RemoteOptions(instance_name=settings.instance_name))
-        with LocalCAS(settings.cache_dir, max_bytes=settings.cache_bytes) as local:
+        with LocalCAS(
+            settings.cache_dir, max_bytes=settings.cache_bytes, keep_free_bytes=settings.cache_keep_free_bytes
+        ) as local, _claimed(settings.build_root) as part:
             store = FetchThroughStore(local, remote)
-            remover = TreeRemover(os.path.join(settings.build_root, ".trash"))
+            remover = TreeRemover(part.trash)
             runner = BubblewrapRunner(run_as=run_as)
             # Hardlinks are the cache's own inodes: only safe when the sandbox's uid does
             # not own them (MEASURED.md's uid-0 trap); otherwise stage copies.
             link = sandbox_can_protect_hardlinks(run_as)
-            with make_stager(settings.staging, store, remover, settings.build_root, link=link) as stager:
+            with make_stager(settings.staging, store, remover, part.path, link=link) as stager:
+                if settings.build_dir_bytes is not None:
+                    if os.geteuid() != 0:
+                        raise InvalidArgument("build_dir_size mounts a tmpfs per action and needs a worker running as root")
+                    stager = BoundedStager(stager, settings.build_dir_bytes)
                 config = ExecutorConfig(
-                    build_root=settings.build_root,
+                    build_root=part.path,
                     worker_name=settings.worker_name,
                     max_action_timeout=settings.max_action_timeout,
                     owner=Owner(runner.run_as.uid, runner.run_as.gid) if runner.run_as else None,
@@ -97,6 +112,16 @@ def open_executor(settings: ExecutorSettings) -> Iterator[tuple[Executor, FetchT
                 remover.drain()
     finally:
         channel.close()
+
+
+@contextlib.contextmanager
+def _claimed(build_root: str) -> Iterator[BuildRoot]:
+    """This worker's part of ``build_root``, dead workers' parts swept (storage/build_root.py)."""
+    part = BuildRoot.claim(build_root)
+    try:
+        yield part
+    finally:
+        part.close()
 
 
 @contextlib.contextmanager

@@ -183,10 +183,26 @@ class Farm:
         shutil.rmtree(self.top, ignore_errors=True)
 
 
+def build_root_parts(build_root: str) -> list[str]:
+    """The workers' parts of a build root (``w-<token>``, storage/build_root.py)."""
+    if not os.path.isdir(build_root):
+        return []
+    return [os.path.join(build_root, n) for n in os.listdir(build_root) if n.startswith("w-")]
+
+
 def staged_builds(worker: Worker) -> list[str]:
     """The worker's per-action build directories (not its own dot-directories, e.g. the
     trash that exists from the start): non-empty once an action is being staged."""
-    return [n for n in os.listdir(worker.build_root) if not n.startswith(".")]
+    return [n for part in build_root_parts(worker.build_root) for n in os.listdir(part) if not n.startswith(".")]
+
+
+def trash_entries(worker: Worker) -> list[str]:
+    """Trees handed to the worker's background remover and not yet removed."""
+    found = []
+    for part in build_root_parts(worker.build_root):
+        trash = os.path.join(part, ".trash")
+        found += os.listdir(trash) if os.path.isdir(trash) else []
+    return found
 
 
 def stage_name(operation) -> str:
