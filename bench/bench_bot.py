@@ -82,13 +82,13 @@ import grpc
 import psutil
 
 from reapi_worker.protos import re_grpc, re_pb2
-from reapi_worker.storage.channels import ConnectionOptions
 from reapi_worker.storage.digests import Digest
 from reapi_worker.storage.fetch_through import FetchThroughStore
 from reapi_worker.storage.local_cas import LocalCAS
 from reapi_worker.storage.remote_cas import RemoteCAS, RemoteOptions
 from reapi_worker.worker.client import CommandSpec, ExecutionClient, build_action
-from reapi_worker.worker.compose import ExecutorSettings, open_executor
+from reapi_worker.worker.compose import open_executor
+from reapi_worker.worker.config import WorkerConfig
 from reapi_worker.worker.executor import Executor
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -540,16 +540,17 @@ class CpuMeter:
 CPU_COLUMNS = ("worker", "bgd", "postgres", "bench")
 
 
-def executor_settings(address: str, top: str) -> ExecutorSettings:
+def baseline_config(address: str, top: str, staging: str) -> WorkerConfig:
     """What ``reapi-worker execute --local`` would build, against the bench's server."""
     os.makedirs(top, mode=0o755)
-    return ExecutorSettings(
-        cas=ConnectionOptions(url=f"grpc://{address}"),
+    return WorkerConfig(
+        remote=f"grpc://{address}",
         instance_name=INSTANCE,
         cache_dir=os.path.join(top, "cache"),
-        cache_bytes=1 << 30,
+        cache_size="1G",
         build_root=os.path.join(top, "builds"),
-        worker_name="bench-baseline",
+        bot_id="bench-baseline",
+        staging=staging,
     )
 
 
@@ -602,9 +603,9 @@ def main() -> int:
             workers = {c: farm.start_worker(f"c{c}", c, ("--staging", args.staging)) for c in concurrencies}
             processes = {c: psutil.Process(worker.pid) for c, worker in workers.items()}
             meter = CpuMeter(args.remote)
-            baseline_settings = executor_settings(args.remote, os.path.join(farm.top, "baseline"))
-            baseline_settings = dataclasses.replace(baseline_settings, staging=args.staging)
-            with open_executor(baseline_settings) as (executor, _store):
+            baseline = baseline_config(args.remote, os.path.join(farm.top, "baseline"), args.staging)
+            with open_executor(baseline) as graph:
+                executor = graph.executor
                 for c, worker in workers.items():  # warm up: caches, imports, connections
                     through_bot(farm, worker, farm.prepare(args.warmup, worker.bot_id), c)
                     through_executor(executor, farm.prepare(args.warmup, "baseline"), c)

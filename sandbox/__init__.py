@@ -34,6 +34,7 @@ Public surface::
     ResourceController, Confinement                      limits behind one interface
     choose_resource_controller() -> ResourceController   cgroup v2 | cgroup v1 | rlimits
     probe_host(bwrap="bwrap", run_as=None, controller=None) -> HostCapabilities
+    runner_probe(runner, scratch_dir, *, limits, extra_ro_binds) -> Probe   health's sandbox check
     bwrap_arguments(request, layout, fds) -> BwrapArguments   the pure argument builder
 
 The security argument (hardlinked inputs and uid 0) is in :mod:`.identity`; the sandbox's
@@ -47,7 +48,7 @@ from .errors import SandboxSetupError
 from .fake import FakeRunner
 from .identity import NOBODY, RunAs, prepare_build_dir, sandbox_can_protect_hardlinks
 from .limits import Confinement, ResourceController
-from .probe import HostCapabilities, choose_resource_controller, probe_host
+from .probe import HostCapabilities, Probe, choose_resource_controller, probe_host, runner_probe
 from .request import HOST_TOOLS_INPUT_ROOT, Bind, ResourceLimits, RootMode, SandboxRequest
 from .result import SandboxResult
 from .runner import Runner
@@ -65,6 +66,7 @@ __all__ = [
     "FakeRunner",
     "HostCapabilities",
     "HostLayout",
+    "Probe",
     "ResourceController",
     "ResourceLimits",
     "ResourceUsage",
@@ -78,5 +80,6 @@ __all__ = [
     "choose_resource_controller",
     "prepare_build_dir",
     "probe_host",
+    "runner_probe",
     "sandbox_can_protect_hardlinks",
 ]

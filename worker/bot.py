@@ -57,7 +57,8 @@ from typing import Protocol
 from reapi_worker.protos import bots_pb2, code_pb2
 from reapi_worker.storage.remote_cas import RetryPolicy
 
-from .leases import ActionExecutor, LeaseRunner, unavailable
+from .executor import ActionExecutor
+from .leases import LeaseRunner, unavailable
 from .session import (
     SHORT_CALL_DEADLINE,
     Failure,
@@ -118,7 +119,7 @@ class _NoEvents:
 
 
 @dataclass(frozen=True, slots=True)
-class BotSettings:
+class BotConfig:
     """How the session loop paces itself; see the module docstring.
 
     ``backoff``: waits between failed attempts (its ``max_attempts`` is not used: the bot
@@ -151,7 +152,7 @@ class Bot:
         self,
         session: SessionClient,
         executor: ActionExecutor,
-        settings: BotSettings | None = None,
+        config: BotConfig | None = None,
         *,
         clock: Callable[[], float] = time.monotonic,
         wait: Wait = _wait,
@@ -164,7 +165,7 @@ class Bot:
         self._events: BotEvents = events or _NoEvents()
         self._unhealthy_reasons: tuple[str, ...] = ()
         self._identity = session.identity
-        self._settings = settings or BotSettings()
+        self._config = config or BotConfig()
         self._clock = clock
         self._wait = wait
         self._rng = rng or random.Random()
@@ -224,7 +225,7 @@ class Bot:
                         break
                     if self._session is None:
                         # A lost session wants none of our results: wait for the runs to end.
-                        self._wait(self._wake, self._settings.heartbeat_seconds)
+                        self._wait(self._wake, self._config.heartbeat_seconds)
                         continue
                 if self._session is None:
                     self._create()
@@ -252,19 +253,19 @@ class Bot:
         now = self._clock()
         if requests >= 1 and not self._draining:
             self._draining = True
-            self._drain_deadline = now + self._settings.shutdown_grace_seconds
-            self._hard_deadline = self._drain_deadline + self._settings.final_report_seconds
+            self._drain_deadline = now + self._config.shutdown_grace_seconds
+            self._hard_deadline = self._drain_deadline + self._config.final_report_seconds
             handed = self._runner.hand_back_waiting()
             for _ in handed:
                 self._events.record_lease_finished(code_pb2.UNAVAILABLE)
             log.info(
                 "shutting down: %d lease(s) running, %d handed back; grace %.0f s",
-                self._runner.running_count(), len(handed), self._settings.shutdown_grace_seconds,
+                self._runner.running_count(), len(handed), self._config.shutdown_grace_seconds,
             )
         if self._draining and not self._aborted and (requests >= 2 or now >= self._drain_deadline):
             self._aborted = True
             aborted = self._runner.abort_running()
-            self._hard_deadline = min(self._hard_deadline, now + self._settings.final_report_seconds)
+            self._hard_deadline = min(self._hard_deadline, now + self._config.final_report_seconds)
             why = "second stop request" if requests >= 2 else "grace period over"
             log.warning("%s: aborting %d running lease(s); they are handed back", why, len(aborted))
 
@@ -273,7 +274,7 @@ class Bot:
 
     def _create(self) -> None:
         try:
-            session = self._client.create(self._settings.call_deadline_seconds, self._status())
+            session = self._client.create(self._config.call_deadline_seconds, self._status())
         except SessionCallError as error:
             self._failed("CreateBotSession", error)
             return
@@ -295,7 +296,7 @@ class Bot:
         request = session_to_send(self._session, self._identity, status, self._reports)
         # Only an OK bot is held by the scheduler; any other status is answered at once.
         long_poll = status == bots_pb2.OK and not self._reports and not self._runner.active()
-        deadline = self._settings.poll_deadline_seconds if long_poll else self._settings.call_deadline_seconds
+        deadline = self._config.poll_deadline_seconds if long_poll else self._config.call_deadline_seconds
         # A call carrying results is short and is never abandoned: the scheduler may have
         # taken them already, and a resent UNAVAILABLE/INTERNAL for a lease requeued to us
         # in between would requeue it once more.
@@ -309,7 +310,7 @@ class Bot:
             log.debug("UpdateBotSession (%s, %.1f s): %s after %.3f s", _states(request), deadline, error, elapsed)
             if error.kind is Failure.INTERRUPTED:
                 return  # woken by a finished lease or a signal: go round at once
-            if error.kind is Failure.TIMED_OUT and long_poll and elapsed >= self._settings.min_poll_seconds:
+            if error.kind is Failure.TIMED_OUT and long_poll and elapsed >= self._config.min_poll_seconds:
                 # The scheduler answers a long-poll well inside its deadline (0.8 x the
                 # shorter of it and its keepalive), so one that runs out was not answered:
                 # the scheduler is out of reach. Ask again at once, and tell health.
@@ -394,7 +395,7 @@ class Bot:
         if report.requeues:
             return  # a hand-back or an internal error: worth nothing if the lease returns
         self._remembered[report.lease_id] = report
-        while len(self._remembered) > self._settings.remembered_results:
+        while len(self._remembered) > self._config.remembered_results:
             self._remembered.popitem(last=False)
 
     def _lose_session(self, error: SessionCallError) -> None:
@@ -427,9 +428,9 @@ class Bot:
         idle_next = (
             not self._draining and not self._unhealthy_reasons and not self._reports and not self._runner.active()
         )
-        if idle_next and not (long_poll and elapsed < self._settings.min_poll_seconds and not news):
+        if idle_next and not (long_poll and elapsed < self._config.min_poll_seconds and not news):
             return  # the next call is a long-poll, and the scheduler paces it
-        self._wait(self._wake, self._settings.heartbeat_seconds)
+        self._wait(self._wake, self._config.heartbeat_seconds)
 
     def _status(self) -> int:
         """The status to report now; logs when health changes it."""
@@ -463,12 +464,12 @@ class Bot:
 
     def _backoff(self, attempt: int | None = None) -> None:
         """Wait before attempt ``attempt`` + 1 (default: after ``_failures`` failures)."""
-        delay = self._settings.backoff.backoff(self._failures if attempt is None else attempt, self._rng)
+        delay = self._config.backoff.backoff(self._failures if attempt is None else attempt, self._rng)
         # Whatever set the wake event so far was the failed call; from here on only a new
         # finished lease or a signal cuts the wait short.
         self._wake.clear()
         if self._runner.has_reports() or self._stop_pending():
-            delay = min(delay, self._settings.heartbeat_seconds)
+            delay = min(delay, self._config.heartbeat_seconds)
         self._wait(self._wake, delay)
 
 

@@ -1,8 +1,7 @@
-"""``reapi-worker``: the one command, and the composition root.
+"""``reapi-worker``: the one command and its subcommands' flags.
 
-This is the only module that picks concrete classes (which CAS, which stager, which
-sandbox runner) and wires them together; everything below it takes its collaborators
-through constructors.
+The subcommands themselves are in :mod:`.commands`; the concrete classes they run (which
+CAS, which stager, which sandbox runner) are chosen and wired in :mod:`.compose` only.
 """
 
 from __future__ import annotations

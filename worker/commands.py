@@ -1,4 +1,5 @@
-"""The CLI's subcommands (the parser lives in :mod:`.cli`)."""
+"""The CLI's subcommands (the parser lives in :mod:`.cli`): each reads its config, asks the
+composition root (:mod:`.compose`) for what it needs, uses it and prints the result."""
 
 from __future__ import annotations
 
@@ -10,30 +11,20 @@ import logging
 import os
 import signal
 import sys
-import tempfile
 import threading
 from collections.abc import Callable, Iterator
 
-import grpc
 from google.protobuf import json_format
 
-from reapi_worker.protos import bots_pb2_grpc, code_pb2, operations_pb2, re_pb2
+from reapi_worker.protos import code_pb2, operations_pb2, re_pb2
 from reapi_worker.protos.errors import InvalidArgument
 from reapi_worker.sandbox.probe import probe_host
-from reapi_worker.storage.channels import open_channel
 from reapi_worker.storage.digests import Digest
-from reapi_worker.storage.fetch_through import FetchThroughStore
-from reapi_worker.storage.local_cas import LocalCAS
-from reapi_worker.storage.remote_cas import RemoteCAS, RemoteOptions, RetryPolicy
 
-from .bot import Bot, BotSettings
 from .client import CommandSpec, ExecutionClient, build_action, download_outputs
-from .compose import ExecutorSettings, open_executor
-from .config import WorkerConfig, config_from_args, dump_toml
-from .health import HealthMonitor, HealthRecordingExecutor, HealthSettings, standard_checks
+from .compose import open_bot, open_client_store, open_executor
+from .config import config_from_args, dump_toml
 from .logs import configure_logging
-from .metrics import InstrumentedExecutor, MetricsServer, WorkerMetrics
-from .session import BotIdentity, SessionClient
 
 log = logging.getLogger("reapi_worker")
 
@@ -54,29 +45,10 @@ def capabilities(args: argparse.Namespace) -> int:
     return 0 if caps.bwrap_path and caps.user_namespaces else 1
 
 
-def executor_settings(cfg: WorkerConfig) -> ExecutorSettings:
-    """The executor's settings from the worker's config (the bot id names the worker in
-    every ActionResult)."""
-    return ExecutorSettings(
-        cas=cfg.cas_connection,
-        instance_name=cfg.instance_name,
-        cache_dir=cfg.cache_dir,
-        cache_bytes=cfg.cache_bytes,
-        cache_keep_free_bytes=cfg.cache_keep_free_bytes(),
-        build_root=cfg.build_root,
-        build_dir_bytes=cfg.build_dir_bytes,
-        max_action_timeout=cfg.max_action_timeout,
-        sandbox_uid=cfg.sandbox_uid,
-        sandbox_gid=cfg.sandbox_gid,
-        worker_name=cfg.effective_bot_id,
-        staging=cfg.staging,
-    )
-
-
 def run_action(args: argparse.Namespace) -> int:
     digest = Digest.parse(args.action)
-    with open_executor(executor_settings(config_from_args(args))) as (executor, _store):
-        outcome = executor.execute(digest)
+    with open_executor(config_from_args(args)) as graph:
+        outcome = graph.executor.execute(digest)
     _print_outcome(outcome.status, outcome.result, args.json)
     return 0 if outcome.ok else 1
 
@@ -98,15 +70,15 @@ def execute(args: argparse.Namespace) -> int:
     )
     cfg = config_from_args(args)
     if args.local:
-        with open_executor(executor_settings(cfg)) as (executor, store):
-            action_digest, blobs = build_action(store, spec, args.input_root)
-            store.upload_missing(blobs)
-            outcome = executor.execute(action_digest)
+        with open_executor(cfg) as graph:
+            action_digest, blobs = build_action(graph.store, spec, args.input_root)
+            graph.store.upload_missing(blobs)
+            outcome = graph.executor.execute(action_digest)
             if args.download and outcome.ok:
-                download_outputs(store, outcome.result, args.download)
+                download_outputs(graph.store, outcome.result, args.download)
         status, result = outcome.status, outcome.result
     else:
-        with _client_store(cfg) as (store, channel):
+        with open_client_store(cfg) as (store, channel):
             action_digest, blobs = build_action(store, spec, args.input_root)
             uploaded = store.upload_missing(blobs)
             log.info("action %s: uploaded %d of %d blob(s)", action_digest, len(uploaded), len(blobs))
@@ -127,73 +99,12 @@ def execute(args: argparse.Namespace) -> int:
     return 0 if status.code == code_pb2.OK and result.exit_code == 0 else 1
 
 
-@contextlib.contextmanager
-def _client_store(cfg: WorkerConfig) -> Iterator[tuple[FetchThroughStore, grpc.Channel]]:
-    """A store for a client: a throw-away local cache in front of the scheduler's CAS,
-    and the channel to the scheduler (the CAS gets its own when it lives elsewhere)."""
-    channel = open_channel(cfg.bots_connection)
-    cas_channel = open_channel(cfg.cas_connection) if cfg.cas_remote else channel
-    try:
-        with tempfile.TemporaryDirectory(prefix="reapi-client-") as cache_dir:
-            remote = RemoteCAS(cas_channel, RemoteOptions(instance_name=cfg.instance_name))
-            try:
-                with LocalCAS(cache_dir, max_bytes=cfg.cache_bytes) as local:
-                    yield FetchThroughStore(local, remote), channel
-            finally:
-                remote.close()
-    finally:
-        if cas_channel is not channel:
-            cas_channel.close()
-        channel.close()
-
-
 def bot(args: argparse.Namespace) -> int:
-    """The daemon: register with the scheduler and execute its leases until SIGTERM.
-
-    Wrappers stack here, inside out: the executor, then health recording (a sandbox that
-    cannot be set up turns the worker UNHEALTHY at once), then metrics."""
+    """The daemon: register with the scheduler and execute its leases until SIGTERM."""
     cfg = config_from_args(args)
     configure_logging(args.log_level, cfg.log_format)
-    identity = BotIdentity(
-        instance_name=cfg.instance_name,
-        bot_id=cfg.effective_bot_id,
-        capacity=cfg.concurrency,
-        properties=cfg.platform,
-    )
-    settings = BotSettings(
-        heartbeat_seconds=cfg.heartbeat_seconds,
-        poll_deadline_seconds=cfg.poll_deadline_seconds,
-        backoff=RetryPolicy(initial_backoff=min(0.25, cfg.max_backoff_seconds), max_backoff=cfg.max_backoff_seconds),
-        shutdown_grace_seconds=cfg.shutdown_grace_seconds,
-    )
-    health_settings = HealthSettings(
-        interval_seconds=cfg.health_interval_seconds,
-        scheduler_grace_seconds=cfg.scheduler_grace_seconds,
-        disk=cfg.disk_watermarks,
-    )
-    channel = open_channel(cfg.bots_connection)
-    try:
-        with open_executor(executor_settings(cfg)) as (executor, store), contextlib.ExitStack() as stack:
-            cache = store.local if isinstance(store.local, LocalCAS) else None
-            monitor = HealthMonitor(standard_checks(
-                health_settings, cache_dir=cfg.cache_dir, build_root=cfg.build_root,
-                cache=cache, probe=executor.sandbox_probe(),
-            ))
-            metrics = WorkerMetrics(
-                cache=cache, transfers=store, health=monitor,
-            )
-            stack.enter_context(monitor.start(health_settings.interval_seconds))
-            if cfg.metrics_port is not None:
-                stack.enter_context(MetricsServer(metrics, monitor, cfg.metrics_port, cfg.metrics_host))
-            instrumented = InstrumentedExecutor(HealthRecordingExecutor(executor, monitor), metrics)
-            daemon = Bot(
-                SessionClient(bots_pb2_grpc.BotsStub(channel), identity), instrumented, settings,
-                health=monitor, events=metrics,
-            )
-            with _stop_on_signals(daemon.request_stop):
-                return daemon.run()
-    finally:
-        channel.close()
+    with open_bot(cfg) as daemon, _stop_on_signals(daemon.request_stop):
+        return daemon.run()
 
 
 @contextlib.contextmanager

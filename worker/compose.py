@@ -1,114 +1,110 @@
-"""Build the executor's object graph from settings: the one place concrete classes meet.
+"""The composition root: the one place concrete classes are chosen and wired together.
 
-Layers stack here, bottom up: gRPC channel -> RemoteCAS -> LocalCAS -> FetchThroughStore ->
-stager (hardlink, FUSE, or auto choosing between them: :func:`make_stager`), wrapped in a
-BoundedStager when actions' writes are bounded -> bubblewrap runner -> Executor. Build
-directories live in this worker's part of the build root (storage/build_root.py).
-Everything else receives these through constructors.
+Everything is built from one :class:`~.config.WorkerConfig`; everything below this module
+receives its collaborators through constructors and never reads the config. The graph,
+bottom up (each line is built from the lines above it)::
+
+    channel to the CAS -> RemoteCAS
+    LocalCAS (the cache) -> FetchThroughStore (cache in front of the remote)  the store
+    HardlinkStager | FuseStager | AutoStager (``staging``)                    make_stager
+    BoundedStager around it (``build_dir_size``: each action's writes bounded) open_executor
+    BubblewrapRunner (the sandbox, as ``sandbox_uid``/``sandbox_gid``)       the runner
+    Executor (ExecutorConfig)                                                 open_executor
+    HealthRecordingExecutor, then InstrumentedExecutor around it              open_bot
+    HealthMonitor (its checks), WorkerMetrics, MetricsServer                  open_bot
+    Bot (a session with the scheduler, over its own channel)                  open_bot
+
+Build directories live in this worker's part of the build root (storage/build_root.py,
+which sweeps dead workers' parts at start).
+
+Adding a setting for one component: a field of ``WorkerConfig`` (its documentation comes
+with it), and a line here handing the value to the constructor of the component that uses
+it. Nothing else copies it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import socket
+import tempfile
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
+import grpc
+
+from reapi_worker.protos import bots_pb2_grpc
 from reapi_worker.protos.errors import InvalidArgument
 from reapi_worker.sandbox.bubblewrap import BubblewrapRunner
 from reapi_worker.sandbox.identity import RunAs, sandbox_can_protect_hardlinks
-from reapi_worker.sandbox.request import ResourceLimits
-from reapi_worker.storage.channels import ConnectionOptions, open_channel
+from reapi_worker.sandbox.probe import Probe, runner_probe
 from reapi_worker.storage.auto_staging import AutoStager, StagingRule
 from reapi_worker.storage.bounded_staging import BoundedStager
 from reapi_worker.storage.build_root import BuildRoot
+from reapi_worker.storage.channels import open_channel
 from reapi_worker.storage.content import LocalContent
 from reapi_worker.storage.fetch_through import FetchThroughStore
 from reapi_worker.storage.fuse import FuseMount, FuseStager
 from reapi_worker.storage.local_cas import LocalCAS
-from reapi_worker.storage.remote_cas import RemoteCAS, RemoteOptions
+from reapi_worker.storage.remote_cas import RemoteCAS, RemoteOptions, RetryPolicy
 from reapi_worker.storage.staging import HardlinkStager, Owner, Stager, TreeRemover
 from reapi_worker.storage.tree_facts import TreeFacts
 
+from .bot import Bot, BotConfig
+from .config import STAGINGS, WorkerConfig
 from .executor import Executor, ExecutorConfig
-
-_UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
-
-#: The stagers ``ExecutorSettings.staging`` may name (see :func:`make_stager`).
-STAGINGS = ("hardlink", "fuse", "auto")
-
-
-def parse_size(text: str) -> int:
-    """``500M``, ``10G``, ``1.5T``, ``4096`` -> bytes (binary units)."""
-    value = str(text).strip().upper().removesuffix("IB").removesuffix("B")
-    unit = value[-1:] if value[-1:] in _UNITS and value[-1:] != "" else ""
-    number = value[: len(value) - len(unit)]
-    try:
-        size = int(float(number) * _UNITS[unit])
-    except ValueError:
-        raise InvalidArgument(f"invalid size {text!r}: expected e.g. 500M or 10G") from None
-    if size <= 0:
-        raise InvalidArgument(f"invalid size {text!r}: must be positive")
-    return size
+from .health import HealthConfig, HealthMonitor, HealthRecordingExecutor, standard_checks
+from .metrics import InstrumentedExecutor, MetricsServer, WorkerMetrics
+from .session import BotIdentity, SessionClient
 
 
 @dataclass(frozen=True, slots=True)
-class ExecutorSettings:
-    """What an operator chooses for running actions on this host."""
+class ExecutorGraph:
+    """What :func:`open_executor` built: the executor, the store it reads and writes (whose
+    transfer counts the metrics show), the local cache under it (evicted by the disk
+    checks), and a probe that runs a trivial sandbox the way the executor runs actions."""
 
-    cas: ConnectionOptions
-    instance_name: str = ""
-    cache_dir: str = "/var/lib/reapi-worker/cache"
-    cache_bytes: int = 10 * 2**30
-    #: Free space the cache keeps on its file system by evicting (storage/local_cas.py).
-    cache_keep_free_bytes: int = 0
-    build_root: str = "/var/lib/reapi-worker/builds"
-    #: Bytes each action may write, on a tmpfs of its own (storage/bounded_staging.py);
-    #: None: no bound.
-    build_dir_bytes: int | None = None
-    max_action_timeout: float = 3600.0
-    sandbox_uid: int = 65534
-    sandbox_gid: int = 65534
-    worker_name: str = field(default_factory=socket.gethostname)
-    limits: ResourceLimits = field(default_factory=ResourceLimits)
-    #: How input roots are staged: ``hardlink`` (every blob fetched and linked before the
-    #: command), ``fuse`` (lazily, through a FUSE mount under a per-action overlay; root
-    #: only) or ``auto`` (per action: FUSE for big trees, see storage/auto_staging.py).
-    staging: str = "hardlink"
+    executor: Executor
+    store: FetchThroughStore
+    cache: LocalCAS
+    sandbox_probe: Probe
 
 
 @contextlib.contextmanager
-def open_executor(settings: ExecutorSettings) -> Iterator[tuple[Executor, FetchThroughStore]]:
-    """The executor and its store; everything is closed when the context ends."""
-    os.makedirs(settings.cache_dir, mode=0o700, exist_ok=True)
-    os.makedirs(settings.build_root, mode=0o755, exist_ok=True)
-    run_as = RunAs(settings.sandbox_uid, settings.sandbox_gid)
-    channel = open_channel(settings.cas)
+def open_executor(cfg: WorkerConfig) -> Iterator[ExecutorGraph]:
+    """The executor and what it stands on, from ``cfg``; everything is closed when the
+    context ends (the FUSE mount after the last staged input, staged trees deleted)."""
+    os.makedirs(cfg.cache_dir, mode=0o700, exist_ok=True)
+    os.makedirs(cfg.build_root, mode=0o755, exist_ok=True)
+    run_as = RunAs(cfg.sandbox_uid, cfg.sandbox_gid)
+    channel = open_channel(cfg.cas_connection)
     try:
-        remote = RemoteCAS(channel, RemoteOptions(instance_name=settings.instance_name))
+        remote = RemoteCAS(channel, RemoteOptions(instance_name=cfg.instance_name))
         with LocalCAS(
-            settings.cache_dir, max_bytes=settings.cache_bytes, keep_free_bytes=settings.cache_keep_free_bytes
-        ) as local, _claimed(settings.build_root) as part:
+            cfg.cache_dir, max_bytes=cfg.cache_bytes, keep_free_bytes=cfg.cache_keep_free_bytes()
+        ) as local, _claimed(cfg.build_root) as part:
             store = FetchThroughStore(local, remote)
             remover = TreeRemover(part.trash)
             runner = BubblewrapRunner(run_as=run_as)
             # Hardlinks are the cache's own inodes: only safe when the sandbox's uid does
             # not own them (MEASURED.md's uid-0 trap); otherwise stage copies.
             link = sandbox_can_protect_hardlinks(run_as)
-            with make_stager(settings.staging, store, remover, part.path, link=link) as stager:
-                if settings.build_dir_bytes is not None:
+            with make_stager(cfg.staging, store, remover, part.path, link=link) as stager:
+                bound = cfg.build_dir_bytes
+                if bound is not None:
                     if os.geteuid() != 0:
                         raise InvalidArgument("build_dir_size mounts a tmpfs per action and needs a worker running as root")
-                    stager = BoundedStager(stager, settings.build_dir_bytes)
+                    stager = BoundedStager(stager, bound)
                 config = ExecutorConfig(
                     build_root=part.path,
-                    worker_name=settings.worker_name,
-                    max_action_timeout=settings.max_action_timeout,
-                    owner=Owner(runner.run_as.uid, runner.run_as.gid) if runner.run_as else None,
-                    limits=settings.limits,
+                    # The bot id names the worker in every ActionResult.
+                    worker_name=cfg.effective_bot_id,
+                    max_action_timeout=cfg.max_action_timeout,
+                    owner=Owner(run_as.uid, run_as.gid),
                 )
-                yield Executor(store, stager, runner, config), store
+                probe = runner_probe(
+                    runner, config.build_root, limits=config.limits, extra_ro_binds=config.extra_ro_binds,
+                )
+                yield ExecutorGraph(Executor(store, stager, runner, config), store, local, probe)
                 remover.drain()
     finally:
         channel.close()
@@ -128,7 +124,7 @@ def _claimed(build_root: str) -> Iterator[BuildRoot]:
 def make_stager(
     staging: str, store: LocalContent, remover: TreeRemover, build_root: str, *, link: bool = True
 ) -> Iterator[Stager]:
-    """The stager ``staging`` names (one of :data:`STAGINGS`), open for the context.
+    """The stager ``staging`` names (one of :data:`~.config.STAGINGS`), open for the context.
 
     ``hardlink``: :class:`HardlinkStager` (copies instead of links unless ``link``).
     ``fuse``: a :class:`FuseStager` on the worker's FUSE mount at ``<build_root>/.fuse``
@@ -150,3 +146,65 @@ def make_stager(
         facts = TreeFacts()
         lazy = FuseStager(store, remover, mount, build_root, facts=facts)
         yield lazy if staging == "fuse" else AutoStager(eager, lazy, StagingRule(), facts)
+
+
+@contextlib.contextmanager
+def open_bot(cfg: WorkerConfig) -> Iterator[Bot]:
+    """The daemon, ready to :meth:`~.bot.Bot.run`: the executor wrapped (inside out) by
+    health recording — a sandbox that cannot be set up turns the worker UNHEALTHY at once —
+    and by metrics; the health monitor checking on its thread; the metrics endpoint serving
+    when ``metrics_port`` is set. Everything is closed when the context ends."""
+    identity = BotIdentity(
+        instance_name=cfg.instance_name,
+        bot_id=cfg.effective_bot_id,
+        capacity=cfg.concurrency,
+        properties=cfg.platform,
+    )
+    bot_config = BotConfig(
+        heartbeat_seconds=cfg.heartbeat_seconds,
+        poll_deadline_seconds=cfg.poll_deadline_seconds,
+        backoff=RetryPolicy(initial_backoff=min(0.25, cfg.max_backoff_seconds), max_backoff=cfg.max_backoff_seconds),
+        shutdown_grace_seconds=cfg.shutdown_grace_seconds,
+    )
+    health_config = HealthConfig(
+        interval_seconds=cfg.health_interval_seconds,
+        scheduler_grace_seconds=cfg.scheduler_grace_seconds,
+        disk=cfg.disk_watermarks,
+    )
+    channel = open_channel(cfg.bots_connection)
+    try:
+        with open_executor(cfg) as graph, contextlib.ExitStack() as stack:
+            monitor = HealthMonitor(standard_checks(
+                health_config, cache_dir=cfg.cache_dir, build_root=cfg.build_root,
+                cache=graph.cache, probe=graph.sandbox_probe,
+            ))
+            metrics = WorkerMetrics(cache=graph.cache, transfers=graph.store, health=monitor)
+            stack.enter_context(monitor.start(health_config.interval_seconds))
+            if cfg.metrics_port is not None:
+                stack.enter_context(MetricsServer(metrics, monitor, cfg.metrics_port, cfg.metrics_host))
+            executor = InstrumentedExecutor(HealthRecordingExecutor(graph.executor, monitor), metrics)
+            session = SessionClient(bots_pb2_grpc.BotsStub(channel), identity)
+            yield Bot(session, executor, bot_config, health=monitor, events=metrics)
+    finally:
+        channel.close()
+
+
+@contextlib.contextmanager
+def open_client_store(cfg: WorkerConfig) -> Iterator[tuple[FetchThroughStore, grpc.Channel]]:
+    """A store for a client (``reapi-worker execute``): a throw-away local cache in front of
+    the scheduler's CAS, and the channel to the scheduler (the CAS gets its own when it
+    lives elsewhere)."""
+    channel = open_channel(cfg.bots_connection)
+    cas_channel = open_channel(cfg.cas_connection) if cfg.cas_remote else channel
+    try:
+        with tempfile.TemporaryDirectory(prefix="reapi-client-") as cache_dir:
+            remote = RemoteCAS(cas_channel, RemoteOptions(instance_name=cfg.instance_name))
+            try:
+                with LocalCAS(cache_dir, max_bytes=cfg.cache_bytes) as local:
+                    yield FetchThroughStore(local, remote), channel
+            finally:
+                remote.close()
+    finally:
+        if cas_channel is not channel:
+            cas_channel.close()
+        channel.close()

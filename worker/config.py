@@ -43,8 +43,6 @@ from typing import Any
 from reapi_worker.protos.errors import InvalidArgument
 from reapi_worker.storage.channels import ConnectionOptions
 
-from .compose import parse_size
-from .health import FreeSpace, Watermarks
 
 #: Groups of settings, by which commands take them as flags.
 SERVER = "server"  # every command that talks to a server
@@ -54,7 +52,95 @@ LOGGING = "logging"
 
 Platform = tuple[tuple[str, str], ...]
 
+#: The stagers ``staging`` may name (built by :func:`~.compose.make_stager`).
+STAGINGS = ("hardlink", "fuse", "auto")
+
 _KINDS = ("str", "optional-str", "int", "optional-int", "float", "size", "free-space", "choice", "platform")
+
+
+# ------------------------------------------------------------------------------ values
+
+_UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+
+
+def parse_size(text: str) -> int:
+    """``500M``, ``10G``, ``1.5T``, ``4096`` -> bytes (binary units). Raises InvalidArgument."""
+    value = str(text).strip().upper().removesuffix("IB").removesuffix("B")
+    unit = value[-1:] if value[-1:] in _UNITS and value[-1:] != "" else ""
+    number = value[: len(value) - len(unit)]
+    try:
+        size = int(float(number) * _UNITS[unit])
+    except ValueError:
+        raise InvalidArgument(f"invalid size {text!r}: expected e.g. 500M or 10G") from None
+    if size <= 0:
+        raise InvalidArgument(f"invalid size {text!r}: must be positive")
+    return size
+
+
+def format_bytes(count: int) -> str:
+    """``2147483648`` -> ``"2.0 GiB"``: sizes as people read them, in reasons and logs."""
+    value = float(count)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
+@dataclass(frozen=True, slots=True)
+class FreeSpace:
+    """An amount of free space: a ``fraction`` of the file system, or ``size_bytes``."""
+
+    fraction: float | None = None
+    size_bytes: int | None = None
+
+    def __post_init__(self) -> None:
+        if (self.fraction is None) == (self.size_bytes is None):
+            raise InvalidArgument("a free-space watermark is a fraction or a size, exactly one")
+        if self.fraction is not None and not 0.0 <= self.fraction < 1.0:
+            raise InvalidArgument(f"free-space fraction {self.fraction} must be in [0, 1)")
+        if self.size_bytes is not None and self.size_bytes < 0:
+            raise InvalidArgument(f"free-space size {self.size_bytes} must not be negative")
+
+    @classmethod
+    def parse(cls, text: str) -> FreeSpace:
+        """``"10%"`` -> a tenth of the file system; ``"20G"``, ``"500M"`` -> that many bytes."""
+        text = str(text).strip()
+        if text.endswith("%"):
+            try:
+                return cls(fraction=float(text[:-1]) / 100)
+            except ValueError:
+                raise InvalidArgument(f"invalid free-space watermark {text!r}: expected e.g. 10% or 20G") from None
+        return cls(size_bytes=parse_size(text))
+
+    def of(self, total_bytes: int) -> int:
+        """This amount in bytes, on a file system of ``total_bytes``."""
+        if self.fraction is not None:
+            return int(total_bytes * self.fraction)
+        assert self.size_bytes is not None
+        return self.size_bytes
+
+    def __str__(self) -> str:
+        return f"{self.fraction * 100:g}%" if self.fraction is not None else format_bytes(self.size_bytes or 0)
+
+
+@dataclass(frozen=True, slots=True)
+class Watermarks:
+    """Free space to keep on a disk: below ``low`` the cache evicts, below ``critical`` the
+    worker takes no work. ``critical`` must not exceed ``low`` (compared as fractions when
+    both are fractions, as sizes when both are sizes; mixed kinds are checked per disk)."""
+
+    low: FreeSpace = FreeSpace(fraction=0.10)
+    critical: FreeSpace = FreeSpace(fraction=0.05)
+
+    def __post_init__(self) -> None:
+        pairs = ((self.low.fraction, self.critical.fraction), (self.low.size_bytes, self.critical.size_bytes))
+        for low, critical in pairs:
+            if low is not None and critical is not None and critical > low:
+                raise InvalidArgument(f"critical free-space watermark {self.critical} is above the low one {self.low}")
+
+
+# ------------------------------------------------------------------------------ schema
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,7 +276,7 @@ class WorkerConfig:
         65534, group=EXECUTOR, kind="int", example="65534", help="gid actions run as",
     )
     staging: str = _setting(
-        "hardlink", group=EXECUTOR, kind="choice", choices=("hardlink", "fuse", "auto"), example='"auto"',
+        "hardlink", group=EXECUTOR, kind="choice", choices=STAGINGS, example='"auto"',
         help="how input roots are materialised: hardlink (every blob fetched and linked from the local "
         "cache first), fuse (lazily through a FUSE mount, blobs fetched on first open; needs root) or "
         "auto (chosen per action: FUSE for big input trees)",

@@ -1,4 +1,7 @@
-"""Execute one Action: fetch inputs, stage, run in the sandbox, capture outputs.
+"""The executor seam: :class:`ActionExecutor` (its contract), :class:`Outcome` (what it
+returns) and :class:`Executor` (the one that does the work: fetch inputs, stage, run in the
+sandbox, capture outputs). Wrappers that count or watch outcomes (``metrics.py``,
+``health.py``) implement the same interface around it; the composition root stacks them.
 
 The phases are named after the REAPI timestamps they fill in ``ExecutedActionMetadata``:
 input fetch (Action, Command, the input tree, its blobs, staging), execution (the sandbox),
@@ -6,9 +9,12 @@ output upload (capture into the local CAS, upload what the remote lacks). For lo
 metrics the input fetch is timed in two parts, ``fetch`` and ``stage`` (see :data:`PHASES`).
 
 :meth:`Executor.execute` never raises: every problem becomes the ``status`` of the
-:class:`Outcome` (the first error wins), a bad action never takes the worker down, and a
-non-zero exit code is a normal, successful result. A fault of the worker's own (out of
-space, ...) is UNAVAILABLE, never a result (worker/faults.py).
+:class:`Outcome`, a bad action never takes the worker down, and a non-zero exit code is a
+normal, successful result. The first error wins (Buildbarn's rule): once a status is set —
+a timeout's DEADLINE_EXCEEDED, say — a later error (capturing or uploading what the
+command left) only adds to its message, so the client learns why the action really failed.
+A fault of the worker's own (out of space, ...) is UNAVAILABLE, never a result
+(worker/faults.py).
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from google.protobuf import struct_pb2
 from google.protobuf.duration_pb2 import Duration
@@ -85,9 +92,37 @@ class Outcome:
         return self.status.code == code_pb2.OK
 
 
+def is_sandbox_setup_failure(outcome: Outcome) -> bool:
+    """Whether an execution failed because its sandbox could not be set up: INTERNAL from
+    the run phase, which is what the executor reports for a SandboxSetupError (a runner
+    that does not start the command); a command that runs and fails is not an error."""
+    return outcome.status.code == code_pb2.INTERNAL and outcome.failed_phase == "run"
+
+
+class ActionExecutor(Protocol):
+    """Execute one Action; the seam between the lease runner and everything below it.
+
+    Contract, for the executor and every wrapper of it:
+
+    * ``execute`` never raises: whatever goes wrong is the returned :class:`Outcome`'s
+      status (an infrastructure fault as UNAVAILABLE, so the scheduler retries it); a
+      non-zero exit code is an OK status;
+    * ``action`` is the Action when the caller already holds it (a lease payload), else
+      ``None`` and it is read from the CAS by ``action_digest``;
+    * ``cancel``: once set, the run is killed and the outcome's status is CANCELLED; the
+      caller owns the event;
+    * thread-safe: one executor serves every lease at once, each on its own thread.
+    """
+
+    def execute(
+        self, action_digest: Digest, action: re_pb2.Action | None = None, cancel: threading.Event | None = None
+    ) -> Outcome: ...
+
+
 class Executor:
-    """Runs Actions with the given store, stager and runner. Thread-safe: the bot calls
-    :meth:`execute` from several threads at once, one per lease."""
+    """The :class:`ActionExecutor` that does the work, with the given store, stager and
+    runner. Thread-safe: the bot calls :meth:`execute` from several threads at once, one per
+    lease."""
 
     def __init__(
         self,
@@ -104,16 +139,6 @@ class Executor:
         self._clock = clock
         os.makedirs(config.build_root, exist_ok=True)
 
-    def sandbox_probe(self) -> Callable[[], str | None]:
-        """A health probe that runs ``/bin/true`` through this executor's runner, with its
-        limits and binds, so it fails for the reasons an action's sandbox would."""
-        from .health import runner_probe  # health imports this module
-
-        return runner_probe(
-            self._runner, self._config.build_root,
-            limits=self._config.limits, extra_ro_binds=self._config.extra_ro_binds,
-        )
-
     def execute(
         self, action_digest: Digest, action: re_pb2.Action | None = None, cancel: threading.Event | None = None
     ) -> Outcome:
@@ -126,12 +151,12 @@ class Executor:
             self._execute(action_digest, action, cancel, outcome)
         except ReapiError as error:
             # The worker's own faults (out of space, ...) are never results: faults.py.
-            outcome.status.CopyFrom(lease_status(error))
+            _first_error_wins(outcome, lease_status(error), action_digest)
         except Exception as error:  # a bug must cost one action, never the worker
             if worker_resource_cause(error) is None:
                 log.exception("executing %s", action_digest)
                 error = Internal(f"executing {action_digest}: {error!r}")
-            outcome.status.CopyFrom(lease_status(error))
+            _first_error_wins(outcome, lease_status(error), action_digest)
         if not outcome.ok and outcome.failed_phase is None:
             # A phase records its duration when it finishes, so an error rose in the first
             # phase without one.
@@ -233,6 +258,19 @@ class Executor:
         now = self._clock()
         field_.FromNanoseconds(int(now * 1e9))
         return now
+
+
+def _first_error_wins(outcome: Outcome, status: status_pb2.Status, action_digest: Digest) -> None:
+    """Make ``status`` the outcome's, unless an earlier error already set one: that one is
+    why the action failed (a capture that fails after a timeout failed *because* of it, or
+    failed besides); the later error is appended to its message, never put in its place."""
+    if outcome.ok:
+        outcome.status.CopyFrom(status)
+        return
+    log.warning(
+        "executing %s: after %s, also: %s", action_digest, code_pb2.Code.Name(outcome.status.code), status.message,
+    )
+    outcome.status.message = f"{outcome.status.message}; then: {status.message}"
 
 
 def _add_usage(metadata: re_pb2.ExecutedActionMetadata, run: SandboxResult) -> None:

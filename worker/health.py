@@ -22,9 +22,9 @@ The checks:
   safety goes in this order: below the ``low`` watermark the cache is asked to evict enough
   to get back above it (then the space is measured again); only if free space is still
   below ``critical`` does the worker stop taking work. Either way the reason says why.
-* :class:`SandboxCheck` — a trivial sandbox (:func:`runner_probe`: ``/bin/true`` through the
-  real runner, with the actions' limits) at most every ``interval_seconds``; an action whose
-  sandbox could not be set up (:func:`is_sandbox_setup_failure`, fed by
+* :class:`SandboxCheck` — a trivial sandbox (``sandbox.probe.runner_probe``: ``/bin/true``
+  through the real runner, with the actions' limits) at most every ``interval_seconds``; an action whose
+  sandbox could not be set up (:func:`~.executor.is_sandbox_setup_failure`, fed by
   :meth:`HealthMonitor.record_outcome`) fails the check at once, until a probe passes again
   (retried every ``retry_seconds`` meanwhile).
 
@@ -40,30 +40,26 @@ from __future__ import annotations
 import enum
 import logging
 import os
-import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from reapi_worker.protos import code_pb2, re_pb2
+from reapi_worker.protos import re_pb2
 from reapi_worker.protos.errors import InvalidArgument, ReapiError
-from reapi_worker.sandbox.request import Bind, ResourceLimits, SandboxRequest
-from reapi_worker.sandbox.runner import Runner
+from reapi_worker.sandbox.probe import Probe
 from reapi_worker.storage.digests import Digest
 from reapi_worker.storage.local_cas import CacheStats
 
-from .executor import Outcome
-from .leases import ActionExecutor
+from .config import Watermarks, format_bytes
+from .executor import ActionExecutor, Outcome, is_sandbox_setup_failure
 
 log = logging.getLogger("reapi_worker.health")
 
 Clock = Callable[[], float]
 #: ``os.statvfs``'s signature; tests pass a fake that reports any free space they like.
 StatVfs = Callable[[str], os.statvfs_result]
-#: A sandbox probe: ``None`` when a trivial sandbox ran, else why it did not.
-Probe = Callable[[], str | None]
 
 
 class Level(enum.IntEnum):
@@ -139,13 +135,6 @@ class HealthCheck(Protocol):
     def evaluate(self, now: float) -> CheckResult: ...
 
 
-def is_sandbox_setup_failure(outcome: Outcome) -> bool:
-    """Whether an execution failed because its sandbox could not be set up: INTERNAL from
-    the run phase, which is what the executor reports for a SandboxSetupError (a runner
-    that does not start the command); a command that runs and fails is not an error."""
-    return outcome.status.code == code_pb2.INTERNAL and outcome.failed_phase == "run"
-
-
 # ---- scheduler -----------------------------------------------------------------------------
 
 
@@ -195,63 +184,6 @@ class SchedulerCheck:
 
 
 # ---- disks ---------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class FreeSpace:
-    """An amount of free space: a ``fraction`` of the file system, or ``size_bytes``."""
-
-    fraction: float | None = None
-    size_bytes: int | None = None
-
-    def __post_init__(self) -> None:
-        if (self.fraction is None) == (self.size_bytes is None):
-            raise InvalidArgument("a free-space watermark is a fraction or a size, exactly one")
-        if self.fraction is not None and not 0.0 <= self.fraction < 1.0:
-            raise InvalidArgument(f"free-space fraction {self.fraction} must be in [0, 1)")
-        if self.size_bytes is not None and self.size_bytes < 0:
-            raise InvalidArgument(f"free-space size {self.size_bytes} must not be negative")
-
-    @classmethod
-    def parse(cls, text: str) -> FreeSpace:
-        """``"10%"`` -> a tenth of the file system; ``"20G"``, ``"500M"`` -> that many bytes."""
-        # parse_size lives in the composition root for now; imported here, not at the top,
-        # so that the composition root can import this module.
-        from .compose import parse_size
-
-        text = str(text).strip()
-        if text.endswith("%"):
-            try:
-                return cls(fraction=float(text[:-1]) / 100)
-            except ValueError:
-                raise InvalidArgument(f"invalid free-space watermark {text!r}: expected e.g. 10% or 20G") from None
-        return cls(size_bytes=parse_size(text))
-
-    def of(self, total_bytes: int) -> int:
-        """This amount in bytes, on a file system of ``total_bytes``."""
-        if self.fraction is not None:
-            return int(total_bytes * self.fraction)
-        assert self.size_bytes is not None
-        return self.size_bytes
-
-    def __str__(self) -> str:
-        return f"{self.fraction * 100:g}%" if self.fraction is not None else _bytes(self.size_bytes or 0)
-
-
-@dataclass(frozen=True, slots=True)
-class Watermarks:
-    """Free space to keep on a disk: below ``low`` the cache evicts, below ``critical`` the
-    worker takes no work. ``critical`` must not exceed ``low`` (compared as fractions when
-    both are fractions, as sizes when both are sizes; mixed kinds are checked per disk)."""
-
-    low: FreeSpace = FreeSpace(fraction=0.10)
-    critical: FreeSpace = FreeSpace(fraction=0.05)
-
-    def __post_init__(self) -> None:
-        pairs = ((self.low.fraction, self.critical.fraction), (self.low.size_bytes, self.critical.size_bytes))
-        for low, critical in pairs:
-            if low is not None and critical is not None and critical > low:
-                raise InvalidArgument(f"critical free-space watermark {self.critical} is above the low one {self.low}")
 
 
 class EvictableCache(Protocol):
@@ -309,7 +241,7 @@ class DiskCheck:
         note = ""
         if usage.free_bytes < low and self._cache is not None and self._may_evict(now):
             note, usage = self._evict(usage, low - usage.free_bytes)
-        free = f"{where}: {_bytes(usage.free_bytes)} free of {_bytes(usage.total_bytes)} ({usage.free_fraction:.1%})"
+        free = f"{where}: {format_bytes(usage.free_bytes)} free of {format_bytes(usage.total_bytes)} ({usage.free_fraction:.1%})"
         if usage.free_bytes < critical:
             reason = f"{free}, below the critical watermark {self._marks.critical}: taking no work{note}"
             return CheckResult(self.name, Level.UNHEALTHY, reason, usage)
@@ -334,12 +266,12 @@ class DiskCheck:
         except ReapiError as error:
             log.warning("%s: eviction failed: %s", self.name, error)
             return f"; eviction failed: {error}", usage
-        log.info("%s: below the low watermark, evicted %s from the cache", self.name, _bytes(freed))
+        log.info("%s: below the low watermark, evicted %s from the cache", self.name, format_bytes(freed))
         try:
             usage = self.usage()
         except OSError:
             pass  # reported on the next evaluation
-        return f"; evicted {_bytes(freed)} from the cache", usage
+        return f"; evicted {format_bytes(freed)} from the cache", usage
 
 
 def standard_disk_checks(
@@ -419,45 +351,6 @@ class SandboxCheck:
         if problem:
             return CheckResult(self.name, Level.UNHEALTHY, problem)
         return CheckResult(self.name, Level.OK)
-
-
-def runner_probe(
-    runner: Runner,
-    scratch_dir: str,
-    *,
-    limits: ResourceLimits = ResourceLimits(),
-    extra_ro_binds: Iterable[Bind] = (),
-    command: str = "/bin/true",
-    timeout: float = 30.0,
-) -> Probe:
-    """A probe that runs ``command`` through ``runner`` the way an action runs (same runner,
-    same limits and binds, an empty input root in ``scratch_dir``, usually the build root),
-    so it fails for the reasons actions would. A few milliseconds with bubblewrap."""
-    binds = tuple(extra_ro_binds)
-
-    def probe() -> str | None:
-        with tempfile.TemporaryDirectory(prefix="health-probe-", dir=scratch_dir) as top:
-            # bubblewrap runs as the sandbox's uid, which must reach the input root.
-            os.chmod(top, 0o755)
-            root = os.path.join(top, "root")
-            os.mkdir(root)
-            os.chmod(root, 0o755)
-            output = os.path.join(top, "output")
-            request = SandboxRequest(
-                arguments=(command,), environment={}, input_root=root, stdout_path=output,
-                stderr_path=output, timeout=timeout, limits=limits, extra_ro_binds=binds,
-            )
-            try:
-                result = runner.run(request)
-            except ReapiError as error:
-                return f"a trivial sandbox could not be set up: {error}"
-            if result.exit_code != 0:
-                with open(output, "rb") as stream:
-                    said = stream.read()[-300:].decode(errors="replace").strip()
-                return f"a trivial sandbox ({command}) exited {result.exit_code}: {said}"
-        return None
-
-    return probe
 
 
 # ---- the monitor ---------------------------------------------------------------------------
@@ -580,7 +473,7 @@ class HealthRecordingExecutor:
 
 
 @dataclass(frozen=True, slots=True)
-class HealthSettings:
+class HealthConfig:
     """The operator's choices for the checks (see each check for what they mean).
 
     ``interval_seconds``: how often the monitor's thread checks. ``scheduler_grace_seconds``:
@@ -598,7 +491,7 @@ class HealthSettings:
 
 
 def standard_checks(
-    settings: HealthSettings,
+    config: HealthConfig,
     *,
     cache_dir: str,
     build_root: str,
@@ -608,16 +501,16 @@ def standard_checks(
     statvfs: StatVfs = os.statvfs,
 ) -> list[HealthCheck]:
     """The worker's checks: scheduler, cache disk, build-root disk and (with a ``probe``,
-    e.g. :func:`runner_probe`) sandbox."""
-    checks: list[HealthCheck] = [SchedulerCheck(settings.scheduler_grace_seconds, clock=clock)]
+    e.g. :func:`~reapi_worker.sandbox.probe.runner_probe`) sandbox."""
+    checks: list[HealthCheck] = [SchedulerCheck(config.scheduler_grace_seconds, clock=clock)]
     checks += standard_disk_checks(
-        cache_dir, build_root, settings.disk, cache,
-        evict_interval_seconds=settings.evict_interval_seconds, statvfs=statvfs,
+        cache_dir, build_root, config.disk, cache,
+        evict_interval_seconds=config.evict_interval_seconds, statvfs=statvfs,
     )
     if probe is not None:
         checks.append(SandboxCheck(
-            probe, interval_seconds=settings.sandbox_probe_seconds,
-            retry_seconds=settings.sandbox_retry_seconds, clock=clock,
+            probe, interval_seconds=config.sandbox_probe_seconds,
+            retry_seconds=config.sandbox_retry_seconds, clock=clock,
         ))
     return checks
 
@@ -637,12 +530,3 @@ def _log_changes(previous: HealthReport | None, report: HealthReport) -> None:
             log.warning("health: taking no work: %s", "; ".join(report.reasons))
     elif previous is None and not report.ok:
         log.warning("health: taking no work: %s", "; ".join(report.reasons))
-
-
-def _bytes(count: int) -> str:
-    value = float(count)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if value < 1024 or unit == "TiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    raise AssertionError("unreachable")

@@ -11,7 +11,7 @@ How it ends decides what the scheduler is told (:class:`~.session.LeaseReport`):
   reported UNAVAILABLE so the job is requeued rather than failed;
 * a payload that is neither an Action nor a Digest: INVALID_ARGUMENT at once.
 
-The executor never raises by contract; if it does anyway (a bug), the lease is reported
+The executor (:class:`~.executor.ActionExecutor`) never raises by contract; if it does anyway (a bug), the lease is reported
 INTERNAL (requeued by the scheduler) and the bot goes on.
 
 Thread-safety: every public method may be called from any thread; ``on_change`` is called
@@ -28,25 +28,15 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from typing import Protocol
 
 from reapi_worker.protos import bots_pb2, code_pb2, re_pb2, status_pb2
 from reapi_worker.protos.errors import InvalidArgument
 from reapi_worker.storage.digests import Digest
 
-from .executor import Outcome
+from .executor import ActionExecutor, Outcome
 from .session import LeaseReport
 
 log = logging.getLogger("reapi_worker.lease")
-
-
-class ActionExecutor(Protocol):
-    """What the runner needs of :class:`~.executor.Executor`: never raises, honours
-    ``cancel`` (a cancelled run returns status CANCELLED)."""
-
-    def execute(
-        self, action_digest: Digest, action: re_pb2.Action | None = None, cancel: threading.Event | None = None
-    ) -> Outcome: ...
 
 
 class Ending(enum.Enum):

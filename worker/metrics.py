@@ -40,9 +40,8 @@ from reapi_worker.storage.digests import Digest
 from reapi_worker.storage.fetch_through import TransferStats
 from reapi_worker.storage.local_cas import CacheStats
 
-from .executor import PHASES, Outcome
-from .health import HealthReport, is_sandbox_setup_failure
-from .leases import ActionExecutor
+from .executor import PHASES, ActionExecutor, Outcome, is_sandbox_setup_failure
+from .health import HealthReport
 
 log = logging.getLogger("reapi_worker.metrics")
 

@@ -1,4 +1,4 @@
-"""A fake of our own ``ActionExecutor`` interface (worker/leases.py) for the bot's tests.
+"""A fake of our own ``ActionExecutor`` interface (worker/executor.py) for the bot's tests.
 
 What an action does is written in its ``salt`` (so each test action is also unique):
 

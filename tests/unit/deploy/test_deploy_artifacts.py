@@ -48,7 +48,7 @@ from reapi_worker.sandbox.bwrap_args import ControlFds, HostLayout, bwrap_argume
 from reapi_worker.sandbox.request import SandboxRequest
 from reapi_worker.storage.fetch_through import TransferStats
 from reapi_worker.storage.local_cas import CacheStats
-from reapi_worker.worker.bot import BotSettings
+from reapi_worker.worker.bot import BotConfig
 from reapi_worker.worker.config import WorkerConfig, load_config, settings
 from reapi_worker.worker.health import CheckResult, DiskUsage, HealthReport, Level
 from reapi_worker.worker.metrics import METRICS, PREFIX, MetricsServer, WorkerMetrics
@@ -67,7 +67,7 @@ CONFIG_PATH = "/etc/reapi-worker/worker.toml"
 BUILDGRID_SERVICE = "grpc://buildgrid.buildgrid.svc.cluster.local:50051"
 
 #: How long after the grace period the bot may still take to abort and report (its default).
-FINAL_REPORT_SECONDS = BotSettings().final_report_seconds
+FINAL_REPORT_SECONDS = BotConfig().final_report_seconds
 
 
 def sample_config() -> WorkerConfig:

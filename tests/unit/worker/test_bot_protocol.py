@@ -20,11 +20,11 @@ from fakes.executor import FakeExecutor, action
 
 from reapi_worker.protos import bots_pb2, bots_pb2_grpc, code_pb2, re_pb2
 from reapi_worker.storage.remote_cas import RetryPolicy
-from reapi_worker.worker.bot import Bot, BotSettings
+from reapi_worker.worker.bot import Bot, BotConfig
 from reapi_worker.worker.session import BotIdentity, SessionClient
 
 PROPS = (("ISA", "x86-64"), ("OSFamily", "linux"))
-FAST = BotSettings(
+FAST = BotConfig(
     heartbeat_seconds=0.05,
     backoff=RetryPolicy(initial_backoff=0.02, max_backoff=0.1),
     shutdown_grace_seconds=30,
@@ -47,7 +47,7 @@ class Running:
 
 
 @contextlib.contextmanager
-def running_bot(fake: FakeBotsServer, executor: FakeExecutor, settings: BotSettings = FAST, capacity: int = 1, **kw):
+def running_bot(fake: FakeBotsServer, executor: FakeExecutor, settings: BotConfig = FAST, capacity: int = 1, **kw):
     channel = grpc.insecure_channel(fake.address)
     identity = BotIdentity("main", "bot-1", capacity, PROPS)
     bot = Bot(SessionClient(bots_pb2_grpc.BotsStub(channel), identity), executor, settings, **kw)
@@ -161,7 +161,7 @@ def test_a_lease_that_is_not_an_action_is_refused_without_running(fake, executor
 
 def test_a_finished_lease_is_reported_without_waiting_for_the_next_heartbeat(executor):
     # Heartbeat and long-poll both 30 s: only the cancel-and-resend path can report in time.
-    slow = BotSettings(heartbeat_seconds=30, poll_deadline_seconds=30)
+    slow = BotConfig(heartbeat_seconds=30, poll_deadline_seconds=30)
     with FakeBotsServer(keepalive=30) as fake:
         blocker, quick = fake.queue(action("block:long")), fake.queue(action("exit:0"))
         with running_bot(fake, executor, settings=slow, capacity=2) as bot:
@@ -185,7 +185,7 @@ def test_an_idle_bot_long_polls_instead_of_spinning(fake, executor):
 
 def test_against_a_scheduler_that_never_holds_calls_the_bot_paces_itself(executor):
     with FakeBotsServer(keepalive=1.0, min_hold=1000) as fake:  # never long-polls
-        settings = BotSettings(heartbeat_seconds=0.2)
+        settings = BotConfig(heartbeat_seconds=0.2)
         with running_bot(fake, executor, settings=settings):
             until(lambda: fake.calls_of("UpdateBotSession"))
             before = len(fake.calls)
@@ -202,7 +202,7 @@ def test_failing_scheduler_gets_capped_exponential_backoff(fake, executor):
         return event.wait(0.001)  # virtual time: record, do not sleep
 
     fake.fail("CreateBotSession", *[grpc.StatusCode.UNAVAILABLE] * 8)
-    settings = BotSettings(backoff=RetryPolicy(initial_backoff=0.25, max_backoff=2.0, jitter=0.2))
+    settings = BotConfig(backoff=RetryPolicy(initial_backoff=0.25, max_backoff=2.0, jitter=0.2))
     with running_bot(fake, executor, settings=settings, wait=recording_wait) as bot:
         until(lambda: bot.bot.sessions_created == 1)
     backoffs = waits[:8]
@@ -221,7 +221,7 @@ def test_after_an_outage_the_session_is_recreated_without_another_backoff(fake, 
         waits.append(timeout)
         return event.wait(0.001)  # virtual time: record, do not sleep
 
-    settings = BotSettings(backoff=RetryPolicy(initial_backoff=1.0, max_backoff=5.0, jitter=0.0), heartbeat_seconds=0.01)
+    settings = BotConfig(backoff=RetryPolicy(initial_backoff=1.0, max_backoff=5.0, jitter=0.0), heartbeat_seconds=0.01)
     with running_bot(fake, executor, settings=settings, wait=recording_wait) as bot:
         lease_id = fake.queue(action("block:outage"))
         executor.wait_started("block:outage")  # a running lease: the bot sends heartbeats
@@ -237,7 +237,7 @@ def test_after_an_outage_the_session_is_recreated_without_another_backoff(fake, 
 
 def test_heartbeats_keep_the_session_alive_through_a_long_action(executor):
     with FakeBotsServer(keepalive=1.0, reap=True) as fake:
-        settings = BotSettings(heartbeat_seconds=0.3)
+        settings = BotConfig(heartbeat_seconds=0.3)
         with running_bot(fake, executor, settings=settings) as bot:
             lease_id = fake.queue(action("block:long"))
             executor.wait_started("block:long")
@@ -339,7 +339,7 @@ def test_stop_drains_running_leases_reports_them_and_terminates(fake, executor):
 
 def test_an_idle_bot_whose_scheduler_is_gone_exits_at_once_on_stop(fake, executor):
     # Nothing to report: one failed BOT_TERMINATING is enough, not the whole grace period.
-    settings = BotSettings(heartbeat_seconds=0.05, shutdown_grace_seconds=30, final_report_seconds=30)
+    settings = BotConfig(heartbeat_seconds=0.05, shutdown_grace_seconds=30, final_report_seconds=30)
     with running_bot(fake, executor, settings=settings) as bot:
         until(lambda: bot.bot.sessions_created == 1)
         fake.fail("UpdateBotSession", *[grpc.StatusCode.UNAVAILABLE] * 1000)
@@ -352,7 +352,7 @@ def test_an_idle_bot_whose_scheduler_is_gone_exits_at_once_on_stop(fake, executo
 
 @pytest.mark.parametrize("how", ["second request", "grace period"])
 def test_abort_kills_running_leases_and_hands_them_back(fake, executor, how):
-    settings = BotSettings(heartbeat_seconds=0.05, shutdown_grace_seconds=0.3 if how == "grace period" else 30)
+    settings = BotConfig(heartbeat_seconds=0.05, shutdown_grace_seconds=0.3 if how == "grace period" else 30)
     with running_bot(fake, executor, settings=settings) as bot:
         lease_id = fake.queue(action("block:h"))
         executor.wait_started("block:h")

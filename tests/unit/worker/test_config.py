@@ -21,6 +21,8 @@ import pytest
 from reapi_worker.protos.errors import InvalidArgument
 from reapi_worker.worker import cli, config
 from reapi_worker.worker.config import (
+    FreeSpace,
+    Watermarks,
     WorkerConfig,
     config_from_args,
     default_bot_id,
@@ -30,7 +32,6 @@ from reapi_worker.worker.config import (
     parse_platform_flags,
     settings,
 )
-from reapi_worker.worker.health import FreeSpace, Watermarks
 
 DETECTED = (("ISA", "x86-64"), ("OSFamily", "linux"))
 

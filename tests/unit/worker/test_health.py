@@ -21,22 +21,20 @@ from reapi_worker.sandbox.runner import Runner
 from reapi_worker.sandbox.usage import ResourceUsage
 from reapi_worker.storage.digests import Digest
 from reapi_worker.storage.local_cas import CacheStats
-from reapi_worker.worker.executor import Outcome
+from reapi_worker.sandbox.probe import runner_probe
+from reapi_worker.worker.config import FreeSpace, Watermarks
+from reapi_worker.worker.executor import Outcome, is_sandbox_setup_failure
 from reapi_worker.worker.health import (
     CheckResult,
     DiskCheck,
     DiskUsage,
-    FreeSpace,
+    HealthConfig,
     HealthMonitor,
     HealthRecordingExecutor,
     HealthReport,
-    HealthSettings,
     Level,
     SandboxCheck,
     SchedulerCheck,
-    Watermarks,
-    is_sandbox_setup_failure,
-    runner_probe,
     standard_checks,
     standard_disk_checks,
 )
@@ -809,7 +807,7 @@ def test_standard_checks_with_and_without_a_probe(tmp_path):
     disk = FakeDisk(total=100 * GiB, free=50 * GiB)
     clock = FakeClock()
     dirs = {"cache_dir": str(tmp_path / "cache"), "build_root": str(tmp_path / "builds")}
-    settings = HealthSettings(scheduler_grace_seconds=30.0)
+    settings = HealthConfig(scheduler_grace_seconds=30.0)
     checks = standard_checks(settings, **dirs, cache=None, probe=FakeProbe(), clock=clock, statvfs=disk.statvfs)
     assert [c.name for c in checks] == ["scheduler", "cache_disk", "build_root_disk", "sandbox"]
     monitor = HealthMonitor(checks, clock=clock)
