@@ -190,10 +190,12 @@ def build_root_parts(build_root: str) -> list[str]:
     return [os.path.join(build_root, n) for n in os.listdir(build_root) if n.startswith("w-")]
 
 
-def staged_builds(worker: Worker) -> list[str]:
+def staged_builds(worker: Worker, build_root: str | None = None) -> list[str]:
     """The worker's per-action build directories (not its own dot-directories, e.g. the
-    trash that exists from the start): non-empty once an action is being staged."""
-    return [n for part in build_root_parts(worker.build_root) for n in os.listdir(part) if not n.startswith(".")]
+    trash that exists from the start): non-empty once an action is being staged.
+    ``build_root``: where the worker was told to put them, if not its default."""
+    parts = build_root_parts(build_root or worker.build_root)
+    return [n for part in parts for n in os.listdir(part) if not n.startswith(".")]
 
 
 def trash_entries(worker: Worker) -> list[str]:

@@ -169,7 +169,7 @@ def test_a_full_disk_stops_the_worker_taking_work_until_space_returns(farm, smal
     assert set(stages) == {"QUEUED"}, stages
     assert len(worker.leases()) == 1  # ran nothing
     assert not [m for m in messages(worker, "lease ") if "handed back" in m]  # nor was given any
-    assert not staged_builds(worker)
+    assert not staged_builds(worker, os.path.join(small_disk, "builds"))
 
     # 3. Space returns: it takes the queued action.
     os.unlink(filler)
