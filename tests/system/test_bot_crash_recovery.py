@@ -27,10 +27,10 @@ def farm(buildgrid):
     require_tool("bwrap")
     require(os.geteuid() == 0, "per-action mounts need root")
     farm = Farm(buildgrid)
+    farm.others = []
     yield farm
-    if os.environ.get("SHOW_LOGS"):
-        for worker in farm.workers:
-            print(worker.bot_id, [e for e in worker.entries() if "cgroup" in e.get("message", "")])
+    for other in farm.others:
+        other.close()
     farm.close()
 
 
@@ -65,7 +65,10 @@ def action_cgroups_of(pid: int) -> list[str]:
 def test_a_worker_killed_mid_action_leaves_nothing_after_its_restart(farm):
     shared = os.path.join(farm.top, "shared-builds")
     common = ("--build-root", shared, "--build-dir-size", "16M")
-    neighbour = farm.start_worker("neighbour", 1, *common, "--platform", "ISA=nobody-sends-this")
+    # The neighbour advertises another farm's ISA token: it never takes this farm's action.
+    other = Farm(farm.address)
+    farm.others.append(other)
+    neighbour = other.start_worker("neighbour", 1, *common)
     victim = farm.start_worker("victim", 1, *common)
     neighbour.wait_registered()
     victim.wait_registered()
