@@ -7,7 +7,7 @@ bottom up (each line is built from the lines above it)::
     channel to the CAS -> RemoteCAS
     LocalCAS (the cache) -> FetchThroughStore (cache in front of the remote)  the store
     HardlinkStager | FuseStager | AutoStager (``staging``)                    make_stager
-    BoundedStager around it (``build_dir_size``: each action's writes bounded) open_executor
+    BoundedStager around it (``build_dir_size``; FreeSpaceGuard if off)       open_executor
     BubblewrapRunner (the sandbox, as ``sandbox_uid``/``sandbox_gid``)       the runner
     Executor (ExecutorConfig)                                                 open_executor
     HealthRecordingExecutor, then InstrumentedExecutor around it              open_bot
@@ -43,6 +43,7 @@ from reapi_worker.storage.build_root import BuildRoot
 from reapi_worker.storage.channels import open_channel
 from reapi_worker.storage.content import LocalContent
 from reapi_worker.storage.fetch_through import FetchThroughStore
+from reapi_worker.storage.free_space_guard import FreeSpaceGuard
 from reapi_worker.storage.fuse import FuseMount, FuseStager
 from reapi_worker.storage.local_cas import LocalCAS
 from reapi_worker.storage.remote_cas import RemoteCAS, RemoteOptions
@@ -90,11 +91,7 @@ def open_executor(cfg: WorkerConfig) -> Iterator[ExecutorGraph]:
             # not own them (docs/measured.md's uid-0 trap); otherwise stage copies.
             link = sandbox_can_protect_hardlinks(run_as)
             with make_stager(cfg.staging, store, remover, part.path, link=link) as stager:
-                bound = cfg.build_dir_bytes
-                if bound is not None:
-                    if os.geteuid() != 0:
-                        raise InvalidArgument("build_dir_size mounts a tmpfs per action and needs a worker running as root")
-                    stager = BoundedStager(stager, bound)
+                stager = _bounded(stager, cfg, part.path)
                 config = ExecutorConfig(
                     build_root=part.path,
                     # The bot id names the worker in every ActionResult.
@@ -109,6 +106,18 @@ def open_executor(cfg: WorkerConfig) -> Iterator[ExecutorGraph]:
                 remover.drain()
     finally:
         channel.close()
+
+
+def _bounded(stager: Stager, cfg: WorkerConfig, build_root: str) -> Stager:
+    """Each action's writes bounded on a tmpfs of its own (exact: worker/faults.py), or,
+    when ``build_dir_size`` is off, the racy free-space check after each run."""
+    bound = cfg.build_dir_bytes
+    if bound is not None:
+        if os.geteuid() != 0:
+            raise InvalidArgument("build_dir_size mounts a tmpfs per action and needs a worker running as root")
+        return BoundedStager(stager, bound)
+    st = os.statvfs(build_root)
+    return FreeSpaceGuard(stager, cfg.disk_watermarks.critical.of(st.f_blocks * st.f_frsize))
 
 
 @contextlib.contextmanager

@@ -263,7 +263,7 @@ class WorkerConfig:
         "on a tmpfs of its own under an overlay (memory, charged to the action; needs root). Past it the "
         "action fails RESOURCE_EXHAUSTED naming the bound; it never fills the worker's disk, so a full "
         "disk is always the worker's fault and reported UNAVAILABLE (retried elsewhere). \"off\": no "
-        "bound, the action writes to the build root's disk",
+        "bound, the action writes to the build root's disk (then only a free-space check after each run, racy)",
     )
     max_action_timeout: float = _setting(
         3600.0, group=EXECUTOR, kind="float", example="600.0",
