@@ -87,14 +87,16 @@ class BoundedStager(Stager):
         os.mkdir(build_dir, 0o755)
         bounded = _BoundedInput(build_dir, self.bound_bytes)
         try:
+            # The wrapped stager's errors carry their own context.
             bounded.lower = self._inner.stage(root, os.path.join(build_dir, "lower"), directories, owner)
-            bounded.mount()
-        except BaseException as error:
-            bounded.close()
-            if isinstance(error, OSError):
+            try:
+                bounded.mount()
+            except OSError as error:
                 raise Internal(f"staging input root into {build_dir}: {error}") from error
-            if isinstance(error, ReapiError) and not error.reason.startswith("staging input root"):
+            except ReapiError as error:
                 raise error.within("staging input root") from None
+        except BaseException:
+            bounded.close()
             raise
         return bounded
 
