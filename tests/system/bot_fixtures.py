@@ -30,6 +30,7 @@ import grpc
 from reapi_worker.protos import re_pb2
 from reapi_worker.storage.digests import Digest
 from reapi_worker.storage.fetch_through import FetchThroughStore
+from reapi_worker.storage.fuse import kernel_mounts
 from reapi_worker.storage.local_cas import LocalCAS
 from reapi_worker.storage.remote_cas import RemoteCAS, RemoteOptions
 from reapi_worker.worker.client import CommandSpec, Execution, ExecutionClient, build_action
@@ -180,6 +181,10 @@ class Farm:
         self._remote.close()
         self._local.close()
         self._channel.close()
+        if os.geteuid() == 0:
+            # A worker killed mid-action leaves its per-action mounts (the next worker on its
+            # build root would sweep them): never leave them on the host.
+            kernel_mounts.detach_all_under(self.top)
         shutil.rmtree(self.top, ignore_errors=True)
 
 
