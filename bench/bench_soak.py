@@ -15,7 +15,8 @@ of staged trees has finished: anything left then is a leftover, not work in prog
 * the worker's own process: RSS, USS (memory only it holds), open file descriptors, threads;
 * its descendants (bubblewrap, the actions): how many, and their RSS — between chunks there
   should be none;
-* directories left in its build root (``.trash`` and ``.fuse`` excepted) and in ``.trash``;
+* directories left in its part of the build root (``.trash`` and ``.fuse`` excepted) and in
+  its ``.trash``;
 * per chunk: actions/s and median end-to-end latency, to see whether it slows down.
 
 The baseline is the worker itself at "start" (after warm-up: imports done, caches and
@@ -82,11 +83,27 @@ def sample(worker: WorkerProcess, label: str, actions: int, elapsed: float) -> P
             children_rss += child.memory_info().rss
         except psutil.Error:
             pass
-    entries = os.listdir(worker.build_root) if os.path.isdir(worker.build_root) else []
-    trash_dir = os.path.join(worker.build_root, ".trash")
-    trash = len(os.listdir(trash_dir)) if os.path.isdir(trash_dir) else 0
-    return Point(label, actions, elapsed, rss, uss, fds, threads, len(children), children_rss,
-                 sum(1 for e in entries if e not in LEFT_ALONE), trash)
+    build_dirs, trash = build_root_leftovers(worker.build_root)
+    return Point(label, actions, elapsed, rss, uss, fds, threads, len(children), children_rss, build_dirs, trash)
+
+
+def build_root_leftovers(build_root: str) -> tuple[int, int]:
+    """(entries that are not the workers' own, trees waiting in their trash): each worker
+    keeps its directories in a part ``w-<token>`` of the build root (storage/build_root.py)."""
+    build_dirs = trash = 0
+    for name in os.listdir(build_root) if os.path.isdir(build_root) else []:
+        if name == ".owners":
+            continue
+        if not name.startswith("w-"):
+            build_dirs += 1
+            continue
+        part = os.path.join(build_root, name)
+        for entry in os.listdir(part):
+            if entry == ".trash":
+                trash += len(os.listdir(os.path.join(part, entry)))
+            elif entry not in LEFT_ALONE:
+                build_dirs += 1
+    return build_dirs, trash
 
 
 def main() -> int:

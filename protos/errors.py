@@ -14,7 +14,11 @@ they are caught; as an error rises, callers add context with :meth:`ReapiError.w
     ├── NotFound                    NOT_FOUND        a path inside a Directory is absent
     ├── AlreadyExists               ALREADY_EXISTS   a path inside a Directory is taken
     ├── DataLoss                    DATA_LOSS        bytes that do not match their digest
-    ├── ResourceExhausted           RESOURCE_EXHAUSTED  disk full, cache full of pins
+    ├── ResourceExhausted           RESOURCE_EXHAUSTED  disk full, cache full of pins (the
+    │   │                                            worker's own: reported UNAVAILABLE,
+    │   │                                            see worker/faults.py)
+    │   └── BoundExceeded                            the action went past one of its own
+    │                                                per-action bounds: its result
     ├── Unavailable                 UNAVAILABLE      a server that does not answer
     ├── DeadlineExceeded            DEADLINE_EXCEEDED
     └── Internal                    INTERNAL         a bug or a broken host (sandbox set-up)
@@ -104,6 +108,12 @@ class DataLoss(ReapiError):
 
 class ResourceExhausted(ReapiError):
     code = code_pb2.RESOURCE_EXHAUSTED
+
+
+class BoundExceeded(ResourceExhausted):
+    """The action itself went past a per-action bound (its build directory's bytes, ...).
+    Unlike other ResourceExhausted errors this is the action's result, given to the client:
+    run anywhere with the same bound, it would do the same."""
 
 
 class Unavailable(ReapiError):

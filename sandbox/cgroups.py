@@ -37,6 +37,7 @@ from pathlib import Path
 
 from reapi_worker.host.mountinfo import MountEntry, parse_mountinfo
 
+from .cgroup_sweep import sweep_dead_action_cgroups
 from .errors import SandboxSetupError
 from .limits import SANDBOX_OWN_TASKS, Confinement, ResourceController
 from .request import ResourceLimits
@@ -327,6 +328,7 @@ class CgroupV2Controller(ResourceController):
             _write(parent / "cgroup.subtree_control", enable)
         except OSError as e:
             raise SandboxSetupError(f"cannot delegate cgroup v2 controllers below {base}: {e}") from e
+        sweep_dead_action_cgroups([parent], remove_dir=remove_dir)
         return cls(parent, frozenset(wanted), remove_dir)
 
     def confine(self, limits: ResourceLimits) -> Confinement:
@@ -457,6 +459,7 @@ class CgroupV1Controller(ResourceController):
         if not {"memory", "pids"} & set(parents):
             detail = "; ".join(problems) or "no memory or pids hierarchy mounted"
             raise SandboxSetupError(f"no usable cgroup v1 hierarchy: {detail}")
+        sweep_dead_action_cgroups(parents.values(), remove_dir=remove_dir)
         return cls(parents, remove_dir)
 
     def confine(self, limits: ResourceLimits) -> Confinement:

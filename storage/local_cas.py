@@ -42,6 +42,15 @@ Why it is built this way:
   writes of a present blob) by ``os.utime`` on the plain file, at most once per blob per
   ``recency_interval`` seconds per process; a pass evicts by that mtime, oldest first. A
   blob and its executable variant are one unit: both count toward the size and both go.
+* **Room.** The cache keeps its file system from filling, by itself: (1) whenever its
+  size counter is flushed (every ``flush_bytes`` stored, at most a quarter of
+  ``keep_free_bytes``) it also reads ``statvfs`` and,
+  with less than ``keep_free_bytes`` free, evicts what is missing; (2) a write that meets
+  ENOSPC or EDQUOT (creating the temp file, writing it, linking it) evicts enough unpinned
+  blobs for what is left to write plus ``keep_free_bytes``, waiting for a pass another
+  process is running, and retries — as long as each eviction frees something. Only then is
+  it ResourceExhausted, which the executor reports UNAVAILABLE (worker/faults.py): the
+  scheduler retries elsewhere, the client never sees the worker's housekeeping.
 * **Generation.** Every pass that deletes bumps the generation in ``size`` first. A process
   remembers which digests it saw present under a generation and skips their ``stat`` until
   it changes, so the per-action presence check of a warm tree costs one locked read.
@@ -57,6 +66,7 @@ Not fork-safe: a child process must open its own LocalCAS.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import itertools
@@ -67,7 +77,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import BinaryIO
+from typing import BinaryIO, TypeVar
 
 from reapi_worker.protos.errors import (
     DataLoss,
@@ -86,6 +96,9 @@ _CHUNK = 1 << 20
 _EXEC_SUFFIX = ".x"
 # Digests remembered as present (see Generation); past this many the memory is dropped.
 _KNOWN_LIMIT = 1 << 18
+# What a write fails with when its file system (or quota) has no room.
+_NO_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT})
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,7 +131,9 @@ class LocalCAS(LocalContent):
 
     ``max_bytes`` bounds blobs and their executable variants (see Size in the module doc
     for the slack); a pass evicts down to ``low_watermark * max_bytes``. Use is recorded at
-    most once per blob per ``recency_interval`` seconds. Creates the layout under ``root``.
+    most once per blob per ``recency_interval`` seconds. ``keep_free_bytes``: free space the
+    cache keeps on its file system (see Room in the module doc). Creates the layout under
+    ``root``.
 
     All methods are safe to call from several threads at once. The opener calls
     :meth:`close` (or uses ``with``); a process that dies without closing leaves files that
@@ -132,6 +147,8 @@ class LocalCAS(LocalContent):
         low_watermark: float = 0.8,
         *,
         recency_interval: float = 60.0,
+        keep_free_bytes: int = 0,
+        statvfs: Callable[[str], os.statvfs_result] = os.statvfs,
     ) -> None:
         if max_bytes <= 0:
             raise InvalidArgument(f"local CAS max_bytes must be positive, not {max_bytes}")
@@ -142,6 +159,12 @@ class LocalCAS(LocalContent):
         self.flush_bytes = max(1, min(max_bytes // 64, 64 << 20))
         self._target = int(max_bytes * low_watermark)
         self._recency_interval = recency_interval
+        self.keep_free_bytes = keep_free_bytes
+        if keep_free_bytes > 0:
+            # Free space is read at each flush: at least four times per keep_free_bytes
+            # written, so writes cannot run far past the watermark between two looks.
+            self.flush_bytes = max(1, min(self.flush_bytes, keep_free_bytes // 4))
+        self._statvfs = statvfs
         self._objects = os.path.join(self.root, "objects")
         self._tmp = os.path.join(self.root, "tmp")
         self._pins = os.path.join(self.root, "pins")
@@ -391,8 +414,11 @@ class LocalCAS(LocalContent):
         tmp = f"{self._tmp}/{self._token}.{next(self._seq)}"
         mode = 0o555 if executable else 0o444
         added = 0
+        expected = claimed.size_bytes if claimed is not None else _CHUNK
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
+            fd = self._with_room(
+                lambda: os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode), expected
+            )
             try:
                 hasher, size = hashlib.sha256(), 0
                 for chunk in chunks:
@@ -401,7 +427,7 @@ class LocalCAS(LocalContent):
                     size += len(chunk)
                     if claimed is not None and size > claimed.size_bytes:
                         break  # a lying sender must not fill the disk
-                    _write_all(fd, chunk)
+                    _write_all(fd, chunk, lambda left: self._make_room(max(left, expected - size)))
                 os.fchmod(fd, mode)  # the mode given to open() is subject to the umask
             finally:
                 os.close(fd)
@@ -409,7 +435,8 @@ class LocalCAS(LocalContent):
             if claimed is not None and digest != claimed:
                 raise DataLoss(_mismatch(claimed, digest))
             try:
-                os.link(tmp, self.object_path(digest, executable))
+                final = self.object_path(digest, executable)
+                self._with_room(lambda: os.link(tmp, final), _CHUNK)
                 added = size
             except FileExistsError:
                 pass  # a concurrent writer stored the same bytes first
@@ -432,6 +459,49 @@ class LocalCAS(LocalContent):
             due = self._pending >= self.flush_bytes
         if due:
             self.evict()
+            self.keep_free()
+
+    # ---- room on the file system (see Room in the module doc) ---------------------------
+
+    def keep_free(self) -> int:
+        """With less than ``keep_free_bytes`` free on the cache's file system, evict the
+        difference (unpinned blobs only; returns at once if a pass is running). Returns the
+        bytes evicted."""
+        if self.keep_free_bytes <= 0:
+            return 0
+        with self._translated(f"reading free space of {self.root}"):
+            missing = self.keep_free_bytes - self._free_bytes()
+        if missing <= 0:
+            return 0
+        return self.evict(down_to=max(0, self._flush() - missing))
+
+    def _free_bytes(self) -> int:
+        st = self._statvfs(self.root)
+        return st.f_bavail * st.f_frsize
+
+    def _with_room(self, step: Callable[[], _T], need: int) -> _T:
+        """``step()``, evicting and retrying while it fails for want of space and each
+        eviction frees something."""
+        while True:
+            try:
+                return step()
+            except OSError as err:
+                if err.errno not in _NO_SPACE or not self._make_room(need):
+                    raise
+
+    def _make_room(self, need: int) -> bool:
+        """A write of ``need`` more bytes met ENOSPC/EDQUOT: evict unpinned blobs for it
+        plus ``keep_free_bytes``, waiting for a pass another process may be running.
+        Returns whether a retry can succeed (something was freed, here or meanwhile)."""
+        try:
+            free_before = self._free_bytes()
+            size = self._flush()
+            want = max(need, 1) + self.keep_free_bytes - free_before
+            with self._file_lock("evict.lock", fcntl.LOCK_EX):
+                freed = self._evict_pass(max(0, size - max(want, _CHUNK)))[0]
+                return freed > 0 or self._free_bytes() > free_before
+        except OSError:
+            return False  # the original ENOSPC is the error worth reporting
 
     # ---- presence and recency ------------------------------------------------------------
 
@@ -734,10 +804,16 @@ def _chunks(stream: BinaryIO) -> Iterator[bytes]:
         yield chunk
 
 
-def _write_all(fd: int, data: bytes) -> None:
+def _write_all(fd: int, data: bytes, make_room: Callable[[int], bool] | None = None) -> None:
+    """Write all of ``data``; on ENOSPC/EDQUOT ask ``make_room(bytes left)`` and retry
+    while it says that helps."""
     view = memoryview(data)
     while view:
-        view = view[os.write(fd, view):]
+        try:
+            view = view[os.write(fd, view):]
+        except OSError as err:
+            if make_room is None or err.errno not in _NO_SPACE or not make_room(len(view)):
+                raise
 
 
 def _unlink_quietly(path: str) -> None:

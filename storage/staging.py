@@ -27,7 +27,6 @@ import abc
 import logging
 import os
 import queue
-import shutil
 import threading
 import uuid
 from collections.abc import Iterable
@@ -39,6 +38,7 @@ from .content import LocalContent, PinSet
 from .digests import Digest
 from .directory.cas import CasDirectory
 from .paths import RelPath
+from .tree_removal import remove_tree
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +58,9 @@ class StagedInput(abc.ABC):
     """
 
     path: str
+    #: A directory for the action's other writes (its stdout and stderr), on the same
+    #: bounded space as its writable layer; None when the stager bounds nothing.
+    scratch_dir: str | None = None
 
     @abc.abstractmethod
     def close(self) -> None: ...
@@ -94,8 +97,10 @@ class TreeRemover:
     """Deletes staged trees in a background thread.
 
     A tree is first renamed into ``trash_dir`` (instant, same file system) so its build
-    directory name is free at once, then removed by the thread. Trees left in the trash
-    by a crash are removed when the next remover starts.
+    directory name is free at once, then removed by the thread (:func:`remove_tree`:
+    iterative, whatever depth the action made). Trees left in the trash by a crash are
+    removed when the next remover starts. An error on one tree is logged and the thread
+    goes on with the next.
     """
 
     def __init__(self, trash_dir: str) -> None:
@@ -126,22 +131,13 @@ class TreeRemover:
             path = self._queue.get()
             try:
                 if path is not None:
-                    shutil.rmtree(path, onerror=_force_writable)
-            except OSError as error:  # never let one stubborn tree stop the thread
+                    remove_tree(path)
+            except OSError as error:  # one stubborn tree must not stop the thread
                 log.warning("could not remove %s: %s", path, error)
+            except Exception:  # nor a bug: log it and go on with the next tree
+                log.exception("removing %s", path)
             finally:
                 self._queue.task_done()
-
-
-def _force_writable(function, path, excinfo) -> None:  # type: ignore[no-untyped-def]
-    # An action may leave a directory without write permission; as root that does not
-    # matter, as another user we restore it and retry once.
-    parent = os.path.dirname(path)
-    try:
-        os.chmod(parent, 0o700)
-        function(path)
-    except OSError:
-        pass
 
 
 class _HardlinkedInput(StagedInput):

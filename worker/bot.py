@@ -174,7 +174,8 @@ class Bot:
         self._session: bots_pb2.BotSession | None = None
         self._reports: dict[str, LeaseReport] = {}  # sent as COMPLETED until the scheduler drops the lease
         self._remembered: collections.OrderedDict[str, LeaseReport] = collections.OrderedDict()
-        self._failures = 0
+        self._failures = 0  # calls failed in a row (back-off), reset by any answer
+        self._losses = 0  # sessions lost in a row without a successful Update
         self._stop_lock = threading.Lock()
         self._stop_requests = 0
         self._stop_applied = 0
@@ -278,6 +279,9 @@ class Bot:
             self._failed("CreateBotSession", error)
             return
         self._health.record_scheduler_contact(True)
+        # The scheduler answers again: an outage's failures must not lengthen the next
+        # back-off. (Repeated losses of fresh sessions are counted apart, by _losses.)
+        self._failures = 0
         self.sessions_created += 1
         if self.sessions_created > 1:
             self._events.record_session_reconnect()
@@ -321,6 +325,7 @@ class Bot:
             return
         self._health.record_scheduler_contact(True)
         self._failures = 0
+        self._losses = 0
         log.debug("UpdateBotSession (%s, %.1f s) -> %s", _states(request), deadline, _states(response))
         news = self._reconcile(request, response)
         self._session = response
@@ -403,9 +408,14 @@ class Bot:
             self._remember(report)
         self._reports.clear()
         self._session = None
-        self._failures += 1
-        if self._failures > 1:  # lost again right after a new session: do not loop hot
-            self._backoff()
+        # "Lost" is an answer: the scheduler is reachable, so whatever failed during an
+        # outage before this must not delay re-creating the session. Only a session lost
+        # again before any Update succeeded backs off (a scheduler that keeps refusing us
+        # must not be hammered), and by the count of such losses alone.
+        self._failures = 0
+        self._losses += 1
+        if self._losses > 1:
+            self._backoff(self._losses - 1)
 
     # -- pacing ---------------------------------------------------------------------------
 
@@ -452,8 +462,9 @@ class Bot:
         log.warning("%s failed (%s); attempt %d", what, error, self._failures)
         self._backoff()
 
-    def _backoff(self) -> None:
-        delay = self._config.backoff.backoff(self._failures, self._rng)
+    def _backoff(self, attempt: int | None = None) -> None:
+        """Wait before attempt ``attempt`` + 1 (default: after ``_failures`` failures)."""
+        delay = self._config.backoff.backoff(self._failures if attempt is None else attempt, self._rng)
         # Whatever set the wake event so far was the failed call; from here on only a new
         # finished lease or a signal cuts the wait short.
         self._wake.clear()

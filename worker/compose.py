@@ -7,12 +7,16 @@ bottom up (each line is built from the lines above it)::
     channel to the CAS -> RemoteCAS
     LocalCAS (the cache) -> FetchThroughStore (cache in front of the remote)  the store
     HardlinkStager | FuseStager | AutoStager (``staging``)                    make_stager
+    BoundedStager around it (``build_dir_size``; FreeSpaceGuard if off)       open_executor
     BubblewrapRunner (the sandbox, as ``sandbox_uid``/``sandbox_gid``;       the runner
       ``host_etc``; slirp4netns NAT when ``network_on = "nat"``)
     Executor (ExecutorConfig)                                                 open_executor
     HealthRecordingExecutor, then InstrumentedExecutor around it              open_bot
     HealthMonitor (its checks), WorkerMetrics, MetricsServer                  open_bot
     Bot (a session with the scheduler, over its own channel)                  open_bot
+
+Build directories live in this worker's part of the build root (storage/build_root.py,
+which sweeps dead workers' parts at start).
 
 Adding a setting for one component: a field of ``WorkerConfig`` (its documentation comes
 with it), and a line here handing the value to the constructor of the component that uses
@@ -37,9 +41,12 @@ from reapi_worker.sandbox.identity import RunAs, sandbox_can_protect_hardlinks
 from reapi_worker.sandbox.network import SlirpNat
 from reapi_worker.sandbox.probe import Probe, runner_probe
 from reapi_worker.storage.auto_staging import AutoStager, StagingRule
+from reapi_worker.storage.bounded_staging import BoundedStager
+from reapi_worker.storage.build_root import BuildRoot
 from reapi_worker.storage.channels import open_channel
 from reapi_worker.storage.content import LocalContent
 from reapi_worker.storage.fetch_through import FetchThroughStore
+from reapi_worker.storage.free_space_guard import FreeSpaceGuard
 from reapi_worker.storage.fuse import FuseMount, FuseStager
 from reapi_worker.storage.local_cas import LocalCAS
 from reapi_worker.storage.remote_cas import RemoteCAS, RemoteOptions
@@ -83,9 +90,11 @@ def open_executor(cfg: WorkerConfig) -> Iterator[ExecutorGraph]:
     channel = open_channel(cfg.cas_connection)
     try:
         remote = RemoteCAS(channel, RemoteOptions(instance_name=cfg.instance_name))
-        with LocalCAS(cfg.cache_dir, max_bytes=cfg.cache_bytes) as local:
+        with LocalCAS(
+            cfg.cache_dir, max_bytes=cfg.cache_bytes, keep_free_bytes=cfg.cache_keep_free_bytes()
+        ) as local, _claimed(cfg.build_root) as part:
             store = FetchThroughStore(local, remote)
-            remover = TreeRemover(os.path.join(cfg.build_root, ".trash"))
+            remover = TreeRemover(part.trash)
             runner = BubblewrapRunner(
                 run_as=run_as,
                 layout=HostLayout.probe(etc_allow=cfg.host_etc),
@@ -95,11 +104,12 @@ def open_executor(cfg: WorkerConfig) -> Iterator[ExecutorGraph]:
             # not own them (docs/measured.md's uid-0 trap); otherwise stage copies.
             link = sandbox_can_protect_hardlinks(run_as)
             with make_stager(
-                cfg.staging, store, remover, cfg.build_root, link=link,
+                cfg.staging, store, remover, part.path, link=link,
                 open_files_per_action=bounds.limits.open_files,
             ) as stager:
+                stager = _bounded(stager, cfg, part.path)
                 config = ExecutorConfig(
-                    build_root=cfg.build_root,
+                    build_root=part.path,
                     # The bot id names the worker in every ActionResult.
                     worker_name=cfg.effective_bot_id,
                     max_action_timeout=cfg.max_action_timeout,
@@ -116,6 +126,28 @@ def open_executor(cfg: WorkerConfig) -> Iterator[ExecutorGraph]:
                 remover.drain()
     finally:
         channel.close()
+
+
+def _bounded(stager: Stager, cfg: WorkerConfig, build_root: str) -> Stager:
+    """Each action's writes bounded on a tmpfs of its own (exact: worker/faults.py), or,
+    when ``build_dir_size`` is off, the racy free-space check after each run."""
+    bound = cfg.build_dir_bytes
+    if bound is not None:
+        if os.geteuid() != 0:
+            raise InvalidArgument("build_dir_size mounts a tmpfs per action and needs a worker running as root")
+        return BoundedStager(stager, bound)
+    st = os.statvfs(build_root)
+    return FreeSpaceGuard(stager, cfg.disk_watermarks.critical.of(st.f_blocks * st.f_frsize))
+
+
+@contextlib.contextmanager
+def _claimed(build_root: str) -> Iterator[BuildRoot]:
+    """This worker's part of ``build_root``, dead workers' parts swept (storage/build_root.py)."""
+    part = BuildRoot.claim(build_root)
+    try:
+        yield part
+    finally:
+        part.close()
 
 
 @contextlib.contextmanager

@@ -189,6 +189,15 @@ def _cpu_count() -> int:
     return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
 
 
+def _existing_parent(path: str) -> str:
+    """``path`` or its nearest existing parent (a cache not created yet is measured on the
+    file system it will be made on)."""
+    path = os.path.abspath(path)
+    while not os.path.exists(path) and path != os.path.dirname(path):
+        path = os.path.dirname(path)
+    return path
+
+
 def default_bot_id(cache_dir: str) -> str:
     """``HOSTNAME-XXXXXXXX``: stable across restarts (a restarted bot replaces its old
     session at once, docs/buildgrid-protocol.md section 8) and distinct for two workers on one host with
@@ -250,12 +259,25 @@ class WorkerConfig:
         "be hardlinked: across mounts, even of one file system, every input is copied",
     )
     cache_size: str = _setting(
-        "10G", group=EXECUTOR, kind="size", example='"50G"',
-        help="largest size of the local cache before least recently used blobs are evicted (K, M, G, T)",
+        "auto", group=EXECUTOR, kind="size", example='"50G"',
+        default_doc='"auto": half the size of the file system holding cache_dir',
+        help="largest size of the local cache before least recently used blobs are evicted (K, M, G, T); "
+        "whatever the size, the cache also evicts to keep disk_low_free free on its file system, and "
+        "a write that meets a full disk evicts and retries",
     )
     build_root: str = _setting(
         "/var/lib/reapi-worker/builds", group=EXECUTOR, kind="str", example='"/var/lib/reapi-worker/builds"',
         help="where each action's input root is staged; every parent must be searchable by the sandbox uid",
+    )
+    build_dir_size: str = _setting(
+        "auto", group=EXECUTOR, kind="size", example='"8G"',
+        default_doc='"auto": with a root worker, half the host\'s memory shared among concurrency actions; '
+        'else "off"',
+        help="bytes each action may write: its changes to the input root plus its stdout and stderr, held "
+        "on a tmpfs of its own under an overlay (memory, charged to the action; needs root). Past it the "
+        "action fails RESOURCE_EXHAUSTED naming the bound; it never fills the worker's disk, so a full "
+        "disk is always the worker's fault and reported UNAVAILABLE (retried elsewhere). \"off\": no "
+        "bound, the action writes to the build root's disk (then only a free-space check after each run, racy)",
     )
     max_action_timeout: float = _setting(
         3600.0, group=EXECUTOR, kind="float", example="600.0",
@@ -413,10 +435,12 @@ class WorkerConfig:
     def __post_init__(self) -> None:
         # Each check names the key, so an error in a file points at the line to fix.
         # (parse_size and ConnectionOptions do not know the key: their errors are prefixed.)
-        try:
-            parse_size(self.cache_size)
-        except InvalidArgument as error:
-            raise InvalidArgument(f"cache_size: {error}") from None
+        for name, words in (("cache_size", ("auto",)), ("build_dir_size", ("auto", "off"))):
+            if getattr(self, name) not in words:
+                try:
+                    parse_size(getattr(self, name))
+                except InvalidArgument as error:
+                    raise InvalidArgument(f"{name}: {error} (or {' or '.join(words)})") from None
         if self.max_output_size is not None:
             try:
                 parse_size(self.max_output_size)
@@ -483,6 +507,12 @@ class WorkerConfig:
 
     @property
     def cache_bytes(self) -> int:
+        """``cache_size`` in bytes; ``auto`` is half the size of the file system that holds
+        (or will hold) ``cache_dir``: the rest is for build directories, copies and the
+        free-space watermarks, which the cache keeps by itself."""
+        if self.cache_size == "auto":
+            st = os.statvfs(_existing_parent(self.cache_dir))
+            return max(1, st.f_blocks * st.f_frsize // 2)
         return parse_size(self.cache_size)
 
     @property
@@ -504,6 +534,23 @@ class WorkerConfig:
         return PlatformPolicy.of(
             RootMode(self.root_mode), advertised | set(self.extra_platform_keys), allow_network=self.network_on == "nat"
         )
+
+    @property
+    def build_dir_bytes(self) -> int | None:
+        """``build_dir_size`` in bytes, None for no bound. ``auto``: half the host's memory
+        divided among ``concurrency`` actions (the bound is a tmpfs, its pages memory), at
+        least 64 MiB; a worker that is not root cannot mount it: no bound."""
+        if self.build_dir_size == "off" or (self.build_dir_size == "auto" and os.geteuid() != 0):
+            return None
+        if self.build_dir_size == "auto":
+            memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+            return max(64 << 20, memory // 2 // self.concurrency)
+        return parse_size(self.build_dir_size)
+
+    def cache_keep_free_bytes(self) -> int:
+        """``disk_low_free`` in bytes on the cache's file system: what the cache keeps free."""
+        st = os.statvfs(_existing_parent(self.cache_dir))
+        return self.disk_watermarks.low.of(st.f_blocks * st.f_frsize)
 
     @property
     def effective_bot_id(self) -> str:

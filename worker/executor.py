@@ -13,6 +13,8 @@ metrics the input fetch is timed in two parts, ``fetch`` and ``stage`` (see :dat
 normal, successful result. The first error wins (Buildbarn's rule): once a status is set —
 a timeout's DEADLINE_EXCEEDED, say — a later error (capturing or uploading what the
 command left) only adds to its message, so the client learns why the action really failed.
+A fault of the worker's own (out of space, ...) is UNAVAILABLE, never a result
+(worker/faults.py).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from reapi_worker.protos import code_pb2, execution_stats_pb2, re_pb2, status_pb2
-from reapi_worker.protos.errors import Internal, InvalidArgument, MissingBlobs, ReapiError, Unavailable
+from reapi_worker.protos.errors import BoundExceeded, Internal, InvalidArgument, MissingBlobs, ReapiError, Unavailable
 from reapi_worker.sandbox.errors import SandboxSetupError
 from reapi_worker.sandbox.probe import runner_probe
 from reapi_worker.sandbox.request import Bind, ResourceLimits, SandboxRequest, SubtreeAccess
@@ -46,6 +48,7 @@ from reapi_worker.storage.writable_inputs import copy_writable_inputs
 
 from .action import ActionSpec, PlatformPolicy, load_action, parse_message
 from .bounds import CaptureDeadline, bound_status
+from .faults import lease_status, worker_resource_cause
 from .outputs import capture_outputs
 from .sandbox_tree import InputRootRules
 
@@ -163,10 +166,13 @@ class Executor:
         try:
             self._execute(action_digest, action, cancel, outcome)
         except ReapiError as error:
-            _first_error_wins(outcome, error.to_status(), action_digest)
+            # The worker's own faults (out of space, ...) are never results: faults.py.
+            _first_error_wins(outcome, lease_status(error), action_digest)
         except Exception as error:  # a bug must cost one action, never the worker
-            log.exception("executing %s", action_digest)
-            _first_error_wins(outcome, Internal(f"executing {action_digest}: {error!r}").to_status(), action_digest)
+            if worker_resource_cause(error) is None:
+                log.exception("executing %s", action_digest)
+                error = Internal(f"executing {action_digest}: {error!r}")
+            _first_error_wins(outcome, lease_status(error), action_digest)
         if not outcome.ok and outcome.failed_phase is None:
             # A phase records its duration when it finishes, so an error rose in the first
             # phase without one.
@@ -190,7 +196,9 @@ class Executor:
             _copy_writable_inputs(staged.path, access, self._config.owner)
             fetched = self._stamp(metadata.input_fetch_completed_timestamp)
             outcome.phases["stage"] = fetched - tree_fetched
-            with tempfile.TemporaryDirectory(prefix="streams-", dir=self._config.build_root) as streams:
+            # The streams are the action's writes: on its own bounded space when it has one.
+            scratch = staged.scratch_dir or self._config.build_root
+            with tempfile.TemporaryDirectory(prefix="streams-", dir=scratch) as streams:
                 self._stamp(metadata.execution_start_timestamp)
                 run = self._run(self._request(spec, staged.path, streams, access), cancel)
                 ran = self._stamp(metadata.execution_completed_timestamp)
@@ -207,8 +215,9 @@ class Executor:
                     # fails the action with that reason; stdout/stderr are kept.
                     try:
                         staged.check()
-                    except ReapiError:
-                        outcome.failed_phase = "fetch"  # the blob's lazy fetch failed
+                    except ReapiError as error:
+                        # A bound the action went past, or a blob's lazy fetch that failed.
+                        outcome.failed_phase = "run" if isinstance(error, BoundExceeded) else "fetch"
                         raise
                 captured = capture_outputs(
                     staged.path, spec, deadline.guard(self._store), known=staged.known_digest,

@@ -1,5 +1,5 @@
-"""Mounts made and removed with the kernel's own calls: each action's overlayfs, and the
-clean-up of mounts that a killed worker left behind.
+"""Mounts made and removed with the kernel's own calls: each action's overlayfs and bounded
+tmpfs, and the clean-up of mounts that a killed worker left behind.
 
 Why ``mount(2)``/``umount2(2)`` through ctypes rather than ``mount(8)``: an overlay mount
 and unmount cost ~0.2 ms together, a fork+exec of ``mount`` ~2 ms each, and a failure is
@@ -26,6 +26,8 @@ _libc.mount.argtypes = (ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctype
 _libc.umount2.argtypes = (ctypes.c_char_p, ctypes.c_int)
 
 MNT_DETACH = 2
+MS_NOSUID = 2
+MS_NODEV = 4
 
 # Characters that would change the meaning of an overlayfs option string: "," separates
 # options, ":" separates lower layers, "\\" escapes either.
@@ -60,6 +62,16 @@ def mount_overlay(lower: str, upper: str, work: str, target: str) -> None:
     if _libc.mount(b"overlay", os.fsencode(target), b"overlay", 0, options.encode()) != 0:
         err = ctypes.get_errno()
         raise Internal(f"mounting an overlay at {target} (lower {lower}): {os.strerror(err)}")
+
+
+def mount_tmpfs(target: str, size_bytes: int, mode: int = 0o755) -> None:
+    """Mount a tmpfs of at most ``size_bytes`` (rounded up to pages) at ``target``; its
+    pages are RAM (or swap), charged to the memory cgroup of whoever writes them. Raises
+    Internal."""
+    options = f"size={size_bytes},mode={mode:o}"
+    if _libc.mount(b"tmpfs", os.fsencode(target), b"tmpfs", MS_NOSUID | MS_NODEV, options.encode()) != 0:
+        err = ctypes.get_errno()
+        raise Internal(f"mounting a {size_bytes}-byte tmpfs at {target}: {os.strerror(err)}")
 
 
 def unmount(target: str) -> bool:

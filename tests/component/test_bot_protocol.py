@@ -212,6 +212,29 @@ def test_failing_scheduler_gets_capped_exponential_backoff(fake, executor):
     assert sum(backoffs) > 8  # 8 failures spread over > 8 s of (virtual) time: no spinning
 
 
+def test_after_an_outage_the_session_is_recreated_without_another_backoff(fake, executor):
+    """The outage's failures are forgotten once the scheduler answers: its answer that the
+    session is gone is followed by CreateBotSession at once, not by one more back-off."""
+    waits: list[float] = []
+
+    def recording_wait(event: threading.Event, timeout: float) -> bool:
+        waits.append(timeout)
+        return event.wait(0.001)  # virtual time: record, do not sleep
+
+    settings = BotConfig(backoff=RetryPolicy(initial_backoff=1.0, max_backoff=5.0, jitter=0.0), heartbeat_seconds=0.01)
+    with running_bot(fake, executor, settings=settings, wait=recording_wait) as bot:
+        lease_id = fake.queue(action("block:outage"))
+        executor.wait_started("block:outage")  # a running lease: the bot sends heartbeats
+        fake.fail("UpdateBotSession", *[grpc.StatusCode.UNAVAILABLE] * 4)
+        until(lambda: len([w for w in waits if w >= 1.0]) >= 4)  # the outage's back-offs
+        fake.expire("bot-1")  # the scheduler comes back without our session
+        until(lambda: bot.bot.sessions_created == 2)
+        executor.release("block:outage")
+        assert fake.wait_result(lease_id)[0].code == code_pb2.OK
+    backoffs = [w for w in waits if w >= 1.0]
+    assert len(backoffs) == 4, waits  # one per failed call, none for the re-creation
+
+
 def test_heartbeats_keep_the_session_alive_through_a_long_action(executor):
     with FakeBotsServer(keepalive=1.0, reap=True) as fake:
         settings = BotConfig(heartbeat_seconds=0.3)

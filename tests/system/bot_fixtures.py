@@ -30,6 +30,7 @@ import grpc
 from reapi_worker.protos import re_pb2
 from reapi_worker.storage.digests import Digest
 from reapi_worker.storage.fetch_through import FetchThroughStore
+from reapi_worker.storage.fuse import kernel_mounts
 from reapi_worker.storage.local_cas import LocalCAS
 from reapi_worker.storage.remote_cas import RemoteCAS, RemoteOptions
 from reapi_worker.worker.client import CommandSpec, Execution, ExecutionClient, build_action
@@ -180,13 +181,35 @@ class Farm:
         self._remote.close()
         self._local.close()
         self._channel.close()
+        if os.geteuid() == 0:
+            # A worker killed mid-action leaves its per-action mounts (the next worker on its
+            # build root would sweep them): never leave them on the host.
+            kernel_mounts.detach_all_under(self.top)
         shutil.rmtree(self.top, ignore_errors=True)
 
 
-def staged_builds(worker: Worker) -> list[str]:
+def build_root_parts(build_root: str) -> list[str]:
+    """The workers' parts of a build root (``w-<token>``, storage/build_root.py)."""
+    if not os.path.isdir(build_root):
+        return []
+    return [os.path.join(build_root, n) for n in os.listdir(build_root) if n.startswith("w-")]
+
+
+def staged_builds(worker: Worker, build_root: str | None = None) -> list[str]:
     """The worker's per-action build directories (not its own dot-directories, e.g. the
-    trash that exists from the start): non-empty once an action is being staged."""
-    return [n for n in os.listdir(worker.build_root) if not n.startswith(".")]
+    trash that exists from the start): non-empty once an action is being staged.
+    ``build_root``: where the worker was told to put them, if not its default."""
+    parts = build_root_parts(build_root or worker.build_root)
+    return [n for part in parts for n in os.listdir(part) if not n.startswith(".")]
+
+
+def trash_entries(worker: Worker) -> list[str]:
+    """Trees handed to the worker's background remover and not yet removed."""
+    found = []
+    for part in build_root_parts(worker.build_root):
+        trash = os.path.join(part, ".trash")
+        found += os.listdir(trash) if os.path.isdir(trash) else []
+    return found
 
 
 def stage_name(operation) -> str:

@@ -22,6 +22,7 @@ from reapi_worker.sandbox.bubblewrap import BubblewrapRunner
 from reapi_worker.sandbox.identity import NOBODY
 from reapi_worker.sandbox.request import Bind
 from reapi_worker.sandbox.runner import Runner
+from reapi_worker.storage.bounded_staging import BoundedStager
 from reapi_worker.storage.content import LocalContent
 from reapi_worker.storage.digests import Digest, serialize
 from reapi_worker.storage.directory.cas import CasDirectory
@@ -136,6 +137,7 @@ def make_farm(
     wrap_runner: Callable[[Runner], Runner] | None = None,
     platform: PlatformPolicy = PlatformPolicy(),
     max_output_bytes: int | None = None,
+    bound_bytes: int | None = None,
 ) -> Farm:
     """An executor over a fresh local cache in /tmp, staging with ``staging``.
     ``wrap_cache`` makes what the executor reads from out of the cache (e.g. a
@@ -144,7 +146,8 @@ def make_farm(
     directory goes (benchmarks use tmpfs). ``wrap_runner`` wraps the bubblewrap runner
     (e.g. to look at the build directory while the action runs). ``platform`` and
     ``max_output_bytes`` are the executor's (default root mode, accepted keys and network;
-    the output bound)."""
+    the output bound). ``bound_bytes``: each action's writes on a tmpfs of that size
+    (storage/bounded_staging.py; root only)."""
     # Not pytest's tmp_path: bubblewrap runs as an unprivileged uid and must be able to
     # reach the build directory, so every parent must be searchable by it (0755).
     top = tempfile.mkdtemp(prefix="reapi-worker-test-", dir=parent)
@@ -162,6 +165,8 @@ def make_farm(
         stager = FuseStager(source, remover, shared_fuse_mount(), os.path.join(top, "builds"), fetch_timeout=fetch_timeout)
     else:
         raise ValueError(f"unknown staging {staging!r}")
+    if bound_bytes is not None:
+        stager = BoundedStager(stager, bound_bytes)
     config = ExecutorConfig(
         build_root=os.path.join(top, "builds"),
         worker_name="test-worker",

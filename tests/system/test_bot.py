@@ -16,7 +16,7 @@ import time
 import psutil
 import pytest
 
-from bot_fixtures import CLI, INSTANCE, Farm, stage_name, staged_builds, until
+from bot_fixtures import CLI, INSTANCE, Farm, stage_name, staged_builds, trash_entries, until
 from conftest import require_tool
 
 from reapi_worker.protos import code_pb2, error_details_pb2, re_pb2
@@ -102,8 +102,7 @@ def test_cancel_operation_kills_the_action_within_a_second(farm):
     until(lambda: worker.leases("cancelled"), 10, "the worker to log the cancellation")
     assert not worker.leases("completed")  # nothing reported for it
     # Its build directory is removed (in the background: not on the critical path).
-    until(lambda: not [n for n in os.listdir(worker.build_root) if n != ".trash"]
-          and not os.listdir(os.path.join(worker.build_root, ".trash")), 10, "the build directory to go")
+    until(lambda: not staged_builds(worker) and not trash_entries(worker), 10, "the build directory to go")
     assert worker.process.poll() is None
 
 

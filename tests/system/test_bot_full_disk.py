@@ -27,7 +27,7 @@ import urllib.request
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from bot_fixtures import Farm, Worker, stage_name, until
+from bot_fixtures import Farm, Worker, stage_name, staged_builds, until
 from conftest import require, require_tool
 
 pytestmark = [pytest.mark.buildgrid, pytest.mark.bwrap]
@@ -169,7 +169,7 @@ def test_a_full_disk_stops_the_worker_taking_work_until_space_returns(farm, smal
     assert set(stages) == {"QUEUED"}, stages
     assert len(worker.leases()) == 1  # ran nothing
     assert not [m for m in messages(worker, "lease ") if "handed back" in m]  # nor was given any
-    assert not [n for n in os.listdir(os.path.join(small_disk, "builds")) if not n.startswith(".")]
+    assert not staged_builds(worker, os.path.join(small_disk, "builds"))
 
     # 3. Space returns: it takes the queued action.
     os.unlink(filler)

@@ -1,6 +1,6 @@
 """Restart the scheduler under running workers: they reconnect and every operation completes.
 
-Uses a BuildGrid of its own (port 50071, its own PostgreSQL and state directory) so the
+Uses a BuildGrid of its own (a free port, its own PostgreSQL and state directory) so the
 session-wide one other tests share is not disturbed; ``BGD_KEEP_STATE=1`` keeps its
 database and CAS across the restart, as a production restart would.
 """
@@ -8,6 +8,7 @@ database and CAS across the restart, as a production restart would.
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import threading
 
@@ -18,7 +19,14 @@ from conftest import BUILDGRID_HARNESS, require, require_tool
 
 pytestmark = pytest.mark.buildgrid
 
-PORT = "50071"
+
+def _free_port() -> str:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return str(sock.getsockname()[1])
+
+
+PORT = _free_port()  # one per test process: several engineers' runs share this host
 
 
 def _harness(command: str, **env: str) -> subprocess.CompletedProcess:

@@ -29,15 +29,20 @@ def require_staging(staging: str) -> None:
         require(os.geteuid() == 0 and os.path.exists("/dev/fuse"), "FUSE staging needs root and /dev/fuse")
 
 
-@pytest.fixture(params=STAGINGS)
+@pytest.fixture(params=STAGINGS + tuple(f"{s}+bound" for s in STAGINGS))
 def staging(request) -> str:
-    require_staging(request.param)
+    """A staging; ``+bound``: the same under a BoundedStager (storage/bounded_staging.py),
+    which must pass the whole suite too."""
+    require_staging(request.param.removesuffix("+bound"))
+    if request.param.endswith("+bound"):
+        require(os.geteuid() == 0, "a bounded build directory mounts a tmpfs: root only")
     return request.param
 
 
 @pytest.fixture
 def farm(staging):
-    farm = make_farm(max_action_timeout=30, staging=staging)
+    name, bounded = staging.removesuffix("+bound"), staging.endswith("+bound")
+    farm = make_farm(max_action_timeout=30, staging=name, bound_bytes=64 << 20 if bounded else None)
     yield farm
     farm.close()
 
@@ -121,7 +126,8 @@ def test_inputs_are_staged_with_their_bits_and_symlinks(farm):
 
 def test_chroot_mode_sees_the_input_root_as_slash_and_writes_to_its_own_view(staging):
     require(all(os.path.islink(f"/{n}") for n in ("bin", "lib")), "needs a merged-/usr host")
-    farm = make_farm(max_action_timeout=30, staging=staging, extra_ro_binds=(Bind("/usr", "/usr"),))
+    farm = make_farm(max_action_timeout=30, staging=staging.removesuffix("+bound"), extra_ro_binds=(Bind("/usr", "/usr"),),
+                     bound_bytes=64 << 20 if staging.endswith("+bound") else None)
     try:
         inputs: dict = {f"{n}": "->" + os.readlink(f"/{n}") for n in ("bin", "lib", "lib64", "sbin") if os.path.islink(f"/{n}")}
         inputs["src/a.txt"] = b"alpha\n"

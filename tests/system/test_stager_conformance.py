@@ -1,5 +1,5 @@
 """One suite over every Stager (storage/staging.py's contract): hardlink, FUSE, and auto
-choosing either. Real FUSE and overlayfs mounts: root and /dev/fuse, like the worker."""
+choosing either; hardlink and FUSE under a BoundedStager, hardlink under a FreeSpaceGuard. Real FUSE and overlayfs mounts: root and /dev/fuse, like the worker."""
 
 from __future__ import annotations
 
@@ -18,15 +18,17 @@ from reapi_worker.protos import re_pb2
 from reapi_worker.protos.errors import InvalidArgument, MissingBlobs
 from reapi_worker.sandbox.identity import NOBODY
 from reapi_worker.storage.auto_staging import AutoStager, StagingRule
+from reapi_worker.storage.bounded_staging import BoundedStager
 from reapi_worker.storage.digests import Digest, serialize
 from reapi_worker.storage.directory.cas import CasDirectory
+from reapi_worker.storage.free_space_guard import FreeSpaceGuard
 from reapi_worker.storage.fuse import FuseStager
 from reapi_worker.storage.local_cas import LocalCAS
 from reapi_worker.storage.staging import HardlinkStager, Owner, Stager, TreeRemover
 from reapi_worker.storage.tree_facts import TreeFacts
 
 OWNER = Owner(NOBODY.uid, NOBODY.gid)
-STAGERS = ("hardlink", "fuse", "auto-eager", "auto-lazy")
+STAGERS = ("hardlink", "fuse", "auto-eager", "auto-lazy", "hardlink+bound", "fuse+bound", "hardlink+guard")
 
 
 @dataclass
@@ -43,7 +45,12 @@ class Rig:
 
 @pytest.fixture(params=STAGERS)
 def rig(request) -> Iterator[Rig]:
-    if request.param != "hardlink":
+    """``+bound``: under a BoundedStager (storage/bounded_staging.py); ``+guard``: under a
+    FreeSpaceGuard (storage/free_space_guard.py)."""
+    kind, _, wrapper = request.param.partition("+")
+    if wrapper == "bound":
+        require(os.geteuid() == 0, "a bounded build directory mounts a tmpfs: root only")
+    if kind != "hardlink":
         require_tool("fusermount3")
         require(os.geteuid() == 0 and os.path.exists("/dev/fuse"), "FUSE staging needs root and /dev/fuse")
     # Not pytest's tmp_path: the sandbox's uid must be able to reach the build directories.
@@ -55,13 +62,17 @@ def rig(request) -> Iterator[Rig]:
     with LocalCAS(os.path.join(top, "cache"), max_bytes=1 << 30) as cache:
         eager = HardlinkStager(cache, remover)
         stager: Stager = eager
-        if request.param != "hardlink":
+        if kind != "hardlink":
             facts = TreeFacts()
             lazy = FuseStager(cache, remover, shared_fuse_mount(), build_root, facts=facts)
             stager = lazy
-            if request.param.startswith("auto"):
-                rule = StagingRule(lazy_min_files=0 if request.param == "auto-lazy" else 1_000_000)
+            if kind.startswith("auto"):
+                rule = StagingRule(lazy_min_files=0 if kind == "auto-lazy" else 1_000_000)
                 stager = AutoStager(eager, lazy, rule, facts)
+        if wrapper == "bound":
+            stager = BoundedStager(stager, 16 << 20)
+        elif wrapper == "guard":
+            stager = FreeSpaceGuard(stager, reserve_bytes=0)
         yield Rig(stager, cache, remover, build_root, os.path.join(top, "source"))
         remover.drain()
     shutil.rmtree(top, ignore_errors=True)

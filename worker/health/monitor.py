@@ -105,7 +105,10 @@ class HealthMonitor:
 
     def _loop(self, interval: float) -> None:
         while not self._stop.wait(interval):
-            self.check()
+            try:
+                self.check()
+            except Exception:  # the monitor outlives a bug: the next round may succeed
+                log.exception("health monitor round")
 
     def close(self) -> None:
         """Stop the thread (waits for a check in progress). Idempotent."""

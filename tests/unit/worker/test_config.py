@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import os
 import re
 import tomllib
 from pathlib import Path
@@ -61,7 +62,10 @@ def test_no_file_and_no_flags_give_the_schema_defaults(x86_linux):
     assert cfg == WorkerConfig()
     assert cfg.remote == "grpc://127.0.0.1:50051"
     assert cfg.cas_remote is None and cfg.cas_connection.url == cfg.remote
-    assert cfg.cache_size == "10G" and cfg.cache_bytes == 10 * 2**30
+    # Derived from the cache's file system: half of it (the rest for builds and headroom).
+    st = os.statvfs("/")
+    assert cfg.cache_size == "auto" and cfg.cache_bytes == st.f_blocks * st.f_frsize // 2
+    assert cfg.build_dir_size == "auto"
     assert cfg.staging == "hardlink"
     assert cfg.log_format == "text"
     assert cfg.bot_id is None and cfg.metrics_port is None
@@ -100,7 +104,7 @@ def test_settings_lists_every_field_in_schema_order_with_host_defaults_computed(
     defaults = {name: default for name, _s, default in rows}
     assert defaults["platform"] == DETECTED  # a value, not the factory
     assert isinstance(defaults["concurrency"], int) and defaults["concurrency"] >= 1
-    assert defaults["cache_size"] == "10G"
+    assert defaults["cache_size"] == "auto"
     # A host-dependent default says so in words (shown by --help and the dump).
     documented = {name for name, setting, _d in rows if setting.default_doc}
     assert {"concurrency", "platform", "bot_id"} <= documented
@@ -437,6 +441,7 @@ def test_the_dump_of_a_config_with_every_setting_changed_loads_back_equal(tmp_pa
         "access_token_file": "/run/secrets/token",
         "cache_dir": "/srv/cache ü",
         "cache_size": "1.5T",
+        "build_dir_size": "3G",
         "build_root": "/srv/builds",
         "max_action_timeout": 0.25,
         "sandbox_uid": 1000,

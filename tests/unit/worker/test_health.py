@@ -823,3 +823,24 @@ def test_standard_checks_with_and_without_a_probe(tmp_path):
     assert not monitor.check().ok
     without = standard_checks(settings, **dirs, cache=None, probe=None, clock=clock, statvfs=disk.statvfs)
     assert [c.name for c in without] == ["scheduler", "cache_disk", "build_root_disk"]
+
+
+def test_the_monitor_thread_survives_a_round_that_raises(caplog):
+    """A bug outside the checks (here: the clock) costs one round, never the monitor."""
+    calls = []
+
+    def clock() -> float:
+        calls.append(None)
+        if len(calls) == 2:  # the thread's first round
+            raise RuntimeError("a broken clock")
+        return float(len(calls))
+
+    check = StubCheck("a")
+    monitor = HealthMonitor([check], clock=clock)
+    with caplog.at_level(logging.ERROR):
+        monitor.start(interval=0.01)
+        try:
+            assert check.evaluated_thrice.wait(10), "the monitor's thread died with the failed round"
+        finally:
+            monitor.close()
+    assert "a broken clock" in caplog.text
