@@ -51,7 +51,7 @@ import time
 
 from .bounds import MAX_PIDS, STREAM_BYTES, TMP_BYTES, TmpfsWatch
 from .bwrap_args import ControlFds, HostLayout, bwrap_arguments
-from .errors import SandboxSetupError
+from .errors import BubblewrapRefused, SandboxSetupError
 from .identity import RunAs, effective_run_as, sandbox_can_protect_hardlinks, setpriv_prefix
 from .limits import Confinement, ResourceController
 from .network import SlirpNat
@@ -419,7 +419,7 @@ def _exec_failure(request: SandboxRequest, init_pid: int | None, status: int) ->
         if match is not None:
             return 127 if match.group("reason") in _NOT_FOUND else 126
     message = tail.strip().splitlines()[-1] if tail.strip() else f"wait status {status:#x}, no message"
-    raise SandboxSetupError(f"bubblewrap failed before running the command: {message}")
+    raise BubblewrapRefused(f"bubblewrap failed before running the command: {message}")
 
 
 def _read_tail(path: str) -> str:

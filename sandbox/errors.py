@@ -27,3 +27,11 @@ class SandboxSetupError(Internal):
 
     ``reason`` carries what failed and, when bubblewrap said why, its message.
     """
+
+
+class BubblewrapRefused(SandboxSetupError):
+    """bubblewrap itself refused to build this request's sandbox (its own message, read
+    before the command could write anything). The one set-up failure a request can cause
+    — a mount over its input root that cannot be made — so the caller may ask a probe
+    whether the host or the request is at fault. Every other SandboxSetupError is the
+    host's (a missing tool, a cgroup that cannot be made, a spawn that failed)."""

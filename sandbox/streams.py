@@ -11,7 +11,9 @@ for the command to interpret; a pipe bounds exactly this stream, and the worker 
   the action (an action that floods its log is broken, and waiting for it to finish would
   only burn time and disk), and the result names the bound (``"stream_bytes"``);
 * a write error of the worker's own file (its disk is full) is the worker's fault, raised
-  as SandboxSetupError, never passed off as the action's result.
+  as the worker's own storage error (ResourceExhausted for a full disk, else Internal):
+  never passed off as the action's result, and never as a sandbox set-up failure, which
+  could be blamed on the action.
 
 What the command sees differs only in ``fstat`` of its stdout: a pipe, not a file. Tools
 buffer a pipe as they buffer a file (both are not a terminal). The same path for both
@@ -27,7 +29,7 @@ import errno
 import os
 from dataclasses import dataclass
 
-from .errors import SandboxSetupError
+from reapi_worker.protos.errors import from_os_error
 from .request import SandboxRequest
 
 #: Most bytes moved by one ``splice`` (a pipe holds 64 KiB by default).
@@ -70,7 +72,7 @@ class OutputStreams:
                     os.set_blocking(reader, False)  # only this end: the writer's stays blocking
         except OSError as e:
             self.close()
-            raise SandboxSetupError(f"cannot create output file: {e}") from e
+            raise from_os_error(e, "creating the action's output file", own_file=True) from e
 
     @property
     def child_fds(self) -> tuple[int, int]:
@@ -108,7 +110,7 @@ class OutputStreams:
             except OSError as e:
                 if e.errno == errno.EPIPE:
                     return
-                raise SandboxSetupError(f"writing the action's {stream.name}: {e}") from e
+                raise from_os_error(e, f"writing the action's {stream.name}", own_file=True) from e
             if moved == 0:
                 stream.done = True  # EOF: every writer has exited
                 return

@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from typing import BinaryIO
 
 from reapi_worker.protos import status_pb2
-from reapi_worker.protos.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted
+from reapi_worker.protos.errors import BoundExceeded, DeadlineExceeded, InvalidArgument
 from reapi_worker.sandbox.bounds import MAX_PIDS, STREAM_BYTES, TMP_BYTES
 from reapi_worker.sandbox.request import ResourceLimits
 from reapi_worker.sandbox.result import SandboxResult
@@ -158,7 +158,7 @@ def bound_status(run: SandboxResult, limits: ResourceLimits) -> status_pb2.Statu
 
 
 def _exhausted(message: str) -> status_pb2.Status:
-    return ResourceExhausted(message).to_status()
+    return BoundExceeded(message).to_status()
 
 
 def _bytes(value: int | None) -> str:

@@ -35,7 +35,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from reapi_worker.protos import code_pb2, execution_stats_pb2, re_pb2, status_pb2
 from reapi_worker.protos.errors import BoundExceeded, Internal, InvalidArgument, MissingBlobs, ReapiError, Unavailable
-from reapi_worker.sandbox.errors import SandboxSetupError
+from reapi_worker.sandbox.errors import BubblewrapRefused, SandboxSetupError
 from reapi_worker.sandbox.probe import runner_probe
 from reapi_worker.sandbox.request import Bind, ResourceLimits, SandboxRequest, SubtreeAccess
 from reapi_worker.sandbox.result import SandboxResult
@@ -247,8 +247,9 @@ class Executor:
         return load_action(self._store, action_digest, action, self._config.platform)
 
     def _run(self, request: SandboxRequest, cancel: threading.Event | None) -> SandboxResult:
-        """Run the sandbox; a set-up failure is blamed on the action or the host by the
-        worker's own probe sandbox, run at once.
+        """Run the sandbox. A set-up failure bubblewrap itself reports (BubblewrapRefused:
+        the one kind a request can cause) is blamed on the action or the host by the
+        worker's own probe sandbox, run at once; any other set-up failure is the host's.
 
         Why: a set-up failure is INTERNAL to the runner, but passing it on as INTERNAL would
         make the scheduler retry an action whose own input root or command breaks the
@@ -260,7 +261,7 @@ class Executor:
         """
         try:
             return self._runner.run(request, cancel)
-        except SandboxSetupError as error:
+        except BubblewrapRefused as error:
             config = self._config
             probe = runner_probe(self._runner, config.build_root, limits=config.limits, extra_ro_binds=config.extra_ro_binds)
             problem = probe()
@@ -269,6 +270,8 @@ class Executor:
                     f"the action's sandbox could not be set up (a trivial sandbox can be on this worker, "
                     f"so the action's input root or command is the cause): {error.reason}"
                 ) from None
+            raise Unavailable(f"the sandbox could not be set up on this worker: {error.reason}") from None
+        except SandboxSetupError as error:  # the host's alone (see BubblewrapRefused)
             raise Unavailable(f"the sandbox could not be set up on this worker: {error.reason}") from None
 
     def _request(self, spec: ActionSpec, input_root: str, streams: str, access: tuple[SubtreeAccess, ...] = ()) -> SandboxRequest:

@@ -45,7 +45,7 @@ from typing import TypeVar
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from reapi_worker.protos import re_pb2
-from reapi_worker.protos.errors import FailedPrecondition, Internal, InvalidArgument, ResourceExhausted
+from reapi_worker.protos.errors import BoundExceeded, FailedPrecondition, Internal, InvalidArgument
 from reapi_worker.protos.unbound_fields import OutputDirectoryFormat, set_root_directory_digest
 from reapi_worker.storage.content import ContentStore
 from reapi_worker.storage.digests import Digest, serialize
@@ -92,7 +92,7 @@ def capture_outputs(
     unbounded); it is checked before anything is stored.
 
     Raises FailedPrecondition for an output of the wrong kind, InvalidArgument for a name
-    or symlink target that is not UTF-8, ResourceExhausted past ``max_bytes``, Internal
+    or symlink target that is not UTF-8, BoundExceeded past ``max_bytes``, Internal
     for I/O errors of the worker's own disk.
     """
     try:
@@ -175,7 +175,7 @@ class _Cost:
         self._inodes.add(inode)
         self.total += st.st_size  # apparent size: a sparse file is stored dense
         if self._max is not None and self.total > self._max:
-            raise ResourceExhausted(
+            raise BoundExceeded(
                 f"outputs hold more than {self._max} bytes of new file content, the bound set by "
                 f"{MAX_OUTPUT_SIZE_KEY} (captured nothing)"
             )

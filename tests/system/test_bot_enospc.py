@@ -132,13 +132,17 @@ def test_a_disk_filled_mid_action_requeues_the_lease_and_stores_no_result(farm, 
         return [e for e in worker.leases("completed") if e.get("status") == "UNAVAILABLE"]
 
     entries = until(refused, 30, "the lease to be reported UNAVAILABLE")
-    why = "No space left on device" if bound != "off" else "may have met a full disk"
-    assert why in entries[0]["field_message"], entries[0]
+    # Without a bound, whichever of the worker's own writes (the action's stderr file) or
+    # its after-run free-space check meets the full disk first names it.
+    whys = ["No space left on device"] if bound != "off" else ["No space left on device", "may have met a full disk"]
+    assert any(why in entries[0]["field_message"] for why in whys), entries[0]
     assert entries[0]["action"] == str(digest)
     # Requeued, not answered: BuildGrid stored nothing and the client is still waiting.
     assert action_cache_entry(farm, digest) is None
     assert thread.is_alive() and "result" not in result
-    assert cache_is_intact(cache_dir) > 0
+    # Every blob left is sound. How many are left is the disk check's business: below the low
+    # watermark it evicts what it may, and on a disk this full that can be all of them.
+    cache_is_intact(cache_dir)
 
     os.unlink(filler)
     thread.join(120)

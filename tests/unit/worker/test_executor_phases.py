@@ -22,7 +22,7 @@ import pytest
 
 from reapi_worker.protos import code_pb2, re_pb2
 from reapi_worker.protos.errors import BoundExceeded, Internal, MissingBlobs, ReapiError, ResourceExhausted, Unavailable
-from reapi_worker.sandbox.errors import SandboxSetupError
+from reapi_worker.sandbox.errors import BubblewrapRefused, SandboxSetupError
 from reapi_worker.sandbox.fake import FakeRunner
 from reapi_worker.sandbox.request import SandboxRequest
 from reapi_worker.sandbox.result import SandboxResult
@@ -268,7 +268,7 @@ def test_run_a_sandbox_that_cannot_be_set_up_on_this_host_is_unavailable_from_th
 
     def respond(request):
         requests.append(request)
-        raise SandboxSetupError("bwrap: no permission")
+        raise BubblewrapRefused("bwrap: no permission")
 
     rig.respond = respond
     outcome = rig.execute(rig.action())
@@ -283,7 +283,7 @@ def test_run_a_sandbox_only_the_action_breaks_is_invalid_argument_and_no_host_fa
     def respond(request):
         if "health-probe-" in request.input_root:
             return ran(0)
-        raise SandboxSetupError("bwrap: Can't mkdir /proc: Read-only file system")
+        raise BubblewrapRefused("bwrap: Can't mkdir /proc: Read-only file system")
 
     rig.respond = respond
     outcome = rig.execute(rig.action())
@@ -291,6 +291,23 @@ def test_run_a_sandbox_only_the_action_breaks_is_invalid_argument_and_no_host_fa
     assert "the action's sandbox could not be set up" in outcome.status.message
     assert "Can't mkdir /proc" in outcome.status.message
     assert not is_sandbox_setup_failure(outcome)
+
+
+def test_run_a_host_side_set_up_failure_is_unavailable_and_never_blamed_on_the_action(rig):
+    # A cgroup that cannot be made, a spawn that failed: the host's, even if a probe passes.
+    requests = []
+
+    def respond(request):
+        requests.append(request)
+        if "health-probe-" in request.input_root:
+            return ran(0)
+        raise SandboxSetupError("cannot start bubblewrap: [Errno 11] Resource temporarily unavailable")
+
+    rig.respond = respond
+    outcome = rig.execute(rig.action())
+    assert_failed(outcome, code_pb2.UNAVAILABLE, "run")
+    assert "Resource temporarily unavailable" in outcome.status.message
+    assert len(requests) == 1  # no probe is asked to blame the action
 
 
 def test_run_a_timeout_is_deadline_exceeded_keeping_what_the_command_wrote(rig):
