@@ -326,7 +326,8 @@ def test_a_cut_cable_requeues_the_lease_on_the_other_host_and_the_cut_worker_com
 
         def running_on() -> str | None:
             for name, worker in workers.items():
-                if glob.glob(os.path.join(worker.build_root, "*", "started")):
+                # <build root>/<the worker's part>/<action>/root: the action's merged view.
+                if glob.glob(os.path.join(worker.build_root, "w-*", "*", "root", "started")):
                     return name
             return None
 
