@@ -46,6 +46,12 @@ class RunAs:
 NOBODY = RunAs(65534, 65534)
 
 
+def default_run_as() -> RunAs:
+    """The identity a sandbox gets when nobody chooses one: :data:`NOBODY` when the worker
+    is root, else the worker's own ids."""
+    return effective_run_as(None) or RunAs(os.geteuid(), os.getegid())
+
+
 def effective_run_as(run_as: RunAs | None) -> RunAs | None:
     """The identity to switch to, or ``None`` to run as the worker itself.
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from reapi_worker.protos.errors import InvalidArgument
 
 from .errors import SandboxSetupError
+from .identity import RunAs
 
 #: Where the input root appears inside a HOST_TOOLS sandbox. Fixed (never the host path,
 #: never random) so that paths baked into outputs — debug info, ``__FILE__``, rpaths — are the
@@ -156,8 +157,11 @@ class SandboxRequest:
       ``/proc``, ``/dev``, ``/tmp`` and operator binds are mounts of their own and keep
       their own access whatever the subtree around them says.
     * ``uid`` / ``gid`` are the ids the command sees *inside* the sandbox (default 0, as the
-      C++ reference runner and BuildStream expect). They map to the runner's unprivileged host
-      uid, never to the host's root; see :mod:`.identity`.
+      C++ reference runner and BuildStream expect). They map to the sandbox's unprivileged
+      host uid, never to the host's root; see :mod:`.identity`.
+    * ``run_as`` is that host uid/gid for this request (an action's own, from a
+      :class:`~.uid_pool.UidPool`); ``None``: the runner's default identity. The input
+      root's directories must be owned by it.
     * ``timeout`` in seconds from the moment the command is released; ``None`` for none.
     """
 
@@ -175,6 +179,7 @@ class SandboxRequest:
     subtree_access: tuple[SubtreeAccess, ...] = ()
     uid: int = 0
     gid: int = 0
+    run_as: RunAs | None = None
 
     def __post_init__(self) -> None:
         # Freeze the mutable inputs so that a request cannot change under a running sandbox.
