@@ -143,7 +143,8 @@ class SandboxRequest:
     * ``environment`` is the command's whole environment: nothing of the worker's is added,
       not even ``PWD`` (see :mod:`.bwrap_args`).
     * ``input_root`` is the host path of the staged build directory; its directories must be
-      writable by the runner's sandbox uid (see :func:`~.identity.prepare_build_dir`), and
+      writable by the sandbox's host uid (``run_as``, else the runner's; see
+      :func:`~.identity.prepare_build_dir`), and
       every ancestor must be searchable (``x``) by it, since bubblewrap runs as that uid when
       it binds the root (e.g. a ``0711`` builds directory; pytest's ``0700`` tmp dirs fail).
     * ``working_directory`` is relative to the input root (``""`` for the root itself).
