@@ -33,7 +33,6 @@ from collections.abc import Callable
 
 from reapi_worker.protos import code_pb2, re_pb2
 from reapi_worker.sandbox.bubblewrap import BubblewrapRunner
-from reapi_worker.sandbox.identity import NOBODY
 from reapi_worker.storage.auto_staging import AutoStager, StagingRule
 from reapi_worker.storage.channels import ConnectionOptions, open_channel
 from reapi_worker.storage.content import LocalContent
@@ -43,7 +42,7 @@ from reapi_worker.storage.fetch_through import FetchThroughStore
 from reapi_worker.storage.fuse import FuseMount, FuseStager
 from reapi_worker.storage.local_cas import LocalCAS
 from reapi_worker.storage.remote_cas import RemoteCAS
-from reapi_worker.storage.staging import HardlinkStager, Owner, Stager, TreeRemover
+from reapi_worker.storage.staging import HardlinkStager, Stager, TreeRemover
 from reapi_worker.storage.tree_facts import TreeFacts
 from reapi_worker.worker.executor import Executor, ExecutorConfig
 
@@ -107,7 +106,7 @@ class Bench:
         return fuse if kind == "fuse" else AutoStager(hardlink, fuse, StagingRule(), facts)
 
     def execute(self, store: LocalContent, stager: Stager, action_digest: Digest) -> float:
-        config = ExecutorConfig(build_root=self.build_root, worker_name="bench", owner=Owner(NOBODY.uid, NOBODY.gid))
+        config = ExecutorConfig(build_root=self.build_root, worker_name="bench")
         executor = Executor(store, stager, self.runner, config)
         start = time.perf_counter()
         outcome = executor.execute(action_digest)

@@ -19,7 +19,7 @@ Public surface::
     SandboxRequest(arguments, environment, input_root, stdout_path, stderr_path,
                    working_directory="", root_mode=RootMode.HOST_TOOLS, network=False,
                    timeout=None, limits=ResourceLimits(), extra_ro_binds=(),
-                   subtree_access=(), uid=0, gid=0)
+                   subtree_access=(), uid=0, gid=0, run_as=None)
     SubtreeAccess(path, read_only)                 a read-only (or writable again) subtree
     RootMode.HOST_TOOLS | RootMode.CHROOT          HOST_TOOLS_INPUT_ROOT == "/build"
     ResourceLimits(memory_bytes=None, max_pids=None, cpu_cores=None, tmp_bytes=None,
@@ -39,10 +39,12 @@ Public surface::
     ResourceController, Confinement                      limits behind one interface
     choose_resource_controller() -> ResourceController   cgroup v2 | cgroup v1 | rlimits
     probe_host(bwrap="bwrap", run_as=None, controller=None) -> HostCapabilities
-    runner_probe(runner, scratch_dir, *, limits, extra_ro_binds) -> Probe   health's sandbox check
+    runner_probe(runner, scratch_dir, *, limits, extra_ro_binds, run_as) -> Probe   health's sandbox check
+    UidPool(ids).lease() -> UidLease (.run_as, .release(), .retire(why))   one host uid per action
     bwrap_arguments(request, layout, fds) -> BwrapArguments   the pure argument builder
 
-The security argument (hardlinked inputs and uid 0) is in :mod:`.identity`; the network
+The security argument (hardlinked inputs and uid 0) is in :mod:`.identity`; one host uid
+per action in :mod:`.uid_pool`; the network
 boundary in :mod:`.network`; the /etc allow-list in :mod:`.host_etc`; why no zombie outlives
 an action in :mod:`.reaper`; the sandbox's shape in :mod:`.bwrap_args`; one run step by step
 in :mod:`.bubblewrap`; limits in :mod:`.limits` and :mod:`.cgroups`; how each bound is
@@ -61,6 +63,7 @@ from .probe import HostCapabilities, Probe, choose_resource_controller, probe_ho
 from .request import HOST_TOOLS_INPUT_ROOT, Bind, ResourceLimits, RootMode, SandboxRequest, SubtreeAccess
 from .result import SandboxResult
 from .runner import Runner
+from .uid_pool import SharedUid, UidLease, UidPool
 from .usage import CgroupUsage, ResourceUsage
 
 __all__ = [
@@ -88,6 +91,9 @@ __all__ = [
     "SandboxSetupError",
     "SubtreeAccess",
     "SlirpNat",
+    "SharedUid",
+    "UidLease",
+    "UidPool",
     "bwrap_arguments",
     "choose_resource_controller",
     "prepare_build_dir",

@@ -78,8 +78,10 @@ class BubblewrapRunner(Runner):
     """Runs requests in bubblewrap sandboxes (see the module docstring for one run).
 
     * ``bwrap_path`` — the bubblewrap binary (looked up on the worker's PATH once, here).
-    * ``run_as`` — the host identity of every sandbox; ``None`` = automatic (65534:65534 when
-      the worker is root, else the worker itself). See :mod:`.identity` for why.
+    * ``run_as`` — the default host identity of a sandbox, for requests that name none (a
+      request's ``run_as`` wins: an action's own uid from a :class:`~.uid_pool.UidPool`);
+      ``None`` = automatic (65534:65534 when the worker is root, else the worker itself).
+      See :mod:`.identity` for why.
     * ``controller`` — limits and the second kill line; the composition root passes the one
       :func:`~.probe.choose_resource_controller` picked. ``None`` = choose now.
     * ``layout`` — the host paths a HOST_TOOLS sandbox shows; ``None`` = probe the host now.
@@ -106,12 +108,8 @@ class BubblewrapRunner(Runner):
             raise SandboxSetupError(f"bubblewrap ({bwrap_path}) is not installed")
         self.bwrap_path = found
         self.run_as = effective_run_as(run_as)
-        self._drop: tuple[str, ...] = ()
-        if self.run_as is not None:
-            setpriv = shutil.which(setpriv_path)
-            if setpriv is None:
-                raise SandboxSetupError("util-linux setpriv is needed to run the sandbox unprivileged")
-            self._drop = setpriv_prefix(setpriv, self.run_as)
+        self._setpriv = shutil.which(setpriv_path)
+        self._drop = self._drop_to(self.run_as)
         if controller is None:
             from .probe import choose_resource_controller
 
@@ -122,10 +120,18 @@ class BubblewrapRunner(Runner):
         self.nat = nat
         become_child_subreaper()
 
+    def _drop_to(self, target: RunAs | None) -> tuple[str, ...]:
+        """The argv prefix that switches to ``target`` (empty for ``None``: stay the worker)."""
+        if target is None:
+            return ()
+        if self._setpriv is None:
+            raise SandboxSetupError("util-linux setpriv is needed to run the sandbox unprivileged")
+        return setpriv_prefix(self._setpriv, target)
+
     @property
     def host_ids(self) -> tuple[int, int]:
-        """The host uid/gid the sandbox runs as — what the build directory's directories must
-        be owned by (:func:`~.identity.prepare_build_dir`)."""
+        """The host uid/gid a sandbox of a request without ``run_as`` runs as — what the
+        build directory's directories must be owned by (:func:`~.identity.prepare_build_dir`)."""
         if self.run_as is None:
             return os.geteuid(), os.getegid()
         return self.run_as.uid, self.run_as.gid
@@ -168,8 +174,10 @@ class BubblewrapRunner(Runner):
         # A network request starts in a fresh namespace of the NAT's (as root, before the
         # uid switch), which bubblewrap then keeps.
         network_prefix = self.nat.spawn_prefix if request.network and self.nat is not None else ()
+        # The request's own identity (one uid per action) or the runner's default.
+        drop = self._drop if request.run_as is None else self._drop_to(effective_run_as(request.run_as))
         argv = [
-            *confinement.spawn_prefix, *network_prefix, *self._drop,
+            *confinement.spawn_prefix, *network_prefix, *drop,
             self.bwrap_path, "--args", str(args_r), "--", *bwrap_args.command,
         ]
         try:

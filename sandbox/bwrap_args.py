@@ -156,6 +156,9 @@ def bwrap_arguments(request: SandboxRequest, layout: HostLayout, fds: ControlFds
                 args += ["--symlink", entry.symlink_target, entry.path]
             else:
                 args += ["--ro-bind", entry.path, entry.path]
+        # Every bubblewrap bind is remounted nosuid,nodev (only --dev-bind keeps devices):
+        # a setuid binary or device node in the input root is inert inside, in both root
+        # modes (tests/system/test_tenant_uids.py reads it back from mountinfo).
         args += ["--bind", request.input_root, HOST_TOOLS_INPUT_ROOT]
     else:
         args += ["--bind", request.input_root, "/"]

@@ -6,8 +6,9 @@ through the link, corrupting the cached blob for every later action; ``--cap-dro
 not help, because the owner needs no capability to chmod. bubblewrap as root with
 ``--uid 0`` maps the sandbox's root to the host's root, the owner of the cache.
 
-The design: bubblewrap runs as an unprivileged host uid/gid that owns nothing in the cache
-(default ``65534:65534``, "nobody"; an operator may configure a dedicated one). Inside the
+The design: bubblewrap runs as an unprivileged host uid/gid that owns nothing in the cache:
+each action's own from a :class:`~.uid_pool.UidPool` (which refuses the cache's owner), or
+the runner's default, ``65534:65534`` ("nobody"), for requests that name none (the probe). Inside the
 user namespace the command may *appear* as uid 0 (the request's ``uid``), but that id maps to
 the unprivileged host uid only, so the cache's files have an unmapped owner there: chmod
 fails with EPERM, writing with EACCES, and ``fs.protected_hardlinks`` stops new links to them.
@@ -44,6 +45,12 @@ class RunAs:
 
 #: The default sandbox identity when the worker runs as root.
 NOBODY = RunAs(65534, 65534)
+
+
+def default_run_as() -> RunAs:
+    """The identity a sandbox gets when nobody chooses one: :data:`NOBODY` when the worker
+    is root, else the worker's own ids."""
+    return effective_run_as(None) or RunAs(os.geteuid(), os.getegid())
 
 
 def effective_run_as(run_as: RunAs | None) -> RunAs | None:

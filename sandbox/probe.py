@@ -157,10 +157,13 @@ def runner_probe(
     extra_ro_binds: Iterable[Bind] = (),
     command: str = "/bin/true",
     timeout: float = 30.0,
+    run_as: RunAs | None = None,
 ) -> Probe:
     """A probe that runs ``command`` through ``runner`` the way an action runs (same runner,
     same limits and binds, an empty input root in ``scratch_dir``, usually the build root),
     so it fails for the reasons actions would. A few milliseconds with bubblewrap.
+    ``run_as``: the host identity to probe as (an action's own uid); ``None``: the runner's
+    default.
 
     The probe never raises for a finding: a :class:`~.errors.SandboxSetupError` or a
     non-zero exit becomes the reason it returns."""
@@ -176,7 +179,7 @@ def runner_probe(
             output = os.path.join(top, "output")
             request = SandboxRequest(
                 arguments=(command,), environment={}, input_root=root, stdout_path=output,
-                stderr_path=output, timeout=timeout, limits=limits, extra_ro_binds=binds,
+                stderr_path=output, timeout=timeout, limits=limits, extra_ro_binds=binds, run_as=run_as,
             )
             try:
                 result = runner.run(request)

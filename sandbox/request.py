@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from reapi_worker.protos.errors import InvalidArgument
 
 from .errors import SandboxSetupError
+from .identity import RunAs
 
 #: Where the input root appears inside a HOST_TOOLS sandbox. Fixed (never the host path,
 #: never random) so that paths baked into outputs — debug info, ``__FILE__``, rpaths — are the
@@ -142,7 +143,8 @@ class SandboxRequest:
     * ``environment`` is the command's whole environment: nothing of the worker's is added,
       not even ``PWD`` (see :mod:`.bwrap_args`).
     * ``input_root`` is the host path of the staged build directory; its directories must be
-      writable by the runner's sandbox uid (see :func:`~.identity.prepare_build_dir`), and
+      writable by the sandbox's host uid (``run_as``, else the runner's; see
+      :func:`~.identity.prepare_build_dir`), and
       every ancestor must be searchable (``x``) by it, since bubblewrap runs as that uid when
       it binds the root (e.g. a ``0711`` builds directory; pytest's ``0700`` tmp dirs fail).
     * ``working_directory`` is relative to the input root (``""`` for the root itself).
@@ -156,8 +158,11 @@ class SandboxRequest:
       ``/proc``, ``/dev``, ``/tmp`` and operator binds are mounts of their own and keep
       their own access whatever the subtree around them says.
     * ``uid`` / ``gid`` are the ids the command sees *inside* the sandbox (default 0, as the
-      C++ reference runner and BuildStream expect). They map to the runner's unprivileged host
-      uid, never to the host's root; see :mod:`.identity`.
+      C++ reference runner and BuildStream expect). They map to the sandbox's unprivileged
+      host uid, never to the host's root; see :mod:`.identity`.
+    * ``run_as`` is that host uid/gid for this request (an action's own, from a
+      :class:`~.uid_pool.UidPool`); ``None``: the runner's default identity. The input
+      root's directories must be owned by it.
     * ``timeout`` in seconds from the moment the command is released; ``None`` for none.
     """
 
@@ -175,6 +180,7 @@ class SandboxRequest:
     subtree_access: tuple[SubtreeAccess, ...] = ()
     uid: int = 0
     gid: int = 0
+    run_as: RunAs | None = None
 
     def __post_init__(self) -> None:
         # Freeze the mutable inputs so that a request cannot change under a running sandbox.

@@ -84,9 +84,13 @@ class BoundedStager(Stager):
         self, root: CasDirectory, build_dir: str, directories: Iterable[RelPath] = (), owner: Owner | None = None
     ) -> StagedInput:
         kernel_mounts.check_mountable_path(build_dir, "build directory")
-        os.mkdir(build_dir, 0o755)
+        os.mkdir(build_dir, 0o700)
         bounded = _BoundedInput(build_dir, self.bound_bytes)
         try:
+            # Private to the sandbox's uid, which must pass through it to the overlay: no
+            # other uid reaches the inputs, the outputs, or anything the action left.
+            if owner is not None:
+                os.chown(build_dir, owner.uid, owner.gid)
             # The wrapped stager's errors carry their own context.
             bounded.lower = self._inner.stage(root, os.path.join(build_dir, "lower"), directories, owner)
             try:

@@ -8,9 +8,11 @@ bottom up (each line is built from the lines above it)::
     LocalCAS (the cache) -> FetchThroughStore (cache in front of the remote)  the store
     HardlinkStager | FuseStager | AutoStager (``staging``)                    make_stager
     BoundedStager around it (``build_dir_size``; FreeSpaceGuard if off)       open_executor
-    BubblewrapRunner (the sandbox, as ``sandbox_uid``/``sandbox_gid``;       the runner
-      ``host_etc``; slirp4netns NAT when ``network_on = "nat"``)
-    Executor (ExecutorConfig)                                                 open_executor
+    BubblewrapRunner (the sandbox; ``host_etc``; slirp4netns NAT when        the runner
+      ``network_on = "nat"``)
+    UidPool (``sandbox_uid_range``: one host uid per action; a non-root      open_executor
+      worker: SharedUid, itself)
+    Executor (ExecutorConfig, the runner, the stager, the uid pool)          open_executor
     HealthRecordingExecutor, then InstrumentedExecutor around it              open_bot
     HealthMonitor (its checks), WorkerMetrics, MetricsServer                  open_bot
     Bot (a session with the scheduler, over its own channel)                  open_bot
@@ -37,9 +39,11 @@ from reapi_worker.protos import bots_pb2_grpc
 from reapi_worker.protos.errors import InvalidArgument
 from reapi_worker.sandbox.bubblewrap import BubblewrapRunner
 from reapi_worker.sandbox.bwrap_args import HostLayout
-from reapi_worker.sandbox.identity import RunAs, sandbox_can_protect_hardlinks
+from reapi_worker.sandbox.errors import SandboxSetupError
+from reapi_worker.sandbox.identity import default_run_as
 from reapi_worker.sandbox.network import SlirpNat
 from reapi_worker.sandbox.probe import Probe, runner_probe
+from reapi_worker.sandbox.uid_pool import SharedUid, UidPool, UidSource
 from reapi_worker.storage.auto_staging import AutoStager, StagingRule
 from reapi_worker.storage.bounded_staging import BoundedStager
 from reapi_worker.storage.build_root import BuildRoot
@@ -51,7 +55,7 @@ from reapi_worker.storage.fuse import FuseMount, FuseStager
 from reapi_worker.storage.local_cas import LocalCAS
 from reapi_worker.storage.remote_cas import RemoteCAS, RemoteOptions
 from reapi_worker.storage.retry import RetryPolicy
-from reapi_worker.storage.staging import HardlinkStager, Owner, Stager, TreeRemover
+from reapi_worker.storage.staging import HardlinkStager, Stager, TreeRemover
 from reapi_worker.storage.tree_facts import TreeFacts
 
 from .bot import Bot, BotConfig
@@ -86,23 +90,22 @@ def open_executor(cfg: WorkerConfig) -> Iterator[ExecutorGraph]:
     # cannot exhaust it.
     raise_open_files_limit()
     bounds = cfg.action_bounds
-    run_as = RunAs(cfg.sandbox_uid, cfg.sandbox_gid)
     channel = open_channel(cfg.cas_connection)
     try:
         remote = RemoteCAS(channel, RemoteOptions(instance_name=cfg.instance_name))
         with LocalCAS(
             cfg.cache_dir, max_bytes=cfg.cache_bytes, keep_free_bytes=cfg.cache_keep_free_bytes()
-        ) as local, _claimed(cfg.build_root) as part:
+        ) as local, _claimed(cfg.build_root) as part, _identities(cfg) as identities:
             store = FetchThroughStore(local, remote)
             remover = TreeRemover(part.trash)
+            # Its own identity (65534 when root) is the health probe's; actions run as theirs.
             runner = BubblewrapRunner(
-                run_as=run_as,
                 layout=HostLayout.probe(etc_allow=cfg.host_etc),
                 nat=SlirpNat() if cfg.network_on == "nat" else None,
             )
-            # Hardlinks are the cache's own inodes: only safe when the sandbox's uid does
-            # not own them (docs/measured.md's uid-0 trap); otherwise stage copies.
-            link = sandbox_can_protect_hardlinks(run_as)
+            # Hardlinks are the cache's own inodes: only safe when no sandbox uid owns
+            # them (docs/measured.md's uid-0 trap); otherwise stage copies.
+            link = identities.protects_hardlinks
             with make_stager(
                 cfg.staging, store, remover, part.path, link=link,
                 open_files_per_action=bounds.limits.open_files,
@@ -113,7 +116,6 @@ def open_executor(cfg: WorkerConfig) -> Iterator[ExecutorGraph]:
                     # The bot id names the worker in every ActionResult.
                     worker_name=cfg.effective_bot_id,
                     max_action_timeout=cfg.max_action_timeout,
-                    owner=Owner(run_as.uid, run_as.gid),
                     limits=bounds.limits,
                     capture_timeout=bounds.capture_timeout,
                     platform=cfg.platform_policy,
@@ -122,7 +124,8 @@ def open_executor(cfg: WorkerConfig) -> Iterator[ExecutorGraph]:
                 probe = runner_probe(
                     runner, config.build_root, limits=config.limits, extra_ro_binds=config.extra_ro_binds,
                 )
-                yield ExecutorGraph(Executor(store, stager, runner, config), store, local, probe)
+                executor = Executor(store, stager, runner, config, identities=identities)
+                yield ExecutorGraph(executor, store, local, probe)
                 remover.drain()
     finally:
         channel.close()
@@ -138,6 +141,21 @@ def _bounded(stager: Stager, cfg: WorkerConfig, build_root: str) -> Stager:
         return BoundedStager(stager, bound)
     st = os.statvfs(build_root)
     return FreeSpaceGuard(stager, cfg.disk_watermarks.critical.of(st.f_blocks * st.f_frsize))
+
+
+@contextlib.contextmanager
+def _identities(cfg: WorkerConfig) -> Iterator[UidSource]:
+    """One host uid per action from ``sandbox_uid_range``, claimed against the host's other
+    workers; a worker that is not root cannot switch uids: its actions run as itself."""
+    if os.geteuid() != 0:
+        yield SharedUid(default_run_as())
+        return
+    try:
+        pool = UidPool.claim(cfg.sandbox_uid_candidates)
+    except SandboxSetupError as error:
+        raise InvalidArgument(f"sandbox_uid_range: {error.reason}") from None
+    with pool:
+        yield pool
 
 
 @contextlib.contextmanager

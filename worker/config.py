@@ -44,6 +44,7 @@ from reapi_worker.protos.errors import InvalidArgument
 from reapi_worker.sandbox.errors import SandboxSetupError
 from reapi_worker.sandbox.host_etc import DEFAULT_HOST_ETC, check_etc_names
 from reapi_worker.sandbox.request import RootMode
+from reapi_worker.sandbox.uid_pool import parse_uid_range
 from reapi_worker.storage.channels import ConnectionOptions
 
 from .bounds import ActionBounds, BoundSettings, HostFacts
@@ -59,6 +60,10 @@ Platform = tuple[tuple[str, str], ...]
 
 #: The stagers ``staging`` may name (built by :func:`~.compose.make_stager`).
 STAGINGS = ("hardlink", "fuse", "auto")
+#: The first uid of ``sandbox_uid_range = "auto"``: above the ids Debian gives to users
+#: (below 60000), to subordinate id ranges (useradd's 100000-600100000) and to containers
+#: (systemd's 524288-1879048191), below 2**31 (tools that read ids as signed numbers).
+AUTO_SANDBOX_UID_BASE = 1879048192
 #: What ``network_on`` may say (see its help).
 NETWORK_ON = ("refuse", "nat")
 
@@ -283,11 +288,15 @@ class WorkerConfig:
         3600.0, group=EXECUTOR, kind="float", example="600.0",
         help="seconds; caps Action.timeout and applies to actions that give none",
     )
-    sandbox_uid: int = _setting(
-        65534, group=EXECUTOR, kind="int", example="65534", help="unprivileged uid actions run as",
-    )
-    sandbox_gid: int = _setting(
-        65534, group=EXECUTOR, kind="int", example="65534", help="gid actions run as",
+    sandbox_uid_range: str = _setting(
+        "auto", group=EXECUTOR, kind="str", example='"1879048192-1879048255"',
+        default_doc=f'"auto": concurrency uids from {AUTO_SANDBOX_UID_BASE}, or the next such block another '
+        'worker of the host does not hold',
+        help="host uids (FIRST-LAST, inclusive) for actions, one per action at once, each with the gid of "
+        "the same number: an action's build directory is its uid's alone (0700) until it is gone. At least "
+        "concurrency ids, none the worker's own, all mapped in the worker's user namespace; they should own "
+        "nothing on the host. Needs a root worker (a non-root worker runs every action as itself and copies "
+        "inputs)",
     )
     staging: str = _setting(
         "hardlink", group=EXECUTOR, kind="choice", choices=STAGINGS, example='"auto"',
@@ -451,6 +460,7 @@ class WorkerConfig:
                 raise InvalidArgument(f"accepted_platform_keys: {self.accepted_platform_keys!r} has an empty or padded key")
         if self.concurrency < 1:
             raise InvalidArgument(f"concurrency must be at least 1, not {self.concurrency}")
+        self.sandbox_uid_candidates  # parses the range and checks it against concurrency
         self.disk_watermarks  # parses and orders both free-space settings
         self.action_bounds  # parses every bound, naming its key
         for name in (
@@ -486,6 +496,29 @@ class WorkerConfig:
                 self.connection(url)
             except InvalidArgument as error:
                 raise InvalidArgument(f"{name}: {error}") from None
+
+    @property
+    def sandbox_uid_candidates(self) -> tuple[range, ...]:
+        """The ranges the worker's uid pool may claim, first free wins
+        (:meth:`~reapi_worker.sandbox.uid_pool.UidPool.claim`): the one range given, or for
+        ``auto`` successive blocks of ``concurrency`` ids from :data:`AUTO_SANDBOX_UID_BASE`
+        (as many as fit below 2**31). InvalidArgument naming the key if the range cannot
+        hold one uid per action at once."""
+        if self.sandbox_uid_range == "auto":
+            c = self.concurrency
+            return tuple(range(base, base + c) for base in range(AUTO_SANDBOX_UID_BASE, 2**31 - c, c)[:256])
+        try:
+            ids = parse_uid_range(self.sandbox_uid_range)
+        except ValueError as error:
+            raise InvalidArgument(f"sandbox_uid_range: {error} (or auto)") from None
+        if ids.start < 1 or ids.stop - 1 > 2**32 - 2:
+            raise InvalidArgument(f"sandbox_uid_range: {self.sandbox_uid_range!r} must lie in 1-{2**32 - 2}")
+        if len(ids) < self.concurrency:
+            raise InvalidArgument(
+                f"sandbox_uid_range: {self.sandbox_uid_range!r} holds {len(ids)} uid(s), fewer than "
+                f"concurrency = {self.concurrency} (one uid per action at once)"
+            )
+        return (ids,)
 
     @property
     def disk_watermarks(self) -> Watermarks:

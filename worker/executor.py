@@ -36,10 +36,12 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from reapi_worker.protos import code_pb2, execution_stats_pb2, re_pb2, status_pb2
 from reapi_worker.protos.errors import BoundExceeded, Internal, InvalidArgument, MissingBlobs, ReapiError, Unavailable
 from reapi_worker.sandbox.errors import BubblewrapRefused, SandboxSetupError
+from reapi_worker.sandbox.identity import RunAs, default_run_as
 from reapi_worker.sandbox.probe import runner_probe
 from reapi_worker.sandbox.request import Bind, ResourceLimits, SandboxRequest, SubtreeAccess
 from reapi_worker.sandbox.result import SandboxResult
 from reapi_worker.sandbox.runner import Runner
+from reapi_worker.sandbox.uid_pool import SharedUid, UidLease, UidSource
 from reapi_worker.storage.content import LocalContent
 from reapi_worker.storage.digests import Digest
 from reapi_worker.storage.directory.cas import CasDirectory
@@ -66,8 +68,7 @@ class ExecutorConfig:
 
     ``build_root``: where per-action directories are made (same file system as the cache,
     so hardlinks work). ``max_action_timeout``: caps ``Action.timeout`` and applies when the
-    action gives none. ``owner``: the uid/gid the sandbox runs as (it must be able to write
-    in the staged directories). ``limits``: per-action resource limits; ``capture_timeout``:
+    action gives none. ``limits``: per-action resource limits; ``capture_timeout``:
     seconds to capture and upload the outputs (see :mod:`.bounds`).
     ``platform``: the default root mode, the platform keys accepted besides the worker's
     own, and whether ``network=on`` is allowed (the runner must then have an outbound NAT).
@@ -78,7 +79,6 @@ class ExecutorConfig:
     build_root: str
     worker_name: str = ""
     max_action_timeout: float = 3600.0
-    owner: Owner | None = None
     limits: ResourceLimits = field(default_factory=ResourceLimits)
     extra_ro_binds: tuple[Bind, ...] = ()
     capture_timeout: float | None = None
@@ -137,7 +137,14 @@ class ActionExecutor(Protocol):
 class Executor:
     """The :class:`ActionExecutor` that does the work, with the given store, stager and
     runner. Thread-safe: the bot calls :meth:`execute` from several threads at once, one per
-    lease."""
+    lease.
+
+    ``identities``: where each action gets the host uid/gid its sandbox runs as and its
+    build directory belongs to, held from staging until the build directory is gone (a
+    :class:`~reapi_worker.sandbox.uid_pool.UidPool`: one uid per concurrent action). A
+    pool with none free fails the action UNAVAILABLE (the worker's shortage, retried
+    elsewhere). ``None``: every action shares the runner's automatic identity
+    (:func:`~reapi_worker.sandbox.identity.default_run_as`)."""
 
     def __init__(
         self,
@@ -146,12 +153,14 @@ class Executor:
         runner: Runner,
         config: ExecutorConfig,
         clock: Callable[[], float] = time.time,
+        identities: UidSource | None = None,
     ) -> None:
         self._store = store
         self._stager = stager
         self._runner = runner
         self._config = config
         self._clock = clock
+        self._identities = identities if identities is not None else SharedUid(default_run_as())
         self._input_root_rules = InputRootRules(config.extra_ro_binds)
         os.makedirs(config.build_root, exist_ok=True)
 
@@ -192,37 +201,43 @@ class Executor:
         outcome.phases["fetch"] = tree_fetched - started
         build_dir = os.path.join(self._config.build_root, uuid.uuid4().hex)
         directories = [spec.working_directory] + [o.components[:-1] for o in spec.outputs if o.components]
-        with self._stager.stage(root, build_dir, directories, self._config.owner) as staged:
-            _copy_writable_inputs(staged.path, access, self._config.owner)
-            fetched = self._stamp(metadata.input_fetch_completed_timestamp)
-            outcome.phases["stage"] = fetched - tree_fetched
-            # The streams are the action's writes: on its own bounded space when it has one.
-            scratch = staged.scratch_dir or self._config.build_root
-            with tempfile.TemporaryDirectory(prefix="streams-", dir=scratch) as streams:
-                self._stamp(metadata.execution_start_timestamp)
-                run = self._run(self._request(spec, staged.path, streams, access), cancel)
-                ran = self._stamp(metadata.execution_completed_timestamp)
-                outcome.phases["run"] = ran - fetched
-                if run.cancelled:
-                    outcome.status.CopyFrom(status_pb2.Status(code=code_pb2.CANCELLED, message="cancelled"))
-                    outcome.failed_phase = "run"
-                    return
-                self._stamp(metadata.output_upload_start_timestamp)
-                deadline = CaptureDeadline(self._config.capture_timeout)
-                self._record_run(spec, run, streams, outcome)
-                if outcome.ok:
-                    # A lazily staged input that could not be read (the command got EIO)
-                    # fails the action with that reason; stdout/stderr are kept.
-                    try:
-                        staged.check()
-                    except ReapiError as error:
-                        # A bound the action went past, or a blob's lazy fetch that failed.
-                        outcome.failed_phase = "run" if isinstance(error, BoundExceeded) else "fetch"
-                        raise
-                captured = capture_outputs(
-                    staged.path, spec, deadline.guard(self._store), known=staged.known_digest,
-                    max_bytes=self._config.max_output_bytes,
-                )
+        # This action's own host uid, from staging until its build directory is gone.
+        lease = self._identities.lease()
+        owner = Owner(lease.run_as.uid, lease.run_as.gid)
+        try:
+            with self._stager.stage(root, build_dir, directories, owner) as staged:
+                _copy_writable_inputs(staged.path, access, owner)
+                fetched = self._stamp(metadata.input_fetch_completed_timestamp)
+                outcome.phases["stage"] = fetched - tree_fetched
+                # The streams are the action's writes: on its own bounded space when it has one.
+                scratch = staged.scratch_dir or self._config.build_root
+                with tempfile.TemporaryDirectory(prefix="streams-", dir=scratch) as streams:
+                    self._stamp(metadata.execution_start_timestamp)
+                    run = self._run(self._request(spec, staged.path, streams, access, lease.run_as), cancel)
+                    ran = self._stamp(metadata.execution_completed_timestamp)
+                    outcome.phases["run"] = ran - fetched
+                    if run.cancelled:
+                        outcome.status.CopyFrom(status_pb2.Status(code=code_pb2.CANCELLED, message="cancelled"))
+                        outcome.failed_phase = "run"
+                        return
+                    self._stamp(metadata.output_upload_start_timestamp)
+                    deadline = CaptureDeadline(self._config.capture_timeout)
+                    self._record_run(spec, run, streams, outcome)
+                    if outcome.ok:
+                        # A lazily staged input that could not be read (the command got EIO)
+                        # fails the action with that reason; stdout/stderr are kept.
+                        try:
+                            staged.check()
+                        except ReapiError as error:
+                            # A bound the action went past, or a blob's lazy fetch that failed.
+                            outcome.failed_phase = "run" if isinstance(error, BoundExceeded) else "fetch"
+                            raise
+                    captured = capture_outputs(
+                        staged.path, spec, deadline.guard(self._store), known=staged.known_digest,
+                        max_bytes=self._config.max_output_bytes,
+                    )
+        finally:
+            _give_back(lease, build_dir)
         result = outcome.result
         result.MergeFrom(captured.result)  # capture fills only the output fields
         blobs = captured.blobs | {Digest.from_proto(d) for d in (result.stdout_digest, result.stderr_digest)}
@@ -263,7 +278,11 @@ class Executor:
             return self._runner.run(request, cancel)
         except BubblewrapRefused as error:
             config = self._config
-            probe = runner_probe(self._runner, config.build_root, limits=config.limits, extra_ro_binds=config.extra_ro_binds)
+            # As the action's own uid, so a uid this host cannot run is the host's fault.
+            probe = runner_probe(
+                self._runner, config.build_root, limits=config.limits, extra_ro_binds=config.extra_ro_binds,
+                run_as=request.run_as,
+            )
             problem = probe()
             if problem is None:
                 raise InvalidArgument(
@@ -274,7 +293,9 @@ class Executor:
         except SandboxSetupError as error:  # the host's alone (see BubblewrapRefused)
             raise Unavailable(f"the sandbox could not be set up on this worker: {error.reason}") from None
 
-    def _request(self, spec: ActionSpec, input_root: str, streams: str, access: tuple[SubtreeAccess, ...] = ()) -> SandboxRequest:
+    def _request(
+        self, spec: ActionSpec, input_root: str, streams: str, access: tuple[SubtreeAccess, ...], run_as: RunAs,
+    ) -> SandboxRequest:
         timeout = min(spec.timeout or self._config.max_action_timeout, self._config.max_action_timeout)
         return SandboxRequest(
             arguments=spec.arguments,
@@ -291,6 +312,7 @@ class Executor:
             subtree_access=access,
             uid=spec.uid,
             gid=spec.gid,
+            run_as=run_as,
         )
 
     def _record_run(self, spec: ActionSpec, run: SandboxResult, streams: str, outcome: Outcome) -> None:
@@ -324,6 +346,18 @@ def _copy_writable_inputs(path: str, access: tuple[SubtreeAccess, ...], owner: O
     writable = [parts(entry) for entry in access if not entry.read_only]
     if writable:
         copy_writable_inputs(path, writable, [parts(entry) for entry in access if entry.read_only], owner)
+
+
+def _give_back(lease: UidLease, build_dir: str) -> None:
+    """Return the action's uid once its build directory is gone: the stager's ``close``
+    unmounted it and moved it into the worker's trash (0700, root's: no pool uid reaches
+    what the action left there) or deleted it. If it is still in place — a mount that would
+    not come off, left for the next start's sweep — what the action left may still be
+    reachable by its uid, so the uid is retired instead: never leased again."""
+    if os.path.lexists(build_dir):
+        lease.retire(f"its build directory {build_dir} could not be removed")
+    else:
+        lease.release()
 
 
 def _first_error_wins(outcome: Outcome, status: status_pb2.Status, action_digest: Digest) -> None:

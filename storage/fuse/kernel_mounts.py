@@ -55,19 +55,21 @@ def check_mountable_path(path: str, what: str) -> str:
 
 def mount_overlay(lower: str, upper: str, work: str, target: str) -> None:
     """Mount an overlayfs at ``target``: ``lower`` read-only below, ``upper`` (with its
-    ``work`` dir on the same file system) taking every change. Raises Internal."""
+    ``work`` dir on the same file system) taking every change. ``nosuid,nodev``: a setuid
+    binary or a device node an action leaves in its build directory gives nobody on the host
+    anything. Raises Internal."""
     for path, what in ((lower, "lower dir"), (upper, "upper dir"), (work, "work dir"), (target, "mount point")):
         check_mountable_path(path, what)
     options = f"lowerdir={lower},upperdir={upper},workdir={work},{OVERLAY_OPTIONS}"
-    if _libc.mount(b"overlay", os.fsencode(target), b"overlay", 0, options.encode()) != 0:
+    if _libc.mount(b"overlay", os.fsencode(target), b"overlay", MS_NOSUID | MS_NODEV, options.encode()) != 0:
         err = ctypes.get_errno()
         raise Internal(f"mounting an overlay at {target} (lower {lower}): {os.strerror(err)}")
 
 
 def mount_tmpfs(target: str, size_bytes: int, mode: int = 0o755) -> None:
     """Mount a tmpfs of at most ``size_bytes`` (rounded up to pages) at ``target``; its
-    pages are RAM (or swap), charged to the memory cgroup of whoever writes them. Raises
-    Internal."""
+    pages are RAM (or swap), charged to the memory cgroup of whoever writes them.
+    ``nosuid,nodev``, as overlays. Raises Internal."""
     options = f"size={size_bytes},mode={mode:o}"
     if _libc.mount(b"tmpfs", os.fsencode(target), b"tmpfs", MS_NOSUID | MS_NODEV, options.encode()) != 0:
         err = ctypes.get_errno()

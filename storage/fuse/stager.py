@@ -129,7 +129,10 @@ class _OverlayInput(StagedInput):
 
     def mount(self, store: LocalContent, dir_owner: tuple[int, int], fetch_timeout: float) -> None:
         work = os.path.join(self._build_dir, "work")
-        os.mkdir(self._build_dir, 0o711)  # the sandbox's uid passes through; nobody lists it
+        # Private to the sandbox's uid, which must pass through it to the overlay: no other
+        # uid reaches the inputs, the outputs, or anything the action left.
+        os.mkdir(self._build_dir, 0o700)
+        os.chown(self._build_dir, *dir_owner)
         # The upper dir's root is the merged root's inode: the sandbox must own it, and
         # nobody else may enter it (it holds the outputs and every copied-up input).
         os.mkdir(self._upper, 0o700)

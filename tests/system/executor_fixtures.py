@@ -19,16 +19,16 @@ from google.protobuf.duration_pb2 import Duration
 
 from reapi_worker.protos import re_pb2
 from reapi_worker.sandbox.bubblewrap import BubblewrapRunner
-from reapi_worker.sandbox.identity import NOBODY
 from reapi_worker.sandbox.request import Bind
 from reapi_worker.sandbox.runner import Runner
+from reapi_worker.sandbox.uid_pool import UidSource
 from reapi_worker.storage.bounded_staging import BoundedStager
 from reapi_worker.storage.content import LocalContent
 from reapi_worker.storage.digests import Digest, serialize
 from reapi_worker.storage.directory.cas import CasDirectory
 from reapi_worker.storage.fuse import FuseMount, FuseStager
 from reapi_worker.storage.local_cas import LocalCAS
-from reapi_worker.storage.staging import HardlinkStager, Owner, Stager, TreeRemover
+from reapi_worker.storage.staging import HardlinkStager, Stager, TreeRemover
 from reapi_worker.worker.executor import Executor, ExecutorConfig, Outcome
 from reapi_worker.worker.platform_properties import PlatformPolicy
 
@@ -138,6 +138,7 @@ def make_farm(
     platform: PlatformPolicy = PlatformPolicy(),
     max_output_bytes: int | None = None,
     bound_bytes: int | None = None,
+    identities: UidSource | None = None,
 ) -> Farm:
     """An executor over a fresh local cache in /tmp, staging with ``staging``.
     ``wrap_cache`` makes what the executor reads from out of the cache (e.g. a
@@ -147,7 +148,8 @@ def make_farm(
     (e.g. to look at the build directory while the action runs). ``platform`` and
     ``max_output_bytes`` are the executor's (default root mode, accepted keys and network;
     the output bound). ``bound_bytes``: each action's writes on a tmpfs of that size
-    (storage/bounded_staging.py; root only)."""
+    (storage/bounded_staging.py; root only). ``identities``: where each action gets its
+    host uid (e.g. a UidPool); default: all share the runner's (65534 as root)."""
     # Not pytest's tmp_path: bubblewrap runs as an unprivileged uid and must be able to
     # reach the build directory, so every parent must be searchable by it (0755).
     top = tempfile.mkdtemp(prefix="reapi-worker-test-", dir=parent)
@@ -171,7 +173,6 @@ def make_farm(
         build_root=os.path.join(top, "builds"),
         worker_name="test-worker",
         max_action_timeout=max_action_timeout,
-        owner=Owner(NOBODY.uid, NOBODY.gid),
         extra_ro_binds=extra_ro_binds,
         platform=platform,
         max_output_bytes=max_output_bytes,
@@ -179,5 +180,5 @@ def make_farm(
     runner: Runner = BubblewrapRunner()
     if wrap_runner is not None:
         runner = wrap_runner(runner)
-    executor = Executor(source, stager, runner, config)
+    executor = Executor(source, stager, runner, config, identities=identities)
     return Farm(top, cache, executor, remover, stager, staging, source)

@@ -22,10 +22,8 @@ from fakes.cas_server import FakeCasServer
 
 from reapi_worker.protos import code_pb2, re_pb2
 from reapi_worker.sandbox.bubblewrap import BubblewrapRunner
-from reapi_worker.sandbox.identity import NOBODY
 from reapi_worker.sandbox.request import ResourceLimits
 from reapi_worker.storage.digests import Digest, serialize
-from reapi_worker.storage.staging import Owner
 from reapi_worker.worker.compose import open_executor
 from reapi_worker.worker.config import load_config
 from reapi_worker.worker.executor import Executor, ExecutorConfig, Outcome
@@ -45,7 +43,7 @@ def bounded_farm(limits: ResourceLimits, staging: str = "hardlink") -> Farm:
     farm = make_farm(staging=staging)
     config = ExecutorConfig(
         build_root=farm.build_root, worker_name="test-worker", max_action_timeout=30,
-        owner=Owner(NOBODY.uid, NOBODY.gid), limits=limits,
+        limits=limits,
     )
     assert farm.store is not None
     farm.executor = Executor(farm.store, farm.stager, runner, config)

@@ -21,6 +21,7 @@ import pytest
 from reapi_worker.protos.errors import InvalidArgument
 from reapi_worker.worker import cli, config
 from reapi_worker.worker.config import (
+    AUTO_SANDBOX_UID_BASE,
     FreeSpace,
     Watermarks,
     WorkerConfig,
@@ -231,7 +232,7 @@ def test_a_value_of_the_wrong_type_names_the_key_the_expected_type_and_the_file(
     "key, expected",
     [
         ("concurrency", INTEGER),
-        ("sandbox_uid", INTEGER),
+        ("sandbox_uid_range", STRING),
         ("metrics_port", INTEGER),
         ("max_action_timeout", NUMBER),
         ("cache_size", SIZE),
@@ -286,6 +287,10 @@ def test_an_integer_is_accepted_where_a_number_or_a_size_is(tmp_path):
         ({"remote": "grpcs://h", "tls_cert": "/c.pem"}, "remote"),  # a cert needs its key
         ({"platform": (("", "v"),)}, "platform"),
         ({"platform": (("ISA", ""),)}, "platform"),
+        ({"sandbox_uid_range": "200000"}, "sandbox_uid_range"),
+        ({"sandbox_uid_range": "200063-200000"}, "sandbox_uid_range"),
+        ({"sandbox_uid_range": "0-63"}, "sandbox_uid_range"),  # uid 0: the cache's owner
+        ({"sandbox_uid_range": "4294967290-4294967295"}, "sandbox_uid_range"),  # past the last id
     ],
 )
 def test_an_invalid_value_is_refused_naming_the_key(values, named):
@@ -320,6 +325,20 @@ def test_boundary_values_are_accepted(values):
     cfg = WorkerConfig(**values)
     for key, value in values.items():
         assert getattr(cfg, key) == value
+
+
+def test_a_sandbox_uid_range_smaller_than_concurrency_is_refused():
+    # One uid per action at once: 4 actions cannot share 3 uids.
+    with pytest.raises(InvalidArgument, match=r"sandbox_uid_range: '200000-200002' holds 3 uid\(s\), fewer than concurrency = 4"):
+        WorkerConfig(sandbox_uid_range="200000-200002", concurrency=4)
+    assert WorkerConfig(sandbox_uid_range="200000-200003", concurrency=4).sandbox_uid_candidates == (range(200000, 200004),)
+
+
+def test_auto_sandbox_uids_are_blocks_of_concurrency_ids_below_2_to_the_31():
+    candidates = WorkerConfig(concurrency=4).sandbox_uid_candidates
+    assert candidates[0] == range(AUTO_SANDBOX_UID_BASE, AUTO_SANDBOX_UID_BASE + 4)
+    assert candidates[1] == range(AUTO_SANDBOX_UID_BASE + 4, AUTO_SANDBOX_UID_BASE + 8)
+    assert all(len(block) == 4 and block.stop <= 2**31 for block in candidates)
 
 
 # ------------------------------------------------------------------- reading the file
@@ -444,8 +463,7 @@ def test_the_dump_of_a_config_with_every_setting_changed_loads_back_equal(tmp_pa
         "build_dir_size": "3G",
         "build_root": "/srv/builds",
         "max_action_timeout": 0.25,
-        "sandbox_uid": 1000,
-        "sandbox_gid": 1001,
+        "sandbox_uid_range": "300000-300063",
         "staging": "auto",
         "action_memory": "2G",
         "action_tmp_size": "unlimited",

@@ -26,6 +26,7 @@ from reapi_worker.sandbox.errors import BubblewrapRefused, SandboxSetupError
 from reapi_worker.sandbox.fake import FakeRunner
 from reapi_worker.sandbox.request import SandboxRequest
 from reapi_worker.sandbox.result import SandboxResult
+from reapi_worker.sandbox.uid_pool import UidPool
 from reapi_worker.sandbox.usage import ResourceUsage
 from reapi_worker.storage.content import LocalContent, PinSet
 from reapi_worker.storage.digests import Digest, serialize
@@ -106,23 +107,29 @@ class FakeStaged(StagedInput):
             raise self._stager.check_error
 
     def close(self) -> None:
-        shutil.rmtree(self.path, ignore_errors=True)
+        if not self._stager.keep_build_dir:
+            shutil.rmtree(self.path, ignore_errors=True)
         self._stager.open -= 1
 
 
 class FakeStager(Stager):
     """Makes ``build_dir`` and the requested directories (the input root is empty);
     raises ``stage_error`` instead when set. ``open`` counts staged inputs not yet closed;
-    ``check_error`` is what the staged input's ``check`` raises (a lazy fetch that failed)."""
+    ``check_error`` is what the staged input's ``check`` raises (a lazy fetch that failed).
+    ``keep_build_dir``: closing leaves the build directory in place (a stuck mount).
+    ``owners``: the owner of each staging, in order."""
 
     def __init__(self) -> None:
         self.stage_error: BaseException | None = None
         self.check_error: ReapiError | None = None
+        self.keep_build_dir = False
+        self.owners: list[Owner | None] = []
         self.open = 0
 
     def stage(
         self, root: CasDirectory, build_dir: str, directories: Iterable[RelPath] = (), owner: Owner | None = None
     ) -> StagedInput:
+        self.owners.append(owner)
         if self.stage_error is not None:
             raise self.stage_error
         os.makedirs(build_dir)
@@ -429,3 +436,46 @@ def test_an_action_past_its_bound_is_resource_exhausted_with_its_run_kept(rig: R
     assert_failed(outcome, code_pb2.RESOURCE_EXHAUSTED, "run")
     assert "build directory bound" in outcome.status.message
     assert outcome.result.exit_code == 2 and outcome.result.HasField("stdout_digest")
+
+
+# -- one host uid per action ---------------------------------------------------------------
+
+
+def pooled(rig: Rig, size: int) -> UidPool:
+    pool = UidPool(range(300000, 300000 + size))
+    rig.executor = Executor(rig.store, rig.stager, rig.runner, ExecutorConfig(build_root=rig.build_root), identities=pool)
+    return pool
+
+
+def test_each_action_stages_and_runs_as_a_uid_of_the_pool_given_back_when_its_build_directory_is_gone(rig):
+    pool = pooled(rig, 2)
+    seen: list = []
+
+    def respond(request):
+        seen.append(request.run_as)
+        open(output(request, "out"), "w").close()
+        return 0
+
+    rig.respond = respond
+    for _ in range(3):
+        assert rig.execute(rig.action()).ok
+    assert [(r.uid, r.gid) for r in seen] == [(300000, 300000), (300001, 300001), (300000, 300000)]
+    assert [(o.uid, o.gid) for o in rig.stager.owners if o is not None] == [(r.uid, r.gid) for r in seen]
+    assert pool.free == 2
+
+
+def test_a_build_directory_left_in_place_retires_its_uid_and_the_action_keeps_its_result(rig):
+    pool = pooled(rig, 2)
+    rig.respond = lambda request: open(output(request, "out"), "w").close() or 0
+    rig.stager.keep_build_dir = True
+    assert rig.execute(rig.action()).ok
+    assert pool.retired == {300000} and pool.free == 1
+
+
+def test_a_pool_with_no_uid_free_fails_the_action_unavailable_before_staging(rig):
+    pool = pooled(rig, 1)
+    pool.lease()  # held by another action
+    rig.respond = lambda request: pytest.fail("nothing may run")
+    outcome = rig.execute(rig.action())
+    assert_failed(outcome, code_pb2.UNAVAILABLE, "stage")
+    assert "no sandbox uid free" in outcome.status.message and rig.stager.owners == []
