@@ -21,15 +21,17 @@ from reapi_worker.protos import re_pb2
 from reapi_worker.sandbox.bubblewrap import BubblewrapRunner
 from reapi_worker.sandbox.identity import NOBODY
 from reapi_worker.sandbox.request import Bind
+from reapi_worker.storage.cached_staging import CachedTreeStager
 from reapi_worker.storage.content import LocalContent
 from reapi_worker.storage.digests import Digest, serialize
 from reapi_worker.storage.directory.cas import CasDirectory
 from reapi_worker.storage.fuse import FuseMount, FuseStager
 from reapi_worker.storage.local_cas import LocalCAS
 from reapi_worker.storage.staging import HardlinkStager, Owner, Stager, TreeRemover
+from reapi_worker.storage.tree_cache import TreeCache
 from reapi_worker.worker.executor import Executor, ExecutorConfig, Outcome
 
-STAGINGS = ("hardlink", "fuse")
+STAGINGS = ("hardlink", "fuse", "cached")
 
 _shared_mount: FuseMount | None = None
 
@@ -119,6 +121,9 @@ class Farm:
 
     def close(self) -> None:
         self.remover.drain()
+        if isinstance(self.stager, CachedTreeStager):
+            self.stager.close()
+            self.stager.cache.close()
         self.cache.close()
         shutil.rmtree(self.top, ignore_errors=True)
 
@@ -131,12 +136,14 @@ def make_farm(
     fetch_timeout: float = 60.0,
     cache_recency: float = 60.0,
     parent: str = "/tmp",
+    tree_cache_bytes: int = 1 << 30,
 ) -> Farm:
     """An executor over a fresh local cache in /tmp, staging with ``staging``.
     ``wrap_cache`` makes what the executor reads from out of the cache (e.g. a
     FetchThroughStore in front of a remote); the caller closes what it opened for it.
     ``cache_recency`` is the cache's LRU ``recency_interval``. ``parent``: where the farm's
-    directory goes (benchmarks use tmpfs)."""
+    directory goes (benchmarks use tmpfs). ``tree_cache_bytes`` bounds the directory cache
+    of ``cached`` staging."""
     # Not pytest's tmp_path: bubblewrap runs as an unprivileged uid and must be able to
     # reach the build directory, so every parent must be searchable by it (0755).
     top = tempfile.mkdtemp(prefix="reapi-worker-test-", dir=parent)
@@ -152,6 +159,9 @@ def make_farm(
         stager = HardlinkStager(source, remover)
     elif staging == "fuse":
         stager = FuseStager(source, remover, shared_fuse_mount(), os.path.join(top, "builds"), fetch_timeout=fetch_timeout)
+    elif staging == "cached":
+        stager = CachedTreeStager(source, remover, TreeCache(os.path.join(cache_dir, "trees"), tree_cache_bytes),
+                                  os.path.join(top, "builds"))
     else:
         raise ValueError(f"unknown staging {staging!r}")
     config = ExecutorConfig(
