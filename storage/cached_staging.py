@@ -165,7 +165,15 @@ class CachedTreeStager(Stager):
         """The cached base needing the smallest delta to become ``digest``'s tree, held,
         with that delta; None if every candidate needs more than DELTA_LIMIT entries."""
         best: tuple[CachedTree, list[_Op]] | None = None
-        for candidate in self.cache.recent(BASES):
+        # The candidate sharing most top-level entries first: its delta is most likely the
+        # smallest, and every later candidate is then given up as soon as it is not smaller
+        # (a diff against an unrelated tree otherwise walks DELTA_LIMIT entries for nothing).
+        wanted = set(_entries(self.parsed.node(self._store, digest)).items())
+        candidates = sorted(
+            self.cache.recent(BASES),
+            key=lambda c: -len(wanted & set(_entries(self.parsed.node(self._store, c)).items())),
+        )
+        for candidate in candidates:
             held = self.cache.get(candidate)
             if held is None:
                 continue
@@ -390,3 +398,20 @@ class _CachedView(StagedInput):
             tree.release()
         if unmounted and os.path.lexists(self._build_dir):
             self._remover.remove(self._build_dir)
+
+
+class PreferCached(Stager):
+    """Stage with ``cached`` every root its directory cache holds (whatever its size: a held
+    root costs about nothing), and everything else as ``other`` decides (an
+    :class:`~.auto_staging.AutoStager` whose eager half is ``cached``). Closes nothing."""
+
+    def __init__(self, cached: CachedTreeStager, other: Stager) -> None:
+        self._cached = cached
+        self._other = other
+
+    def stage(
+        self, root: CasDirectory, build_dir: str, directories: Iterable[RelPath] = (), owner: Owner | None = None
+    ) -> StagedInput:
+        if self._cached.cache.contains(root.digest()):
+            return self._cached.stage(root, build_dir, directories, owner)
+        return self._other.stage(root, build_dir, directories, owner)

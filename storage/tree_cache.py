@@ -34,7 +34,7 @@ Rules, and why:
   actions hold more than it.
 
 Thread-safe. Several processes must use different directories (the lock says so);
-``open_tree_cache`` in the composition root picks the first free one.
+:func:`open_tree_cache` picks the first free one.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from reapi_worker.protos.errors import Internal, InvalidArgument, ReapiError
+from reapi_worker.protos.errors import AlreadyExists, Internal, InvalidArgument, ReapiError
 
 from .digests import Digest
 from .staging import TreeRemover
@@ -88,7 +88,7 @@ class CachedTree:
 class TreeCache:
     """Materialised trees in ``root`` (module docstring), at most ``max_bytes`` of files.
 
-    Raises InvalidArgument if another live TreeCache holds ``root``.
+    Raises AlreadyExists if another live TreeCache holds ``root``; the caller closes it.
     """
 
     def __init__(self, root: str, max_bytes: int) -> None:
@@ -111,7 +111,7 @@ class TreeCache:
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(self._lock_fd)
-            raise InvalidArgument(f"tree cache {self.root} is in use by another worker") from None
+            raise AlreadyExists(f"tree cache {self.root} is in use by another worker") from None
         self._remover = TreeRemover(os.path.join(self.root, "trash"))
         self._load()
 
@@ -252,6 +252,18 @@ class TreeCache:
             self._bytes += entry.bytes
         with self._lock:
             self._evict_locked()
+
+
+def open_tree_cache(base: str, max_bytes: int) -> TreeCache:
+    """The TreeCache at ``base``, or at ``base.1``, ``base.2``, ... when other live workers
+    sharing the local CAS hold the ones before (a dead worker's is taken over, trees and
+    all)."""
+    for n in range(256):
+        try:
+            return TreeCache(base if n == 0 else f"{base}.{n}", max_bytes)
+        except AlreadyExists:
+            continue
+    raise Internal(f"every tree cache directory {base}[.1-255] is in use")
 
 
 def _read_marker(path: str) -> _Entry | None:

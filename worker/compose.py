@@ -6,7 +6,7 @@ bottom up (each line is built from the lines above it)::
 
     channel to the CAS -> RemoteCAS
     LocalCAS (the cache) -> FetchThroughStore (cache in front of the remote)  the store
-    HardlinkStager | FuseStager | AutoStager (``staging``)                    make_stager
+    HardlinkStager | FuseStager | CachedTreeStager | AutoStager (``staging``) make_stager
     BubblewrapRunner (the sandbox, as ``sandbox_uid``/``sandbox_gid``)       the runner
     Executor (ExecutorConfig)                                                 open_executor
     HealthRecordingExecutor, then InstrumentedExecutor around it              open_bot
@@ -34,6 +34,7 @@ from reapi_worker.sandbox.bubblewrap import BubblewrapRunner
 from reapi_worker.sandbox.identity import RunAs, sandbox_can_protect_hardlinks
 from reapi_worker.sandbox.probe import Probe, runner_probe
 from reapi_worker.storage.auto_staging import AutoStager, StagingRule
+from reapi_worker.storage.cached_staging import CachedTreeStager, PreferCached
 from reapi_worker.storage.channels import open_channel
 from reapi_worker.storage.content import LocalContent
 from reapi_worker.storage.fetch_through import FetchThroughStore
@@ -41,6 +42,7 @@ from reapi_worker.storage.fuse import FuseMount, FuseStager
 from reapi_worker.storage.local_cas import LocalCAS
 from reapi_worker.storage.remote_cas import RemoteCAS, RemoteOptions, RetryPolicy
 from reapi_worker.storage.staging import HardlinkStager, Owner, Stager, TreeRemover
+from reapi_worker.storage.tree_cache import open_tree_cache
 from reapi_worker.storage.tree_facts import TreeFacts
 
 from .bot import Bot, BotConfig
@@ -80,7 +82,10 @@ def open_executor(cfg: WorkerConfig) -> Iterator[ExecutorGraph]:
             # Hardlinks are the cache's own inodes: only safe when the sandbox's uid does
             # not own them (MEASURED.md's uid-0 trap); otherwise stage copies.
             link = sandbox_can_protect_hardlinks(run_as)
-            with make_stager(cfg.staging, store, remover, cfg.build_root, link=link) as stager:
+            with make_stager(
+                cfg.staging, store, remover, cfg.build_root, link=link,
+                tree_cache_dir=os.path.join(cfg.cache_dir, "trees"), tree_cache_bytes=cfg.tree_cache_bytes,
+            ) as stager:
                 config = ExecutorConfig(
                     build_root=cfg.build_root,
                     # The bot id names the worker in every ActionResult.
@@ -99,7 +104,14 @@ def open_executor(cfg: WorkerConfig) -> Iterator[ExecutorGraph]:
 
 @contextlib.contextmanager
 def make_stager(
-    staging: str, store: LocalContent, remover: TreeRemover, build_root: str, *, link: bool = True
+    staging: str,
+    store: LocalContent,
+    remover: TreeRemover,
+    build_root: str,
+    *,
+    link: bool = True,
+    tree_cache_dir: str | None = None,
+    tree_cache_bytes: int = 4 << 30,
 ) -> Iterator[Stager]:
     """The stager ``staging`` names (one of :data:`~.config.STAGINGS`), open for the context.
 
@@ -107,22 +119,40 @@ def make_stager(
     ``fuse``: a :class:`FuseStager` on the worker's FUSE mount at ``<build_root>/.fuse``
     (mounted here, after unmounting whatever a killed worker left under ``build_root``;
     unmounted when the context ends — after the last staged input is closed).
-    ``auto``: both, chosen per action by :class:`StagingRule`.
-    FUSE staging needs root (``/dev/fuse`` and overlay mounts). Raises InvalidArgument for
-    an unknown name or a non-root worker, Internal if the mount cannot be made.
+    ``cached``: a :class:`CachedTreeStager` over the directory cache at ``tree_cache_dir``
+    (on the local CAS's file system; the first free ``.N`` sibling if another worker holds
+    it) holding at most ``tree_cache_bytes``.
+    ``auto``: a root the directory cache holds is staged from it; any other is staged
+    lazily (FUSE) or through the directory cache, per action by :class:`StagingRule`.
+    FUSE and cached staging need root (``/dev/fuse``, overlay and idmapped mounts). Raises
+    InvalidArgument for an unknown name or a non-root worker, Internal if a mount cannot
+    be made.
     """
     if staging not in STAGINGS:
         raise InvalidArgument(f"staging {staging!r}: expected one of {', '.join(STAGINGS)}")
-    eager = HardlinkStager(store, remover, link=link)
     if staging == "hardlink":
-        yield eager
+        yield HardlinkStager(store, remover, link=link)
         return
     if os.geteuid() != 0:
         raise InvalidArgument(f"staging {staging!r} mounts file systems and needs a worker running as root")
-    with FuseMount(os.path.join(build_root, ".fuse")) as mount:
+    with contextlib.ExitStack() as stack:
+        cached = None
+        if staging in ("cached", "auto"):
+            if tree_cache_dir is None:
+                raise InvalidArgument(f"staging {staging!r} needs a directory for its tree cache")
+            tree_cache = stack.enter_context(open_tree_cache(tree_cache_dir, tree_cache_bytes))
+            cached = stack.enter_context(CachedTreeStager(store, remover, tree_cache, build_root))
+            if staging == "cached":
+                yield cached
+                return
+        mount = stack.enter_context(FuseMount(os.path.join(build_root, ".fuse")))
         facts = TreeFacts()
         lazy = FuseStager(store, remover, mount, build_root, facts=facts)
-        yield lazy if staging == "fuse" else AutoStager(eager, lazy, StagingRule(), facts)
+        if staging == "fuse":
+            yield lazy
+            return
+        assert cached is not None
+        yield PreferCached(cached, AutoStager(cached, lazy, StagingRule(), facts))
 
 
 @contextlib.contextmanager

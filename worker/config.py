@@ -53,7 +53,7 @@ LOGGING = "logging"
 Platform = tuple[tuple[str, str], ...]
 
 #: The stagers ``staging`` may name (built by :func:`~.compose.make_stager`).
-STAGINGS = ("hardlink", "fuse", "auto")
+STAGINGS = ("hardlink", "fuse", "auto", "cached")
 
 _KINDS = ("str", "optional-str", "int", "optional-int", "float", "size", "free-space", "choice", "platform")
 
@@ -256,8 +256,16 @@ class WorkerConfig:
     staging: str = _setting(
         "hardlink", group=EXECUTOR, kind="choice", choices=STAGINGS, example='"auto"',
         help="how input roots are materialised: hardlink (every blob fetched and linked from the local "
-        "cache first), fuse (lazily through a FUSE mount, blobs fetched on first open; needs root) or "
-        "auto (chosen per action: FUSE for big input trees)",
+        "cache first), fuse (lazily through a FUSE mount, blobs fetched on first open; needs root), "
+        "cached (an overlay over trees kept by digest in the directory cache: a root seen before, or "
+        "close to one, costs about nothing; needs root) or auto (cached for roots it holds, else chosen "
+        "per action: FUSE for big input trees, cached for the others)",
+    )
+    tree_cache_size: str = _setting(
+        "4G", group=EXECUTOR, kind="size", example='"20G"',
+        help="bytes of files the directory cache of cached/auto staging may hold (<cache_dir>/trees; its "
+        "files are hardlinks of the local cache's blobs, kept alive on disk after the cache evicts "
+        "them); least recently used trees not in use are evicted past it",
     )
     # -- bot ------------------------------------------------------------------------------
     bot_id: str | None = _setting(
@@ -335,6 +343,10 @@ class WorkerConfig:
             parse_size(self.cache_size)
         except InvalidArgument as error:
             raise InvalidArgument(f"cache_size: {error}") from None
+        try:
+            parse_size(self.tree_cache_size)
+        except InvalidArgument as error:
+            raise InvalidArgument(f"tree_cache_size: {error}") from None
         if self.concurrency < 1:
             raise InvalidArgument(f"concurrency must be at least 1, not {self.concurrency}")
         self.disk_watermarks  # parses and orders both free-space settings
@@ -375,6 +387,10 @@ class WorkerConfig:
     @property
     def cache_bytes(self) -> int:
         return parse_size(self.cache_size)
+
+    @property
+    def tree_cache_bytes(self) -> int:
+        return parse_size(self.tree_cache_size)
 
     @property
     def effective_bot_id(self) -> str:
