@@ -89,7 +89,9 @@ class CachedTreeStager(Stager):
     ``store`` holds the blobs (pinned and fetched while a tree or a delta is built);
     ``build_root`` is where the executor makes build directories: overlays a dead worker
     left there are unmounted now. ``parsed`` keeps parsed Directory nodes (may be shared).
-    The caller closes the stager after the last staged input (it holds user namespaces).
+    ``delta_limit``: the most entries of a delta layer (0: never a delta, every new root is
+    built into the cache). The caller closes the stager after the last staged input (it
+    holds user namespaces).
     """
 
     def __init__(
@@ -101,8 +103,10 @@ class CachedTreeStager(Stager):
         *,
         parsed: ParsedTrees | None = None,
         mappings: OwnerMappings | None = None,
+        delta_limit: int = DELTA_LIMIT,
     ) -> None:
         self._store = store
+        self.delta_limit = delta_limit
         self._remover = remover
         self.cache = cache
         self.parsed = parsed or ParsedTrees()
@@ -165,6 +169,8 @@ class CachedTreeStager(Stager):
         """The cached base needing the smallest delta to become ``digest``'s tree, held,
         with that delta; None if every candidate needs more than DELTA_LIMIT entries."""
         best: tuple[CachedTree, list[_Op]] | None = None
+        if self.delta_limit <= 0:
+            return None
         # The candidate sharing most top-level entries first: its delta is most likely the
         # smallest, and every later candidate is then given up as soon as it is not smaller
         # (a diff against an unrelated tree otherwise walks DELTA_LIMIT entries for nothing).
@@ -177,7 +183,7 @@ class CachedTreeStager(Stager):
             held = self.cache.get(candidate)
             if held is None:
                 continue
-            limit = DELTA_LIMIT if best is None else len(best[1]) - 1
+            limit = self.delta_limit if best is None else len(best[1]) - 1
             ops = _Diff(self._store, self.parsed, limit).run(digest, candidate)
             if ops is None:
                 held.release()
