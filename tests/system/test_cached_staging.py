@@ -21,6 +21,7 @@ from reapi_worker.storage.digests import Digest
 from reapi_worker.storage.directory.cas import CasDirectory
 from reapi_worker.storage.fuse import kernel_mounts
 from reapi_worker.storage.staging import Owner
+from reapi_worker.worker.compose import make_stager
 
 
 def require_cached() -> None:
@@ -222,3 +223,29 @@ def test_a_view_left_mounted_by_a_killed_worker_is_unmounted_by_the_next_stager(
     CachedTreeStager(farm.cache, farm.remover, stager(farm).cache, farm.build_root).close()
     assert kernel_mounts.mounts_under(farm.build_root) == []
     left.close()  # nothing mounted any more: only the directory goes
+
+
+@pytest.mark.parametrize("staging", ["cached", "auto"])
+def test_the_composition_root_builds_a_stager_that_reuses_the_tree_cache_across_restarts(tmp_path, staging):
+    require_cached()
+    if staging == "auto":
+        require_tool("fusermount3")
+        require(os.path.exists("/dev/fuse"), "auto staging opens a FUSE mount")
+    farm = make_farm(max_action_timeout=30, staging="hardlink")  # for its cache and directories
+    trees = os.path.join(farm.cache_dir, "trees")
+    try:
+        root = farm.upload_tree(INPUTS)
+        for _ in range(2):  # a second worker start finds the first one's tree
+            with make_stager(staging, farm.cache, farm.remover, farm.build_root,
+                             tree_cache_dir=trees, tree_cache_bytes=1 << 20) as made:
+                staged = made.stage(CasDirectory.from_digest(farm.cache, root), os.path.join(farm.build_root, "x"))
+                try:
+                    with open(os.path.join(staged.path, "src/a.txt"), "rb") as data:
+                        assert data.read() == b"alpha\n"
+                finally:
+                    staged.close()
+                farm.remover.drain()
+            assert [n for n in os.listdir(trees) if n.startswith(root.hash)] == [f"{root.hash}-{root.size_bytes}"]
+        assert kernel_mounts.mounts_under(farm.build_root) == []
+    finally:
+        farm.close()
