@@ -167,31 +167,40 @@ class CachedTreeStager(Stager):
 
     def _closest_delta(self, digest: Digest) -> tuple[CachedTree, list[_Op]] | None:
         """The cached base needing the smallest delta to become ``digest``'s tree, held,
-        with that delta; None if every candidate needs more than DELTA_LIMIT entries."""
+        with that delta; None if every candidate needs more than ``delta_limit`` entries."""
         best: tuple[CachedTree, list[_Op]] | None = None
         if self.delta_limit <= 0:
             return None
         # The candidate sharing most top-level entries first: its delta is most likely the
         # smallest, and every later candidate is then given up as soon as it is not smaller
-        # (a diff against an unrelated tree otherwise walks DELTA_LIMIT entries for nothing).
-        wanted = set(_entries(self.parsed.node(self._store, digest)).items())
-        candidates = sorted(
-            self.cache.recent(BASES),
-            key=lambda c: -len(wanted & set(_entries(self.parsed.node(self._store, c)).items())),
-        )
+        # (a diff against an unrelated tree otherwise walks ``delta_limit`` entries for nothing).
+        wanted = self._top_entries(digest)
+        candidates = sorted(self.cache.recent(BASES), key=lambda c: -len(wanted & self._top_entries(c)))
+        best_cost = self.delta_limit + 1
         for candidate in candidates:
             held = self.cache.get(candidate)
             if held is None:
                 continue
-            limit = self.delta_limit if best is None else len(best[1]) - 1
-            ops = _Diff(self._store, self.parsed, limit).run(digest, candidate)
-            if ops is None:
+            try:
+                found = _Diff(self._store, self.parsed, best_cost - 1).run(digest, candidate)
+            except ReapiError as error:
+                # A Directory of the base the store no longer has (a cached tree outlives its
+                # protos), or of the new root (then building it reports that properly).
+                log.debug("no delta from %s to %s: %s", candidate, digest, error)
+                found = None
+            if found is None:
                 held.release()
                 continue
             if best is not None:
                 best[0].release()
-            best = (held, ops)
+            best, best_cost = (held, found[0]), found[1]
         return best
+
+    def _top_entries(self, digest: Digest) -> set[tuple[str, tuple[object, ...]]]:
+        try:
+            return set(_entries(self.parsed.node(self._store, digest)).items())
+        except ReapiError:
+            return set()
 
 
 @dataclass(frozen=True, slots=True)
@@ -224,12 +233,14 @@ class _Diff:
         self._ops: list[_Op] = []
         self._cost = 0
 
-    def run(self, new: Digest, base: Digest) -> list[_Op] | None:
+    def run(self, new: Digest, base: Digest) -> tuple[list[_Op], int] | None:
+        """The delta's entries and their cost (entries written), or None past the limit.
+        Raises what parsing a node raises."""
         try:
             self._directory(new, base, ())
         except _OverLimit:
             return None
-        return self._ops
+        return self._ops, self._cost
 
     def _add(self, op: _Op, cost: int = 1) -> None:
         self._cost += cost
