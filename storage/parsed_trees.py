@@ -6,8 +6,13 @@ checked entries (``bench/bench_staging.py``). A Directory digest names an immuta
 so the parsed, checked form can be kept and shared by every tree that contains it: a root
 seen before costs one dictionary lookup per node visited, and a new root that shares
 subtrees with earlier ones parses only its new nodes. The cache is a bounded LRU of nodes
-(~1 KiB each for 20 entries); entries are checked exactly as :class:`CasDirectory` checks
+(~2 KiB each for 20 entries); entries are checked exactly as :class:`CasDirectory` checks
 them (canonical order, names, symlink policy) because that is what parses them.
+
+For a whole root there is also a flattened form, :class:`FlatTree`, kept by root digest:
+every directory, file and symlink in one list each, and the set of its blobs — what a
+stager that writes the whole tree out needs, so that staging a root seen before parses
+nothing and builds no set.
 
 Thread-safe: two threads may parse one node at once (both get equal nodes).
 """
@@ -48,14 +53,64 @@ class TreeNode:
         return None
 
 
-class ParsedTrees:
-    """Parsed nodes by Directory digest, at most ``max_nodes`` of them (LRU)."""
+@dataclass(frozen=True, slots=True)
+class FlatTree:
+    """A whole tree, flattened: ``dirs`` below the root (paths, parents first), ``files``
+    ``(index into dirs + 1 or 0 for the root, name, digest, executable)``, ``links``
+    ``(index, name, target)`` alike, and ``digests``, every file blob once."""
 
-    def __init__(self, max_nodes: int = 1 << 17) -> None:
+    dirs: tuple[tuple[str, ...], ...]
+    files: tuple[tuple[int, str, Digest, bool], ...]
+    links: tuple[tuple[int, str, str], ...]
+    digests: frozenset[Digest]
+
+    @property
+    def size(self) -> int:
+        return len(self.dirs) + len(self.files) + len(self.links)
+
+
+class ParsedTrees:
+    """Parsed nodes by Directory digest, at most ``max_nodes`` of them, and flattened trees
+    by root digest, at most ``max_flat_entries`` entries in all (both LRU)."""
+
+    # Defaults: ~64 MiB of nodes (~2 KiB for 20 entries: ~600,000 files' worth) and ~50 MiB
+    # of flattened trees (~100 bytes an entry; names and digests are shared with the nodes).
+    def __init__(self, max_nodes: int = 1 << 15, max_flat_entries: int = 1 << 19) -> None:
         self._max = max_nodes
+        self._max_flat = max_flat_entries
         self._lock = threading.Lock()
         self._nodes: collections.OrderedDict[Digest, TreeNode] = collections.OrderedDict()
+        self._flat: collections.OrderedDict[Digest, FlatTree] = collections.OrderedDict()
+        self._flat_entries = 0
         self.parsed = 0  # nodes parsed since creation (tests, benchmarks)
+
+    def flat(self, store: ContentStore, root: Digest) -> FlatTree:
+        """The flattened tree under ``root``, built from its nodes (parsing those not known)
+        unless known. Raises what parsing raises."""
+        with self._lock:
+            known = self._flat.get(root)
+            if known is not None:
+                self._flat.move_to_end(root)
+                return known
+        dirs: list[tuple[str, ...]] = []
+        files: list[tuple[int, str, Digest, bool]] = []
+        links: list[tuple[int, str, str]] = []
+        for parts, node in self.walk(store, root):
+            index = 0
+            if parts:
+                dirs.append(parts)
+                index = len(dirs)
+            files.extend((index, name, digest, executable) for name, digest, executable in node.files)
+            links.extend((index, name, target) for name, target in node.links)
+        tree = FlatTree(tuple(dirs), tuple(files), tuple(links), frozenset(d for _, _, d, _ in files))
+        with self._lock:
+            if root not in self._flat:
+                self._flat[root] = tree
+                self._flat_entries += tree.size
+                while self._flat_entries > self._max_flat and len(self._flat) > 1:
+                    _, old = self._flat.popitem(last=False)
+                    self._flat_entries -= old.size
+        return tree
 
     def node(self, store: ContentStore, digest: Digest) -> TreeNode:
         """The node of ``digest``, parsed from ``store`` if not known. Raises what loading a

@@ -40,6 +40,7 @@ from reapi_worker.storage.content import LocalContent
 from reapi_worker.storage.fetch_through import FetchThroughStore
 from reapi_worker.storage.fuse import FuseMount, FuseStager
 from reapi_worker.storage.local_cas import LocalCAS
+from reapi_worker.storage.parsed_trees import ParsedTrees
 from reapi_worker.storage.remote_cas import RemoteCAS, RemoteOptions, RetryPolicy
 from reapi_worker.storage.staging import HardlinkStager, Owner, Stager, TreeRemover
 from reapi_worker.storage.tree_cache import open_tree_cache
@@ -115,7 +116,8 @@ def make_stager(
 ) -> Iterator[Stager]:
     """The stager ``staging`` names (one of :data:`~.config.STAGINGS`), open for the context.
 
-    ``hardlink``: :class:`HardlinkStager` (copies instead of links unless ``link``).
+    ``hardlink``: :class:`HardlinkStager` (copies instead of links unless ``link``), keeping
+    parsed trees (:class:`ParsedTrees`) so a root staged before is not parsed again.
     ``fuse``: a :class:`FuseStager` on the worker's FUSE mount at ``<build_root>/.fuse``
     (mounted here, after unmounting whatever a killed worker left under ``build_root``;
     unmounted when the context ends — after the last staged input is closed).
@@ -131,7 +133,7 @@ def make_stager(
     if staging not in STAGINGS:
         raise InvalidArgument(f"staging {staging!r}: expected one of {', '.join(STAGINGS)}")
     if staging == "hardlink":
-        yield HardlinkStager(store, remover, link=link)
+        yield HardlinkStager(store, remover, link=link, parsed=ParsedTrees())
         return
     if os.geteuid() != 0:
         raise InvalidArgument(f"staging {staging!r} mounts file systems and needs a worker running as root")

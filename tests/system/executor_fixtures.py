@@ -27,6 +27,7 @@ from reapi_worker.storage.digests import Digest, serialize
 from reapi_worker.storage.directory.cas import CasDirectory
 from reapi_worker.storage.fuse import FuseMount, FuseStager
 from reapi_worker.storage.local_cas import LocalCAS
+from reapi_worker.storage.parsed_trees import ParsedTrees
 from reapi_worker.storage.staging import HardlinkStager, Owner, Stager, TreeRemover
 from reapi_worker.storage.tree_cache import TreeCache
 from reapi_worker.worker.executor import Executor, ExecutorConfig, Outcome
@@ -156,7 +157,7 @@ def make_farm(
     source = wrap_cache(cache) if wrap_cache is not None else cache
     stager: Stager
     if staging == "hardlink":
-        stager = HardlinkStager(source, remover)
+        stager = HardlinkStager(source, remover, parsed=ParsedTrees())
     elif staging == "fuse":
         stager = FuseStager(source, remover, shared_fuse_mount(), os.path.join(top, "builds"), fetch_timeout=fetch_timeout)
     elif staging == "cached":
