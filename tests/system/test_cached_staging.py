@@ -16,12 +16,15 @@ from conftest import require, require_tool
 from executor_fixtures import Farm, make_farm
 
 from reapi_worker.protos import code_pb2
+from reapi_worker.sandbox.bubblewrap import BubblewrapRunner
+from reapi_worker.sandbox.identity import RunAs
 from reapi_worker.storage.cached_staging import CachedTreeStager, PreferCached
 from reapi_worker.storage.digests import Digest
 from reapi_worker.storage.directory.cas import CasDirectory
 from reapi_worker.storage.fuse import kernel_mounts
 from reapi_worker.storage.staging import Owner, Stager
 from reapi_worker.worker.compose import make_stager
+from reapi_worker.worker.executor import Executor, ExecutorConfig
 
 
 def require_cached() -> None:
@@ -270,3 +273,28 @@ def test_auto_stages_a_root_the_directory_cache_holds_from_it_and_asks_the_rule_
     for digest in (held, new):
         auto.stage(CasDirectory.from_digest(farm.cache, digest), os.path.join(farm.build_root, digest.hash)).close()
     assert other.roots == [new]
+
+
+def test_even_a_sandbox_running_as_the_cache_s_owner_cannot_change_the_cache(farm):
+    # MEASURED.md's trap: with hardlinks, a sandbox running as the cache's owner (root here)
+    # could chmod and write a cached blob. Through the overlay nothing reaches the lower layer.
+    executor = Executor(farm.cache, farm.stager, BubblewrapRunner(run_as=RunAs(0, 0)),
+                        ExecutorConfig(build_root=farm.build_root, owner=Owner(0, 0)))
+    root = farm.upload_tree(INPUTS)
+    farm.run(sh("true"), INPUTS)
+    held = stager(farm).cache.get(root)
+    assert held is not None
+    before = snapshot(held.path)
+    held.release()
+    script = ("chmod u+w src/a.txt; echo corrupted >> src/a.txt; chmod 0777 src/sub top.txt; "
+              "ln src/sub/b.txt h; echo x >> h; rm -rf src/sub; cat src/a.txt; test -e src/sub || echo gone")
+    outcome = executor.execute(farm.action(sh(script), INPUTS))
+    assert outcome.status.code == code_pb2.OK and outcome.result.exit_code == 0, farm.text(outcome.result.stderr_digest)
+    # The files show as owned by an id nothing runs as: even the sandbox's root (its
+    # capabilities dropped) cannot chmod or write them; it may delete entries of its view.
+    assert farm.text(outcome.result.stdout_digest) == "alpha\ngone\n"
+    held = stager(farm).cache.get(root)
+    assert held is not None and snapshot(held.path) == before
+    held.release()
+    with open(farm.cache.path(Digest.of_bytes(b"alpha\n")), "rb") as blob:
+        assert blob.read() == b"alpha\n"
