@@ -14,7 +14,7 @@ The lower layers are read-only trees of the directory cache (:mod:`.tree_cache`)
 * **a root seen before** is its own cached tree: one overlay, nothing linked, nothing
   parsed — ~1 ms whatever the tree's size;
 * **a new root close to a cached one** (at most :data:`DELTA_LIMIT` entries differ from one
-  of the :data:`BASES` most recently used trees) is that tree under a small *delta* layer
+  of the :data:`BASES` cached trees sharing most of its top level) is that tree under a small *delta* layer
   built for the action: the new and changed entries (hardlinks from the local CAS), and
   overlayfs whiteouts for entries the base has and the root has not. The diff walks only
   subtrees whose digests differ, from parsed nodes kept by digest (:mod:`.parsed_trees`);
@@ -77,7 +77,7 @@ log = logging.getLogger(__name__)
 #: ~10 µs a file once: past ~1,000 entries (10-15 ms, the whole-action budget of a root seen
 #: before) building the root once is the better bet.
 DELTA_LIMIT = 1000
-#: How many of the most recently used cached trees are tried as a delta's base.
+#: How many cached trees are tried as a delta's base (see ``_candidates``).
 BASES = 4
 
 _LAYER_NAMES = ("lower0", "lower1")
@@ -171,14 +171,9 @@ class CachedTreeStager(Stager):
         best: tuple[CachedTree, list[_Op]] | None = None
         if self.delta_limit <= 0:
             return None
-        # The candidate sharing most top-level entries first: its delta is most likely the
-        # smallest, and every later candidate is then given up as soon as it is not smaller
-        # (a diff against an unrelated tree otherwise walks ``delta_limit`` entries for nothing).
-        wanted = self._top_entries(digest)
-        candidates = sorted(self.cache.recent(BASES), key=lambda c: -len(wanted & self._top_entries(c)))
         best_cost = self.delta_limit + 1
-        for candidate in candidates:
-            held = self.cache.get(candidate)
+        for candidate in self._candidates(digest):
+            held = self.cache.get(candidate, touch=False)  # trying it is not using it
             if held is None:
                 continue
             try:
@@ -194,7 +189,22 @@ class CachedTreeStager(Stager):
             if best is not None:
                 best[0].release()
             best, best_cost = (held, found[0]), found[1]
+        if best is not None:
+            self.cache.get(best[0].digest).release()  # used: most recent
         return best
+
+    def _candidates(self, digest: Digest) -> list[Digest]:
+        """The bases worth a diff, best first: the BASES cached trees sharing most top-level
+        entries (name and digest) with ``digest``'s root — its delta is most likely the
+        smallest, and every later candidate is given up as soon as it is not smaller — or,
+        when none shares any, the most recently used one. Why not more: a diff against an
+        unrelated tree walks ``delta_limit`` entries for nothing (~15 ms at 1,000), and a
+        root's first sight pays it for every candidate tried."""
+        wanted = self._top_entries(digest)
+        recent = self.cache.recent()
+        shared = [(len(wanted & self._top_entries(c)), order, c) for order, c in enumerate(recent)]
+        best = sorted((s for s in shared if s[0] > 0), key=lambda s: (-s[0], s[1]))[:BASES]
+        return [c for _, _, c in best] or recent[:1]
 
     def _top_entries(self, digest: Digest) -> set[tuple[str, tuple[object, ...]]]:
         try:

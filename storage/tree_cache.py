@@ -117,8 +117,9 @@ class TreeCache:
 
     # ---- public -----------------------------------------------------------------------
 
-    def get(self, digest: Digest) -> CachedTree | None:
-        """The complete, verified tree of ``digest``, held for the caller, or None."""
+    def get(self, digest: Digest, *, touch: bool = True) -> CachedTree | None:
+        """The complete, verified tree of ``digest``, held for the caller, or None. ``touch``:
+        count it as used (most recently used first for eviction and :meth:`recent`)."""
         with self._lock:
             entry = self._entries.get(digest)
             if entry is None:
@@ -128,12 +129,13 @@ class TreeCache:
                 log.warning("cached tree %s changed since it was built: dropping it", digest)
                 self._drop(digest)
                 return None
-            self._entries.move_to_end(digest)
+            if touch:
+                self._entries.move_to_end(digest)
             self._holds[digest] += 1
             return CachedTree(self, digest, path)
 
-    def recent(self, limit: int) -> list[Digest]:
-        """Up to ``limit`` cached root digests, most recently used first."""
+    def recent(self, limit: int | None = None) -> list[Digest]:
+        """Cached root digests (up to ``limit``), most recently used first."""
         with self._lock:
             return list(reversed(self._entries))[:limit]
 
