@@ -51,7 +51,7 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.setdefault("TMPDIR", "/dev/shm")
     tempfile.tempdir = "/dev/shm"
-    farm = make_farm(parent="/dev/shm")  # tmpfs: MEASURED.md's ext4 inode trap
+    farm = make_farm(parent="/dev/shm")  # tmpfs: docs/measured.md's ext4 inode trap
     rows: dict[str, list[float]] = {}
     try:
         actions = {

@@ -27,7 +27,7 @@ What is measured (medians over ``--repeats``; every row run once per repeat, int
   notify     -> the client's Execute stream delivers the completed Operation
   =========  =====================================================================
 
-  BuildGrid overwrites queued/worker_start/worker_completed (shared/buildgrid/PROTOCOL.md
+  BuildGrid overwrites queued/worker_start/worker_completed (docs/buildgrid-protocol.md
   section 6); the rest are the worker's own stamps. One clock: all on this host.
 
 Baselines, measured in the same run, interleaved with the rows above:
@@ -44,7 +44,7 @@ Baselines, measured in the same run, interleaved with the rows above:
 
 Also per row: CPU ms per action of the worker process (with its sandboxes), the BuildGrid
 server, its PostgreSQL and the bench process (psutil; see :class:`CpuMeter`), to show which
-process the 2 CPUs go to. Everything lives on /dev/shm (MEASURED.md: ext4 inode churn). The worker logs JSON lines,
+process the 2 CPUs go to. Everything lives on /dev/shm (docs/measured.md: ext4 inode churn). The worker logs JSON lines,
 one per lease (worker/leases.py); the bench joins them to executions by action digest.
 Timings are printed and written to bench/results/; nothing is asserted about them. The
 exit status is 1 if any action failed or produced a wrong result.
@@ -197,7 +197,7 @@ class BenchFarm:
     """A BuildGrid client and bench-owned workers, all under one directory on ``parent``.
 
     Each worker advertises ``ISA=<its own token>`` and actions made for it ask for that token
-    (ISA is a match key on instance ``main``, PROTOCOL.md section 9), so jobs reach exactly
+    (ISA is a match key on instance ``main``, docs/buildgrid-protocol.md section 9), so jobs reach exactly
     the worker they were made for, whoever else uses the server. ``close`` kills what is left
     and removes the directory."""
 

@@ -12,7 +12,7 @@ Builds a tree of small files (default 10,000 files of ~2 KiB in 500 leaf directo
   Python ``os.mkdir`` + ``os.link`` loop over the cache paths.
 
 Prints medians (ms) and the ratios against ``cp -al``. Never asserts: timings belong in a
-report, not in a test (MEASURED.md: ext4 churn and run-to-run noise).
+report, not in a test (docs/measured.md: ext4 churn and run-to-run noise).
 
 Usage: python bench/bench_directory.py [--files N] [--dirs N] [--runs N]
 """

@@ -1,7 +1,7 @@
 """Benchmark of whole actions by stager: hardlink, FUSE, auto and cached, beside ``cp -al``.
 
 For trees of 1k/10k/50k distinct ~2 KiB files (20 per leaf directory, 10 leaves per parent:
-MEASURED.md's shape), run after run, times one whole action through the real executor
+docs/measured.md's shape), run after run, times one whole action through the real executor
 (real bubblewrap, the stager under test) that either runs ``/bin/true`` or reads every file
 (``find . -type f -exec cat {} +``), with
 
@@ -11,7 +11,7 @@ MEASURED.md's shape), run after run, times one whole action through the real exe
   fake server, in a process of its own so it does not share our GIL) holding the tree.
 
 Interleaved in the same run: ``cp -al`` of the same tree (the physical floor of
-hardlink staging). Everything lives on /dev/shm (MEASURED.md: ext4 churn). Prints medians
+hardlink staging). Everything lives on /dev/shm (docs/measured.md: ext4 churn). Prints medians
 (ms) of ``--runs`` runs and the ratio to ``cp -al``; never asserts.
 
 Needs root (bubblewrap as another uid, FUSE, overlay mounts).

@@ -35,6 +35,8 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from reapi_worker.host.mountinfo import MountEntry, parse_mountinfo
+
 from .errors import SandboxSetupError
 from .limits import SANDBOX_OWN_TASKS, Confinement, ResourceController
 from .request import ResourceLimits
@@ -82,24 +84,17 @@ class CgroupMount:
     controllers: frozenset[str]
 
 
-def parse_mountinfo(text: str) -> list[CgroupMount]:
-    """The cgroup mounts in a ``/proc/<pid>/mountinfo`` text."""
+def cgroup_mounts(entries: Iterable[MountEntry]) -> list[CgroupMount]:
+    """The cgroup hierarchies among the mounts ``entries`` (see :mod:`reapi_worker.host`)."""
     mounts = []
-    for line in text.splitlines():
-        left, sep, right = line.partition(" - ")
-        if not sep:
-            continue
-        fields, tail = left.split(), right.split()
-        if len(fields) < 5 or len(tail) < 3:
-            continue
-        fstype, super_options = tail[0], tail[2]
-        if fstype == "cgroup2":
-            mounts.append(CgroupMount(_unescape(fields[4]), _unescape(fields[3]), 2, frozenset()))
-        elif fstype == "cgroup":
+    for entry in entries:
+        if entry.fstype == "cgroup2":
+            mounts.append(CgroupMount(entry.mount_point, entry.root, 2, frozenset()))
+        elif entry.fstype == "cgroup":
             controllers = frozenset(
-                opt for opt in super_options.split(",") if opt not in ("rw", "ro") and "=" not in opt
+                opt for opt in entry.super_options.split(",") if opt not in ("rw", "ro") and "=" not in opt
             )
-            mounts.append(CgroupMount(_unescape(fields[4]), _unescape(fields[3]), 1, controllers))
+            mounts.append(CgroupMount(entry.mount_point, entry.root, 1, controllers))
     return mounts
 
 
@@ -126,19 +121,6 @@ def host_dir(mount: CgroupMount, cgroup_path: str) -> Path | None:
         return None
     relative = cgroup_path[len(root):] if root != "/" else cgroup_path
     return Path(mount.mount_point, relative.lstrip("/"))
-
-
-def _unescape(field: str) -> str:
-    # mountinfo escapes space, tab, newline and backslash as \ooo.
-    out, i = [], 0
-    while i < len(field):
-        if field[i] == "\\" and i + 4 <= len(field) and field[i + 1 : i + 4].isdigit():  # \ooo may end the field
-            out.append(chr(int(field[i + 1 : i + 4], 8)))
-            i += 4
-        else:
-            out.append(field[i])
-            i += 1
-    return "".join(out)
 
 
 def _read_self(name: str) -> str:
@@ -301,7 +283,7 @@ class CgroupV2Controller(ResourceController):
         remove_dir: Callable[[Path], None] = os.rmdir,
     ) -> "CgroupV2Controller":
         """Set up below the worker's own v2 cgroup; raises SandboxSetupError if it cannot."""
-        mounts = parse_mountinfo(_read_self("mountinfo")) if mounts is None else mounts
+        mounts = cgroup_mounts(parse_mountinfo(_read_self("mountinfo"))) if mounts is None else mounts
         own = parse_proc_cgroup(_read_self("cgroup")) if own is None else own
         if "" not in own:
             raise SandboxSetupError("the worker is in no cgroup v2 hierarchy")
@@ -434,7 +416,7 @@ class CgroupV1Controller(ResourceController):
     ) -> "CgroupV1Controller":
         """Find the v1 hierarchies the worker can create cgroups in; raises SandboxSetupError
         unless at least ``memory`` or ``pids`` is usable."""
-        mounts = parse_mountinfo(_read_self("mountinfo")) if mounts is None else mounts
+        mounts = cgroup_mounts(parse_mountinfo(_read_self("mountinfo"))) if mounts is None else mounts
         own = parse_proc_cgroup(_read_self("cgroup")) if own is None else own
         parents: dict[str, Path] = {}
         problems = []

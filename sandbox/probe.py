@@ -2,7 +2,8 @@
 tells whether sandboxes can still be set up.
 
 :func:`probe_host` feeds ``reapi-worker capabilities`` and the platform properties a worker
-advertises; :func:`choose_resource_controller` is called once by the composition root;
+advertises; :func:`choose_resource_controller` is called by a BubblewrapRunner given no
+controller (the composition root makes one runner);
 :func:`runner_probe` is what the worker's health check runs every few minutes.
 """
 

@@ -190,7 +190,7 @@ class CachedTreeStager(Stager):
                 best[0].release()
             best, best_cost = (held, found[0]), found[1]
         if best is not None:
-            self.cache.get(best[0].digest).release()  # used: most recent
+            self.cache.touch(best[0].digest)  # used now: most recent
         return best
 
     def _candidates(self, digest: Digest) -> list[Digest]:
@@ -311,7 +311,7 @@ def _write_delta(store: LocalContent, parsed: ParsedTrees, ops: list[_Op], dest:
         else:
             entries.append((op.parts, op.kind, op.digest, op.executable, op.target))
     blobs = {digest for _, kind, digest, _, _ in entries if kind == "file" and digest is not None}
-    pins = store.pin_set()  # type: ignore[attr-defined]
+    pins = store.pin_set()
     try:
         pins.add(blobs)
         store.fetch(blobs)

@@ -1,9 +1,12 @@
-"""The ``ContentStore`` interface: what every CAS in this project offers.
+"""The store interfaces: :class:`ContentStore`, what every CAS in this project offers, and
+:class:`LocalContent`, a store whose blobs are local files (what stagers and the executor
+need).
 
-Implementations: :class:`~.local_cas.LocalCAS` (files on disk),
-:class:`~.fetch_through.FetchThroughStore` (local cache in front of a remote CAS) and
+Implementations: :class:`~.local_cas.LocalCAS` (files on disk, a LocalContent),
+:class:`~.fetch_through.FetchThroughStore` (a LocalContent in front of a remote CAS: it
+is one too), :class:`~.remote_cas.RemoteCAS` (a ContentStore over gRPC) and
 :class:`MemoryStore` below (a small in-process fake for unit tests of code that only
-needs a store).
+needs a store). tests/component/test_store_conformance.py runs one suite over all of them.
 
 Contract shared by all implementations:
 
@@ -15,7 +18,9 @@ Contract shared by all implementations:
 * all methods are safe to call from several threads at once.
 
 A :class:`LocalContent` additionally keeps blobs as files that can be hardlinked
-(``path``) and protects them from eviction while an action uses them (``pinned``).
+(``path``, ``object_path``), protects them from eviction while an action uses them
+(``pinned``, ``pin_set``) and accepts blobs from a remote under a claimed digest
+(``insert``, ``insert_stream``).
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ import threading
 from collections.abc import Iterable, Iterator
 from typing import BinaryIO
 
-from reapi_worker.protos.errors import MissingBlobs
+from reapi_worker.protos.errors import MissingBlobs, from_os_error
 
 from .digests import Digest
 
@@ -56,8 +61,12 @@ class ContentStore(abc.ABC):
         return self.write(stream.read())
 
     def write_file(self, path: str | os.PathLike[str]) -> Digest:
-        """Store the bytes of the local file at ``path`` (never following a final symlink)."""
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        """Store the bytes of the local file at ``path`` (never following a final symlink:
+        InvalidArgument for one; NotFound if there is no file)."""
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError as err:
+            raise from_os_error(err, f"storing file {os.fsdecode(path)}") from None
         with os.fdopen(fd, "rb") as stream:
             return self.write_stream(stream)
 
@@ -68,6 +77,27 @@ class ContentStore(abc.ABC):
         if missing:
             raise MissingBlobs(missing)
         return {digest: self.read(digest) for digest in wanted}
+
+
+class PinSet(abc.ABC):
+    """A growing set of blobs protected from eviction for an action's lifetime (from
+    :meth:`LocalContent.pin_set`). Safe to use from several threads. The holder calls
+    :meth:`release` (or uses ``with``); after that, ``add`` raises Internal."""
+
+    @abc.abstractmethod
+    def add(self, digests: Iterable[Digest]) -> None:
+        """Pin ``digests``, present or not: a blob found present after this returns stays
+        present until release. Raises ResourceExhausted if the pin cannot be recorded."""
+
+    @abc.abstractmethod
+    def release(self) -> None:
+        """Unpin every blob of the set. Idempotent."""
+
+    def __enter__(self) -> "PinSet":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
 
 
 class LocalContent(ContentStore):
@@ -84,6 +114,16 @@ class LocalContent(ContentStore):
         """
 
     @abc.abstractmethod
+    def object_path(self, digest: Digest, executable: bool = False) -> str:
+        """Where the blob's file is or would be: string formatting only, no system call.
+
+        For hot loops only (staging, FUSE reads): valid just for blobs that are pinned and
+        known local (``find_missing`` or ``fetch`` said so after the pin; for
+        ``executable``, after ``path(digest, executable=True)`` once). Anything else must
+        call :meth:`path`.
+        """
+
+    @abc.abstractmethod
     def fetch(self, digests: Iterable[Digest]) -> None:
         """Make every blob in ``digests`` local (fetching it if this store can).
 
@@ -95,6 +135,21 @@ class LocalContent(ContentStore):
         """While the context is open, none of ``digests`` is evicted (by this process or
         by another sharing the cache). Pinning a digest that is not local is allowed: it
         protects the blob once it arrives."""
+
+    @abc.abstractmethod
+    def pin_set(self) -> PinSet:
+        """A new, empty :class:`PinSet` for one action's lifetime; the caller releases it."""
+
+    @abc.abstractmethod
+    def insert(self, digest: Digest, data: bytes) -> None:
+        """Store bytes that claim to be ``digest`` (from a remote CAS). Raises DataLoss
+        naming ``digest`` if they are not, and then stores nothing."""
+
+    @abc.abstractmethod
+    def insert_stream(self, digest: Digest, stream: BinaryIO, *, stream_verifies: bool = False) -> None:
+        """As :meth:`insert`, reading ``stream`` to its end. ``stream_verifies``: the stream
+        itself raises DataLoss from ``read`` unless it yields exactly the blob, so the store
+        need only check the size."""
 
 
     def fetch_tree(self, root: Digest) -> None:

@@ -14,52 +14,13 @@ import os
 import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import BinaryIO, Protocol
+from typing import BinaryIO
 
 from reapi_worker.protos.errors import MissingBlobs
 
-from .content import LocalContent
+from .content import LocalContent, PinSet
 from .digests import Digest
 from .remote_cas import RemoteCAS
-
-
-class PinSetLike(Protocol):
-    """A growing set of pinned blobs held for an action's lifetime (LocalCAS's PinSet)."""
-
-    def add(self, digests: Iterable[Digest]) -> None: ...
-
-    def release(self) -> None: ...
-
-
-class LocalCache(Protocol):
-    """What FetchThroughStore needs of its local cache: a LocalContent (see
-    :mod:`.content`) that also accepts blobs under a claimed digest, verifying them
-    (``LocalCAS`` is one). ``insert`` and ``insert_stream`` raise DataLoss and keep
-    nothing when the bytes do not match the digest (``insert_stream(...,
-    stream_verifies=True)``: the stream raises it itself, and the cache only checks the
-    size); both are thread-safe."""
-
-    def find_missing(self, digests: Iterable[Digest]) -> set[Digest]: ...
-
-    def read(self, digest: Digest) -> bytes: ...
-
-    def write(self, data: bytes) -> Digest: ...
-
-    def write_stream(self, stream: BinaryIO) -> Digest: ...
-
-    def write_file(self, path: str | os.PathLike[str]) -> Digest: ...
-
-    def path(self, digest: Digest, executable: bool = False) -> str: ...
-
-    def object_path(self, digest: Digest, executable: bool = False) -> str: ...
-
-    def pinned(self, digests: Iterable[Digest]) -> contextlib.AbstractContextManager[None]: ...
-
-    def pin_set(self) -> PinSetLike: ...
-
-    def insert(self, digest: Digest, data: bytes) -> object: ...
-
-    def insert_stream(self, digest: Digest, stream: BinaryIO, *, stream_verifies: bool = False) -> object: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,14 +46,14 @@ class FetchThroughStore(LocalContent):
     remote stays unreachable.
     """
 
-    def __init__(self, local: LocalCache, remote: RemoteCAS) -> None:
+    def __init__(self, local: LocalContent, remote: RemoteCAS) -> None:
         self._local = local
         self._remote = remote
         self._lock = threading.Lock()
         self._stats = TransferStats()
 
     @property
-    def local(self) -> LocalCache:
+    def local(self) -> LocalContent:
         return self._local
 
     @property
@@ -156,9 +117,16 @@ class FetchThroughStore(LocalContent):
     def pinned(self, digests: Iterable[Digest]) -> contextlib.AbstractContextManager[None]:
         return self._local.pinned(digests)
 
-    def pin_set(self) -> PinSetLike:
+    def pin_set(self) -> PinSet:
         """A new pin set of the local cache; the caller releases it."""
         return self._local.pin_set()
+
+    def insert(self, digest: Digest, data: bytes) -> None:
+        """Into the local cache (verified there); nothing is sent to the remote."""
+        self._local.insert(digest, data)
+
+    def insert_stream(self, digest: Digest, stream: BinaryIO, *, stream_verifies: bool = False) -> None:
+        self._local.insert_stream(digest, stream, stream_verifies=stream_verifies)
 
     # ----------------------------------------------------------------- writes
 
@@ -208,7 +176,7 @@ class FetchThroughStore(LocalContent):
 class _CountingSink:
     """Passes fetched blobs to the cache and counts the ones it accepted."""
 
-    def __init__(self, local: LocalCache, counted: Callable[[Digest], None]) -> None:
+    def __init__(self, local: LocalContent, counted: Callable[[Digest], None]) -> None:
         self._local = local
         self._counted = counted
 
@@ -222,4 +190,4 @@ class _CountingSink:
         self._counted(digest)
 
 
-__all__ = ["FetchThroughStore", "LocalCache", "PinSetLike", "TransferStats"]
+__all__ = ["FetchThroughStore", "TransferStats"]

@@ -21,6 +21,8 @@ import errno
 import os
 from collections.abc import Callable
 
+from reapi_worker.protos.errors import from_os_error
+
 from .content import LocalContent
 from .digests import Digest
 from .directory import _local
@@ -34,7 +36,7 @@ def write_flat(
     tree: FlatTree, store: LocalContent, dest: str, *, link: bool = True, dir_owner: tuple[int, int] | None = None
 ) -> None:
     """Write ``tree`` into ``dest`` (created; it must not exist or be empty). Every blob
-    must be local and pinned. Raises the project's errors for OS errors (``_local.os_error``)."""
+    must be local and pinned. OS errors are raised as the project's (``from_os_error``)."""
     out = _local.empty_dest(dest)
     try:
         if dir_owner is not None:
@@ -72,7 +74,7 @@ def write_flat(
             path = paths[index] + "/" + name
             os.symlink(target, path)
     except OSError as err:
-        raise _local.os_error(err, f"exporting {path}") from None
+        raise from_os_error(err, f"exporting {path}") from None
 
 
 def _copy(store: LocalContent, digest: Digest, executable: bool, path: str) -> None:

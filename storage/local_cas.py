@@ -49,7 +49,7 @@ Why it is built this way:
   mismatch is DataLoss and nothing is stored. Reads of a hit are not re-hashed: the file
   was verified on entry, is mode 0444, owned by the worker and never opened for writing
   again, and re-hashing would double the cost of every read. (A sandbox running as the
-  cache's owner could still chmod a hardlinked input: see MEASURED.md's security trap.)
+  cache's owner could still chmod a hardlinked input: see docs/measured.md's security trap.)
 
 Not fork-safe: a child process must open its own LocalCAS.
 """
@@ -57,7 +57,6 @@ Not fork-safe: a child process must open its own LocalCAS.
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
 import hashlib
 import itertools
@@ -75,12 +74,12 @@ from reapi_worker.protos.errors import (
     Internal,
     InvalidArgument,
     MissingBlobs,
-    NotFound,
     ReapiError,
     ResourceExhausted,
+    from_os_error,
 )
 
-from .content import LocalContent
+from .content import LocalContent, PinSet
 from .digests import HASH_HEX_LENGTH, Digest
 
 _CHUNK = 1 << 20
@@ -256,12 +255,7 @@ class LocalCAS(LocalContent):
         try:
             fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         except OSError as err:
-            what = f"storing file {os.fsdecode(path)}"
-            if err.errno == errno.ENOENT:
-                raise NotFound(f"{what}: no such file") from err
-            if err.errno == errno.ELOOP:
-                raise InvalidArgument(f"{what}: is a symlink") from err
-            raise self._error(err, what) from err
+            raise from_os_error(err, f"storing file {os.fsdecode(path)}") from err
         with os.fdopen(fd, "rb") as stream:
             return self.write_stream(stream)
 
@@ -289,9 +283,9 @@ class LocalCAS(LocalContent):
 
     # ---- public: pins, eviction, lifecycle ---------------------------------------------
 
-    def pin_set(self) -> PinSet:
-        """A new, empty PinSet for one action's lifetime; the caller releases it."""
-        return PinSet(self)
+    def pin_set(self) -> LocalPinSet:
+        """A new, empty pin set for one action's lifetime; the caller releases it."""
+        return LocalPinSet(self)
 
     @contextlib.contextmanager
     def pinned(self, digests: Iterable[Digest]) -> Iterator[None]:
@@ -640,7 +634,7 @@ class LocalCAS(LocalContent):
     def _take_pin_file(self) -> tuple[str, int]:
         """An empty pin file of ours, a released one if there is one: pinning for each
         action (or each FetchThroughStore.read) then allocates no inode, which is slow
-        on an ext4 after churn (MEASURED.md). Caller holds pins.lock."""
+        on an ext4 after churn (docs/measured.md). Caller holds pins.lock."""
         with self._lock:
             if self._spare_pin_files:
                 return self._spare_pin_files.pop()
@@ -683,12 +677,10 @@ class LocalCAS(LocalContent):
             raise self._error(err, what) from err
 
     def _error(self, err: OSError, what: str) -> ReapiError:
-        if err.errno in (errno.ENOSPC, errno.EDQUOT):
-            return ResourceExhausted(f"{what}: {err.strerror} (local CAS at {self.root})")
-        return Internal(f"{what}: {err}")
+        return from_os_error(err, f"{what} (local CAS at {self.root})", own_file=True)
 
 
-class PinSet:
+class LocalPinSet(PinSet):
     """Blobs protected from eviction, by every process sharing the cache, until released.
 
     Get one from :meth:`LocalCAS.pin_set`; it may grow over an action's lifetime. Safe to
@@ -696,7 +688,7 @@ class PinSet:
     process dies, the kernel drops its owner lock and the next eviction pass deletes the
     pin file. Releasing records every pinned blob as used for LRU: up to one ``utime`` per
     blob, so a caller in a hurry may release off its critical path. The released pin file
-    is emptied and kept for the next PinSet of this LocalCAS.
+    is emptied and kept for the next pin set of this LocalCAS.
     """
 
     def __init__(self, cas: LocalCAS) -> None:
@@ -735,12 +727,6 @@ class PinSet:
         if self._fd >= 0:
             with self._cas._translated("releasing pins"):
                 self._cas._give_back_pin_file(self._path, self._fd)
-
-    def __enter__(self) -> PinSet:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.release()
 
 
 def _chunks(stream: BinaryIO) -> Iterator[bytes]:

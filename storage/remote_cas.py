@@ -13,8 +13,10 @@ What it does for its callers:
   backoff and jitter, resuming a broken ByteStream Read at the byte it stopped and a broken
   Write where QueryWriteStatus says (from the start if the server cannot tell);
 * translates ``grpc.RpcError`` into :mod:`reapi_worker.protos.errors` in exactly one place,
-  :meth:`RemoteCAS._call` (and ``OSError`` of the local files it reads or writes in
-  ``_local_io``); nothing gRPC-specific escapes this module.
+  :meth:`RemoteCAS._call` (which runs :func:`~.retry.call_with_retries`), and ``OSError``
+  of the local files it reads or writes in ``_local_io``; nothing gRPC-specific escapes.
+
+The retry policy is in :mod:`.retry`; the ByteStream reader in :mod:`.bytestream`.
 
 Every call this client makes is idempotent (content-addressed reads and writes), which is
 why DEADLINE_EXCEEDED is retried too. When the attempts run out the caller gets
@@ -27,7 +29,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
-import errno
 import functools
 import hashlib
 import io
@@ -40,28 +41,28 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, BinaryIO, Protocol, TypeVar, cast
+from typing import BinaryIO, Protocol, TypeVar, cast
 
 import grpc
 
 from reapi_worker.protos import bytestream_pb2, bytestream_pb2_grpc, re_grpc, re_pb2
 from reapi_worker.protos.errors import (
-    AlreadyExists,
     DataLoss,
-    DeadlineExceeded,
     FailedPrecondition,
     Internal,
     InvalidArgument,
     MissingBlobs,
     NotFound,
     ReapiError,
-    ResourceExhausted,
-    Unavailable,
+    from_grpc,
+    from_os_error,
 )
 
+from .bytestream import BlobReader
 from .channels import GRPC_DEFAULT_MAX_MESSAGE_BYTES
 from .content import ContentStore
 from .digests import EMPTY_DIGEST, Digest, serialize
+from .retry import RETRYABLE, RetryPolicy, Transient, call_with_retries, rpc_status
 
 T = TypeVar("T")
 
@@ -80,39 +81,6 @@ _RESERVED_INSTANCE_SEGMENTS = frozenset(
 
 
 # ---------------------------------------------------------------------------- values
-
-
-@dataclass(frozen=True, slots=True)
-class RetryPolicy:
-    """How failed calls are retried.
-
-    After the n-th consecutive failure (n = 1, 2, ...) the client waits
-    ``min(max_backoff, initial_backoff * multiplier**(n-1))`` reduced by a random fraction
-    of at most ``jitter`` (so that many workers failing together do not retry in step).
-    With ``multiplier >= 2`` and ``jitter <= 0.5`` successive waits never shrink before the
-    cap. At most ``max_attempts`` attempts are made (1 = no retry).
-    """
-
-    max_attempts: int = 5
-    initial_backoff: float = 0.2
-    max_backoff: float = 5.0
-    multiplier: float = 2.0
-    jitter: float = 0.2
-
-    def __post_init__(self) -> None:
-        if self.max_attempts < 1:
-            raise InvalidArgument(f"max_attempts must be at least 1, not {self.max_attempts}")
-        if not 0 <= self.initial_backoff <= self.max_backoff:
-            raise InvalidArgument("backoffs must satisfy 0 <= initial_backoff <= max_backoff")
-        if self.multiplier < 1:
-            raise InvalidArgument(f"multiplier must be at least 1, not {self.multiplier}")
-        if not 0 <= self.jitter < 1:
-            raise InvalidArgument(f"jitter must be in [0, 1), not {self.jitter}")
-
-    def backoff(self, failures: int, rng: random.Random) -> float:
-        """Seconds to wait after ``failures`` consecutive failures (>= 1)."""
-        base = min(self.max_backoff, self.initial_backoff * self.multiplier ** (failures - 1))
-        return base * (1.0 - self.jitter * rng.random())
 
 
 @dataclass(frozen=True, slots=True)
@@ -217,40 +185,9 @@ def verify(digest: Digest, data: bytes) -> None:
         raise DataLoss(f"blob {digest}: server sent bytes hashing to {actual}")
 
 
-# ------------------------------------------------------------------- error mapping
+# ------------------------------------------------------------------- per-blob statuses
 
-_RETRYABLE = frozenset(
-    {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.DEADLINE_EXCEEDED}
-)
 _STATUS_BY_NUMBER = {status.value[0]: status for status in grpc.StatusCode}
-_ERROR_BY_STATUS: dict[grpc.StatusCode, type[ReapiError]] = {
-    grpc.StatusCode.INVALID_ARGUMENT: InvalidArgument,
-    grpc.StatusCode.FAILED_PRECONDITION: FailedPrecondition,
-    grpc.StatusCode.NOT_FOUND: NotFound,
-    grpc.StatusCode.ALREADY_EXISTS: AlreadyExists,
-    grpc.StatusCode.DATA_LOSS: DataLoss,
-    grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhausted,
-    grpc.StatusCode.UNAVAILABLE: Unavailable,
-    grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
-}
-
-
-def _error_for(status: grpc.StatusCode, reason: str) -> ReapiError:
-    """Our error for a gRPC status. Codes our hierarchy has no class for (PERMISSION_DENIED,
-    UNAUTHENTICATED, UNIMPLEMENTED, ...) become Internal, with the code kept in the reason."""
-    cls = _ERROR_BY_STATUS.get(status)
-    if cls is None:
-        return Internal(f"{reason} ({status.name})")
-    return cls(reason)
-
-
-class _Transient(Exception):
-    """A retryable status found inside a successful reply (a per-blob status of a batch)."""
-
-    def __init__(self, status: grpc.StatusCode, details: str) -> None:
-        super().__init__(details)
-        self.status = status
-        self.details = details
 
 
 def _per_blob_status(number: int) -> grpc.StatusCode:
@@ -446,10 +383,12 @@ class RemoteCAS(ContentStore):
             with self.open_read(digest) as reader:
                 shutil.copyfileobj(reader, destination, self._options.chunk_bytes)
 
-    def open_read(self, digest: Digest) -> "BlobReader":
+    def open_read(self, digest: Digest) -> BlobReader:
         """A ByteStream reader of the blob (any size). Raises MissingBlobs on the first
-        read if the blob is absent; see :class:`BlobReader`."""
-        return BlobReader(self, digest)
+        read if the blob is absent; see :class:`~.bytestream.BlobReader`."""
+        return BlobReader(
+            self._call, self._bytestream, self.read_resource_name(digest), digest, self._stream_timeout(digest),
+        )
 
     def _read_batch(self, digests: list[Digest], deliver: Callable[[Digest, bytes], object]) -> set[Digest]:
         """One BatchReadBlobs (retried for the blobs not yet answered); returns the
@@ -462,7 +401,7 @@ class RemoteCAS(ContentStore):
                 instance_name=self.instance_name, digests=[d.to_proto() for d in sorted(pending)]
             )
             reply = self._cas.BatchReadBlobs(request, timeout=timeout)
-            transient: _Transient | None = None
+            transient: Transient | None = None
             for entry in reply.responses:
                 digest = Digest.from_proto(entry.digest)
                 if digest not in pending:
@@ -475,10 +414,10 @@ class RemoteCAS(ContentStore):
                 elif status == grpc.StatusCode.NOT_FOUND:
                     missing.add(digest)
                     pending.discard(digest)
-                elif status in _RETRYABLE:
-                    transient = _Transient(status, f"blob {digest}: {entry.status.message}")
+                elif status in RETRYABLE:
+                    transient = Transient(status, f"blob {digest}: {entry.status.message}")
                 else:
-                    raise _error_for(status, f"BatchReadBlobs: blob {digest}: {entry.status.message}")
+                    raise from_grpc(status, f"BatchReadBlobs: blob {digest}: {entry.status.message}")
             if transient is not None:
                 raise transient
             if pending:
@@ -580,16 +519,16 @@ class RemoteCAS(ContentStore):
                 ],
             )
             reply = self._cas.BatchUpdateBlobs(request, timeout=timeout)
-            transient: _Transient | None = None
+            transient: Transient | None = None
             for entry in reply.responses:
                 digest = Digest.from_proto(entry.digest)
                 status = _per_blob_status(entry.status.code)
                 if status == grpc.StatusCode.OK:
                     pending.pop(digest, None)
-                elif status in _RETRYABLE:
-                    transient = _Transient(status, f"blob {digest}: {entry.status.message}")
+                elif status in RETRYABLE:
+                    transient = Transient(status, f"blob {digest}: {entry.status.message}")
                 else:
-                    raise _error_for(status, f"BatchUpdateBlobs: blob {digest}: {entry.status.message}")
+                    raise from_grpc(status, f"BatchUpdateBlobs: blob {digest}: {entry.status.message}")
             if transient is not None:
                 raise transient
             if pending:
@@ -633,7 +572,7 @@ class RemoteCAS(ContentStore):
                 bytestream_pb2.QueryWriteStatusRequest(resource_name=resource), timeout=timeout
             )
         except grpc.RpcError as error:
-            if _rpc_status(error)[0] in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.UNIMPLEMENTED):
+            if rpc_status(error)[0] in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.UNIMPLEMENTED):
                 return 0
             raise
         if status.complete:
@@ -680,7 +619,7 @@ class RemoteCAS(ContentStore):
                         return
                     pending = following
         except OSError as error:
-            failure.append(_os_error(error, f"reading blob {digest} to upload"))
+            failure.append(from_os_error(error, f"reading blob {digest} to upload"))
             raise failure[0] from None
 
     # -------------------------------------------------------------------- trees
@@ -778,22 +717,8 @@ class RemoteCAS(ContentStore):
         translated error of a non-retryable status at once. Errors of our own hierarchy
         raised by ``attempt`` pass through untouched.
         """
-        policy = self._options.retry
         deadline = timeout if timeout is not None else self._options.call_timeout
-        failures = 0
-        while True:
-            try:
-                return attempt(deadline)
-            except grpc.RpcError as error:
-                status, details = _rpc_status(error)
-            except _Transient as transient:
-                status, details = transient.status, transient.details
-            failures += 1
-            if status not in _RETRYABLE:
-                raise _error_for(status, f"{what}: {details}") from None
-            if failures >= policy.max_attempts:
-                raise Unavailable(f"{what}: {status.name} after {failures} attempt(s): {details}") from None
-            self._sleep(policy.backoff(failures, self._rng))
+        return call_with_retries(what, attempt, deadline, self._options.retry, self._sleep, self._rng)
 
     def _run_all(self, tasks: list[Callable[[], T]]) -> list[T]:
         """Run ``tasks`` on the pool (inline if there is only one) and wait for all.
@@ -829,16 +754,6 @@ class _Page:
         self.kept = 0
 
 
-def _rpc_status(error: grpc.RpcError) -> tuple[grpc.StatusCode, str]:
-    # A grpc.RpcError raised by a call is also a grpc.Call; one raised elsewhere (an
-    # interceptor) may not be, and then all we know is that it failed.
-    code = getattr(error, "code", None)
-    details = getattr(error, "details", None)
-    status = code() if callable(code) else grpc.StatusCode.UNKNOWN
-    text = details() if callable(details) else str(error)
-    return status or grpc.StatusCode.UNKNOWN, text or ""
-
-
 def _parse_directory(digest: Digest, data: bytes) -> re_pb2.Directory:
     directory = re_pb2.Directory()
     try:
@@ -846,113 +761,6 @@ def _parse_directory(digest: Digest, data: bytes) -> re_pb2.Directory:
     except Exception as error:  # protobuf raises DecodeError, or others on odd input
         raise InvalidArgument(f"blob {digest} is not a Directory: {error}") from None
     return directory
-
-
-# ------------------------------------------------------------------ ByteStream Read
-
-
-class BlobReader(io.RawIOBase):
-    """A read-only stream of one blob over ByteStream Read, verified and resumable.
-
-    Bytes are handed out as they arrive, except that the chunk completing the blob is
-    held back until the whole blob is verified: a consumer reading to the end either
-    receives exactly the blob or gets DataLoss (too many bytes, too few, wrong hash) from
-    ``read``. A stream broken by a retryable error is reopened at the offset reached
-    (``read_offset``), each chunk with the full retry budget. MissingBlobs if the server
-    does not have the blob. Not thread-safe: one consumer. ``close`` cancels the call.
-    """
-
-    def __init__(self, cas: RemoteCAS, digest: Digest) -> None:
-        self._responses: Iterator[bytestream_pb2.ReadResponse] | None = None
-        super().__init__()
-        self._cas = cas
-        self._digest = digest
-        self._resource = cas.read_resource_name(digest)
-        self._offset = 0  # bytes received and hashed
-        self._hasher = hashlib.sha256()
-        self._buffer = memoryview(b"")
-        self._done = digest.size_bytes == 0
-        self.verified = self._done
-
-    def readable(self) -> bool:
-        return True
-
-    def prefetch(self) -> None:
-        """Fetch the first chunk now (so a missing blob is reported before any bytes are
-        consumed)."""
-        if not self._buffer and not self._done:
-            self._fill()
-
-    def read(self, size: int | None = -1) -> bytes:
-        # Overridden so that reads hand out slices of the received chunks instead of
-        # copying them through RawIOBase's 8 KiB readinto loop.
-        if size is None or size < 0:
-            return self.readall()
-        while not self._buffer:
-            if self._done or size == 0:
-                return b""
-            self._fill()
-        piece = self._buffer[:size]
-        self._buffer = self._buffer[len(piece):]
-        return piece.tobytes()
-
-    def readall(self) -> bytes:
-        parts = []
-        while piece := self.read(1 << 30):
-            parts.append(piece)
-        return b"".join(parts)
-
-    def readinto(self, buffer: Any) -> int:
-        piece = self.read(len(buffer))
-        buffer[: len(piece)] = piece
-        return len(piece)
-
-    def close(self) -> None:
-        self._drop_stream()
-        super().close()
-
-    def _fill(self) -> None:
-        what = f"ByteStream.Read {self._resource} at {self._offset}"
-        try:
-            chunk = self._cas._call(what, self._next_chunk, timeout=self._cas._stream_timeout(self._digest))
-        except NotFound:
-            raise MissingBlobs([self._digest]) from None
-        size = self._digest.size_bytes
-        if chunk is None:
-            raise DataLoss(f"blob {self._digest}: server ended the stream after {self._offset} bytes")
-        if self._offset + len(chunk) > size:
-            raise DataLoss(f"blob {self._digest}: server sent more than {size} bytes")
-        self._hasher.update(chunk)
-        self._offset += len(chunk)
-        if self._offset == size:
-            actual = self._hasher.hexdigest()
-            if actual != self._digest.hash:
-                raise DataLoss(f"blob {self._digest}: server sent bytes hashing to {actual}")
-            self._done = self.verified = True
-            self._drop_stream()
-        self._buffer = memoryview(chunk)
-
-    def _next_chunk(self, timeout: float) -> bytes | None:
-        """One attempt: (re)open the stream at the offset reached if needed, return its
-        next non-empty chunk, or None at its end."""
-        if self._responses is None:
-            request = bytestream_pb2.ReadRequest(resource_name=self._resource, read_offset=self._offset)
-            self._responses = self._cas._bytestream.Read(request, timeout=timeout)
-        try:
-            for response in self._responses:
-                if response.data:
-                    return response.data
-            return None
-        except BaseException:
-            # The stream is dead; the retry reopens it where we got to.
-            self._drop_stream()
-            raise
-
-    def _drop_stream(self) -> None:
-        responses, self._responses = self._responses, None
-        cancel = getattr(responses, "cancel", None)
-        if callable(cancel):
-            cancel()
 
 
 # ---------------------------------------------------------------- upload sources
@@ -987,17 +795,7 @@ def _local_io(what: str) -> Iterator[None]:
     try:
         yield
     except OSError as error:
-        raise _os_error(error, what) from None
-
-
-def _os_error(error: OSError, what: str) -> ReapiError:
-    if error.errno == errno.ENOENT:
-        return NotFound(f"{what}: no such file")
-    if error.errno == errno.ELOOP:
-        return InvalidArgument(f"{what}: is a symlink")
-    if error.errno in (errno.ENOSPC, errno.EDQUOT):
-        return ResourceExhausted(f"{what}: {error.strerror}")
-    return Internal(f"{what}: {error}")
+        raise from_os_error(error, what) from None
 
 
 def _open_nofollow(path: str | os.PathLike[str]) -> BinaryIO:
@@ -1032,12 +830,10 @@ class _DictSink:
 
 
 __all__ = [
-    "BlobReader",
     "BlobSink",
     "CasCapabilities",
     "RemoteCAS",
     "RemoteOptions",
-    "RetryPolicy",
     "check_instance_name",
     "pack_batches",
     "verify",

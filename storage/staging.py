@@ -35,7 +35,7 @@ from dataclasses import dataclass
 
 from reapi_worker.protos.errors import Internal, InvalidArgument, ReapiError
 
-from .content import LocalContent
+from .content import LocalContent, PinSet
 from .digests import Digest
 from .directory.cas import CasDirectory
 from .flat_export import write_flat
@@ -147,7 +147,7 @@ def _force_writable(function, path, excinfo) -> None:  # type: ignore[no-untyped
 
 
 class _HardlinkedInput(StagedInput):
-    def __init__(self, path: str, pins: object, remover: TreeRemover) -> None:
+    def __init__(self, path: str, pins: PinSet, remover: TreeRemover) -> None:
         self.path = path
         self._pins = pins
         self._remover = remover
@@ -158,7 +158,7 @@ class _HardlinkedInput(StagedInput):
             return
         self._closed = True
         try:
-            self._pins.release()  # type: ignore[attr-defined]
+            self._pins.release()
         finally:
             self._remover.remove(self.path)
 
@@ -187,7 +187,7 @@ class HardlinkStager(Stager):
     def stage(
         self, root: CasDirectory, build_dir: str, directories: Iterable[RelPath] = (), owner: Owner | None = None
     ) -> StagedInput:
-        pins = self._store.pin_set()  # type: ignore[attr-defined]
+        pins = self._store.pin_set()
         dir_owner = None if owner is None else (owner.uid, owner.gid)
         try:
             if self._parsed is not None:

@@ -134,6 +134,12 @@ class TreeCache:
             self._holds[digest] += 1
             return CachedTree(self, digest, path)
 
+    def touch(self, digest: Digest) -> None:
+        """Count the tree of ``digest`` as used now (if it is cached)."""
+        with self._lock:
+            if digest in self._entries:
+                self._entries.move_to_end(digest)
+
     def recent(self, limit: int | None = None) -> list[Digest]:
         """Cached root digests (up to ``limit``), most recently used first."""
         with self._lock:

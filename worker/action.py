@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+from typing import TypeVar
 
-from google.protobuf.message import DecodeError
+from google.protobuf.message import DecodeError, Message
 
 from reapi_worker.protos import re_pb2
 from reapi_worker.protos.errors import InvalidArgument
@@ -17,6 +18,8 @@ from reapi_worker.sandbox.request import RootMode
 from reapi_worker.storage.content import ContentStore
 from reapi_worker.storage.digests import Digest
 from reapi_worker.storage.paths import RelPath, split_relative
+
+M = TypeVar("M", bound=Message)
 
 # Platform property keys this worker understands (advertised by the bot). ``rootMode``
 # takes a :class:`RootMode` value: ``host-tools`` (default) or ``chroot``.
@@ -57,7 +60,8 @@ class ActionSpec:
     node_properties: frozenset[str]
 
 
-def parse_message(message_type: type, data: bytes, what: str):  # type: ignore[no-untyped-def]
+def parse_message(message_type: type[M], data: bytes, what: str) -> M:
+    """``data`` parsed as a ``message_type``; InvalidArgument naming ``what`` if it is not one."""
     message = message_type()
     try:
         message.ParseFromString(data)

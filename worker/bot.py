@@ -11,7 +11,7 @@ One thread (the caller of :meth:`Bot.run`) owns the session; leases run on threa
    started (or handed back while shutting down);
 4. paces itself.
 
-Pacing, and why (shared/buildgrid/PROTOCOL.md section 5):
+Pacing, and why (docs/buildgrid-protocol.md section 5):
 
 * idle: a long-poll (deadline ``poll_deadline_seconds``): the scheduler holds the call
   until it has work or 0.8 x keepalive passes, so an idle bot makes one call every ~8 s;
@@ -38,7 +38,7 @@ scheduler could not be told within ``final_report_seconds`` after that.
 Health (:class:`BotHealth`, e.g. :class:`~.health.HealthMonitor`): read every turn; while
 it says no, the bot reports status UNHEALTHY, so the scheduler assigns it nothing, and
 hands back at once any lease that still arrives. The scheduler answers such a bot without
-long-polling (PROTOCOL.md section 4), so it heartbeats instead. Every call's success or
+long-polling (docs/buildgrid-protocol.md section 4), so it heartbeats instead. Every call's success or
 failure is shown to the health object, which is how "the scheduler is out of reach"
 becomes a reason. Lease and session events go to :class:`BotEvents` (the metrics).
 """
@@ -55,7 +55,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from reapi_worker.protos import bots_pb2, code_pb2
-from reapi_worker.storage.remote_cas import RetryPolicy
+from reapi_worker.storage.retry import RetryPolicy
 
 from .executor import ActionExecutor
 from .leases import LeaseRunner, unavailable
@@ -422,7 +422,7 @@ class Bot:
             return  # the next call is a long-poll, and the scheduler paces it
         self._wait(self._wake, self._config.heartbeat_seconds)
 
-    def _status(self) -> int:
+    def _status(self) -> bots_pb2.BotStatus.ValueType:
         """The status to report now; logs when health changes it."""
         if self._draining:
             return bots_pb2.BOT_TERMINATING

@@ -26,21 +26,12 @@ from dataclasses import dataclass
 import grpc
 
 from reapi_worker.protos import operations_pb2, operations_pb2_grpc, re_grpc, re_pb2, status_pb2
-from reapi_worker.protos.errors import (
-    DeadlineExceeded,
-    FailedPrecondition,
-    Internal,
-    InvalidArgument,
-    NotFound,
-    ReapiError,
-    ResourceExhausted,
-    Unavailable,
-)
+from reapi_worker.protos.errors import Internal, InvalidArgument, ReapiError, Unavailable, from_grpc
 from reapi_worker.storage.content import ContentStore
 from reapi_worker.storage.digests import Digest, serialize
 from reapi_worker.storage.directory.cas import CasDirectory
 from reapi_worker.storage.directory.filesystem import FileSystemDirectory
-from reapi_worker.storage.remote_cas import RetryPolicy
+from reapi_worker.storage.retry import RetryPolicy, rpc_status
 
 #: Codes after which a broken Execute/WaitExecution stream is resumed: the server went
 #: away (restart, network) but the operation lives on in its database.
@@ -204,21 +195,9 @@ def _response_of(operation: operations_pb2.Operation) -> re_pb2.ExecuteResponse:
     return response
 
 
-_ERRORS: dict[grpc.StatusCode, type[ReapiError]] = {
-    grpc.StatusCode.INVALID_ARGUMENT: InvalidArgument,
-    grpc.StatusCode.FAILED_PRECONDITION: FailedPrecondition,
-    grpc.StatusCode.NOT_FOUND: NotFound,
-    grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhausted,
-    grpc.StatusCode.UNAVAILABLE: Unavailable,
-    grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
-}
-
-
 def _translate(error: grpc.RpcError, context: str) -> ReapiError:
-    code = error.code()
-    cls = _ERRORS.get(code, Internal)
-    reason = f"{context}: {error.details()}"
-    return cls(reason if cls is not Internal else f"{reason} ({code.name})")
+    status, details = rpc_status(error)
+    return from_grpc(status, f"{context}: {details}")
 
 
 def download_outputs(store: ContentStore, result: re_pb2.ActionResult, dest: str) -> list[str]:

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 
 from google.protobuf import json_format
 
-from reapi_worker.protos import code_pb2, operations_pb2, re_pb2
+from reapi_worker.protos import code_pb2, operations_pb2, re_pb2, status_pb2
 from reapi_worker.protos.errors import InvalidArgument
 from reapi_worker.sandbox.probe import probe_host
 from reapi_worker.storage.digests import Digest
@@ -131,7 +131,7 @@ def dump_config(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_outcome(status, result: re_pb2.ActionResult, as_json: bool) -> None:  # type: ignore[no-untyped-def]
+def _print_outcome(status: status_pb2.Status, result: re_pb2.ActionResult, as_json: bool) -> None:
     response = re_pb2.ExecuteResponse(status=status, result=result)
     if as_json:
         print(json.dumps(json_format.MessageToDict(response, preserving_proto_field_name=True), indent=2, sort_keys=True))

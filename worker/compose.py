@@ -41,7 +41,8 @@ from reapi_worker.storage.fetch_through import FetchThroughStore
 from reapi_worker.storage.fuse import FuseMount, FuseStager
 from reapi_worker.storage.local_cas import LocalCAS
 from reapi_worker.storage.parsed_trees import ParsedTrees
-from reapi_worker.storage.remote_cas import RemoteCAS, RemoteOptions, RetryPolicy
+from reapi_worker.storage.remote_cas import RemoteCAS, RemoteOptions
+from reapi_worker.storage.retry import RetryPolicy
 from reapi_worker.storage.staging import HardlinkStager, Owner, Stager, TreeRemover
 from reapi_worker.storage.tree_cache import open_tree_cache
 from reapi_worker.storage.tree_facts import TreeFacts
@@ -81,7 +82,7 @@ def open_executor(cfg: WorkerConfig) -> Iterator[ExecutorGraph]:
             remover = TreeRemover(os.path.join(cfg.build_root, ".trash"))
             runner = BubblewrapRunner(run_as=run_as)
             # Hardlinks are the cache's own inodes: only safe when the sandbox's uid does
-            # not own them (MEASURED.md's uid-0 trap); otherwise stage copies.
+            # not own them (docs/measured.md's uid-0 trap); otherwise stage copies.
             link = sandbox_can_protect_hardlinks(run_as)
             with make_stager(
                 cfg.staging, store, remover, cfg.build_root, link=link,

@@ -177,7 +177,7 @@ def _cpu_count() -> int:
 
 def default_bot_id(cache_dir: str) -> str:
     """``HOSTNAME-XXXXXXXX``: stable across restarts (a restarted bot replaces its old
-    session at once, PROTOCOL.md section 8) and distinct for two workers on one host with
+    session at once, docs/buildgrid-protocol.md section 8) and distinct for two workers on one host with
     different cache directories. The hash covers the machine id (hostnames repeat across
     containers) and the absolute cache directory."""
     machine_id = ""
@@ -420,7 +420,8 @@ def settings() -> list[tuple[str, Setting, Any]]:
     default is computed."""
     rows = []
     for f in dataclasses.fields(WorkerConfig):
-        default = f.default_factory() if f.default is dataclasses.MISSING else f.default  # type: ignore[misc]
+        factory = f.default_factory  # MISSING (not callable) unless the field has one
+        default = factory() if callable(factory) else f.default
         rows.append((f.name, f.metadata["setting"], default))
     return rows
 

@@ -1,7 +1,7 @@
 """The executor seam: :class:`ActionExecutor` (its contract), :class:`Outcome` (what it
 returns) and :class:`Executor` (the one that does the work: fetch inputs, stage, run in the
 sandbox, capture outputs). Wrappers that count or watch outcomes (``metrics.py``,
-``health.py``) implement the same interface around it; the composition root stacks them.
+``health/monitor.py``) implement the same interface around it; the composition root stacks them.
 
 The phases are named after the REAPI timestamps they fill in ``ExecutedActionMetadata``:
 input fetch (Action, Command, the input tree, its blobs, staging), execution (the sandbox),

@@ -64,7 +64,7 @@ def parse_payload(lease: bots_pb2.Lease) -> tuple[Digest, re_pb2.Action | None]:
     """The Action digest and, when the payload carries it, the Action itself.
 
     BuildGrid 0.4.4 sends the full Action; jobs stored without it carry its Digest
-    (PROTOCOL.md section 6). Raises InvalidArgument for anything else."""
+    (docs/buildgrid-protocol.md section 6). Raises InvalidArgument for anything else."""
     payload = lease.payload
     if payload.Is(re_pb2.Action.DESCRIPTOR):
         action = re_pb2.Action()

@@ -1,4 +1,4 @@
-"""The Remote Workers API session as BuildGrid 0.4.4 speaks it (shared/buildgrid/PROTOCOL.md).
+"""The Remote Workers API session as BuildGrid 0.4.4 speaks it (docs/buildgrid-protocol.md).
 
 This module knows the wire: how a :class:`BotIdentity` becomes the ``BotSession`` the
 scheduler reads (properties in ``worker.devices[0]``, capacity in ``worker.configs``), how
@@ -25,7 +25,7 @@ import grpc
 from reapi_worker.protos import bots_pb2, bots_pb2_grpc, re_pb2, status_pb2, worker_pb2
 
 #: A deadline short enough that BuildGrid answers at once: it only long-polls when
-#: 0.8 x min(deadline, keepalive) is 3 s or more (PROTOCOL.md section 5).
+#: 0.8 x min(deadline, keepalive) is 3 s or more (docs/buildgrid-protocol.md section 5).
 SHORT_CALL_DEADLINE = 3.0
 
 #: Status messages with which BuildGrid says "this session is gone, create a new one"
@@ -81,7 +81,7 @@ class BotIdentity:
 
     def worker(self) -> worker_pb2.Worker:
         # BuildGrid reads properties only from devices[0] and capacity only from configs
-        # (PROTOCOL.md section 4); worker.properties would be ignored.
+        # (docs/buildgrid-protocol.md section 4); worker.properties would be ignored.
         device = worker_pb2.Device(handle=self.bot_id)
         for key, value in self.properties:
             device.properties.add(key=key, value=value)
@@ -107,7 +107,7 @@ class LeaseReport:
 def session_to_send(
     last: bots_pb2.BotSession,
     identity: BotIdentity,
-    status: int,
+    status: bots_pb2.BotStatus.ValueType,
     reports: dict[str, LeaseReport],
 ) -> bots_pb2.BotSession:
     """The BotSession for the next UpdateBotSession: the last response (so ``name`` and
@@ -172,7 +172,7 @@ class SessionClient:
         self._stub = stub
         self.identity = identity
 
-    def create(self, deadline: float = SHORT_CALL_DEADLINE, status: int = bots_pb2.OK) -> bots_pb2.BotSession:
+    def create(self, deadline: float = SHORT_CALL_DEADLINE, status: bots_pb2.BotStatus.ValueType = bots_pb2.OK) -> bots_pb2.BotSession:
         """CreateBotSession with ``status``. The default deadline keeps the scheduler from
         long-polling it, so a bot that has to recreate its session while actions run is
         not blocked for seconds. The response may already carry leases."""

@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol, Union
 
-from reapi_worker.protos.errors import AlreadyExists, InvalidArgument, ReapiError
+from reapi_worker.protos.errors import AlreadyExists, InvalidArgument, ReapiError, from_os_error
 
 from ..content import ContentStore
 from ..digests import Digest
@@ -136,7 +136,7 @@ class LocalSource(ImportSource):
                             )
                         out[name] = SrcFile(_local.is_executable(mode))
             except OSError as err:
-                raise _local.os_error(err, f"scanning {os.path.join(self._path, *parts)!r}") from None
+                raise from_os_error(err, f"scanning {os.path.join(self._path, *parts)!r}") from None
         return tree
 
     def copy_into(self, parts: RelPath, entry: SrcFile, out_fd: int) -> None:
@@ -155,7 +155,7 @@ class LocalSource(ImportSource):
         try:
             return store.write_file(path)
         except OSError as err:
-            raise _local.os_error(err, f"reading {os.path.join(self._path, *parts)!r}") from None
+            raise from_os_error(err, f"reading {os.path.join(self._path, *parts)!r}") from None
 
     def close(self) -> None:
         self._fds.close()

@@ -4,7 +4,8 @@ Every path below a root is opened one component at a time, ``O_NOFOLLOW`` relati
 parent's descriptor, so a symlink inside a tree (left by an action, or swapped in by a
 race) is never followed out of it. The root itself is the caller's path and is followed.
 
-``OSError`` is translated into the project's errors here, in :func:`os_error`, once.
+``OSError`` is translated into the project's errors where it is caught, by
+:func:`~reapi_worker.protos.errors.from_os_error` (the project's one errno table).
 """
 
 from __future__ import annotations
@@ -15,15 +16,7 @@ import stat as stat_mod
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from reapi_worker.protos.errors import (
-    AlreadyExists,
-    FailedPrecondition,
-    Internal,
-    InvalidArgument,
-    NotFound,
-    ReapiError,
-    ResourceExhausted,
-)
+from reapi_worker.protos.errors import AlreadyExists, NotFound, from_os_error
 
 from ..paths import RelPath, join
 
@@ -40,27 +33,6 @@ EXPORT_MODES = (0o444, 0o555)
 
 _COPY_CHUNK = 1 << 20
 
-_BY_ERRNO: dict[int, type[ReapiError]] = {
-    errno.ENOENT: NotFound,
-    errno.ENOTDIR: NotFound,
-    errno.ELOOP: NotFound,  # O_NOFOLLOW met a symlink where a directory was needed
-    errno.EEXIST: AlreadyExists,
-    errno.EISDIR: AlreadyExists,
-    errno.ENOTEMPTY: FailedPrecondition,
-    errno.ENOSPC: ResourceExhausted,
-    errno.EDQUOT: ResourceExhausted,
-    errno.EMFILE: ResourceExhausted,
-    errno.ENFILE: ResourceExhausted,
-    errno.ENAMETOOLONG: InvalidArgument,
-}
-
-
-def os_error(err: OSError, what: str) -> ReapiError:
-    """The project error for ``err`` raised while doing ``what`` (a path or an action)."""
-    kind = _BY_ERRNO.get(err.errno or 0, Internal)
-    return kind(f"{what}: {err.strerror or err}")
-
-
 def is_executable(mode: int) -> bool:
     """REAPI's is_executable for a local file: the owner's execute bit."""
     return bool(mode & stat_mod.S_IXUSR)
@@ -72,7 +44,7 @@ def open_root(path: str) -> int:
     try:
         return os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except OSError as err:
-        raise os_error(err, f"opening directory {path!r}") from None
+        raise from_os_error(err, f"opening directory {path!r}") from None
 
 
 def open_child(dir_fd: int, name: str, where: RelPath) -> int:
@@ -85,7 +57,7 @@ def open_child(dir_fd: int, name: str, where: RelPath) -> int:
             raise NotFound(f"{join(where)!r} is not a directory") from None
         if err.errno == errno.ENOENT:
             raise NotFound(f"{join(where)!r} does not exist") from None
-        raise os_error(err, f"opening {join(where)!r}") from None
+        raise from_os_error(err, f"opening {join(where)!r}") from None
 
 
 def open_path(root_fd: int, parts: RelPath, base: RelPath = ()) -> int:
@@ -180,7 +152,7 @@ def open_regular(dir_fd: int, name: str, where: str) -> int:
     except OSError as err:
         if err.errno in (errno.ELOOP, errno.ENOENT, errno.EISDIR, errno.ENXIO):
             raise NotFound(f"{where!r} is not a regular file") from None
-        raise os_error(err, f"opening {where!r}") from None
+        raise from_os_error(err, f"opening {where!r}") from None
     if not stat_mod.S_ISREG(os.fstat(fd).st_mode):
         os.close(fd)
         raise NotFound(f"{where!r} is not a regular file")
@@ -248,7 +220,7 @@ def empty_dest(dest: str) -> int:
     except OSError as err:
         if err.errno in (errno.ENOTDIR, errno.ELOOP):
             raise AlreadyExists(f"export destination {dest!r} is not a directory") from None
-        raise os_error(err, f"export destination {dest!r}") from None
+        raise from_os_error(err, f"export destination {dest!r}") from None
     if os.listdir(fd):
         os.close(fd)
         raise AlreadyExists(f"export destination {dest!r} is not empty")

@@ -34,6 +34,7 @@ from reapi_worker.protos.errors import (
     InvalidArgument,
     NotFound,
     ReapiError,
+    from_os_error,
 )
 
 from ..content import ContentStore, LocalContent
@@ -611,7 +612,7 @@ def _digests(tree: SrcDir) -> Iterable[Digest]:
 class _Exporter:
     """Writes nodes to disk: hardlinks from a LocalContent where it can, copies otherwise.
 
-    The per-file loop is the hot path of staging (MEASURED.md: within 2x of ``cp -al``):
+    The per-file loop is the hot path of staging (docs/measured.md: within 2x of ``cp -al``):
     no stat, one link per file, cache paths computed once per blob.
     """
 
@@ -620,8 +621,10 @@ class _Exporter:
         self.dir_owner = dir_owner
         self._local = store if isinstance(store, LocalContent) else None
         self._link = link and self._local is not None
-        # LocalCAS.object_path(digest) is the non-executable path without a stat.
-        self._object_path: Callable[[Digest], str] | None = getattr(store, "object_path", None)
+        # object_path(digest) is the non-executable path without a stat.
+        self._object_path: Callable[[Digest], str] | None = (
+            self._local.object_path if self._local is not None else None
+        )
         self._paths: dict[tuple[Digest, bool], str] = {}
 
     def _cache_path(self, entry: _File) -> str:
@@ -668,7 +671,7 @@ class _Exporter:
                                 chown(name, *owner, dir_fd=dir_fd, follow_symlinks=False)
                             stack.append((parts + (name,), entry))
                     except OSError as err:
-                        raise _local.os_error(err, f"exporting {os.path.join(dest, *parts, name)}") from None
+                        raise from_os_error(err, f"exporting {os.path.join(dest, *parts, name)}") from None
 
     def _copy(self, entry: _File, name: str, dir_fd: int) -> None:
         out = _local.create_file(dir_fd, name, _local.EXPORT_MODES[entry.executable])

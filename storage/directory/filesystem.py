@@ -23,6 +23,7 @@ from reapi_worker.protos.errors import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,
+    from_os_error,
 )
 
 from ..digests import Digest
@@ -157,7 +158,7 @@ class FileSystemDirectory(Directory):
                         else:
                             node.entries[name] = self._stat_entry(fd, name, st.st_mode, where + (name,))
                 except OSError as err:
-                    raise _local.os_error(err, f"reading {self._where(where)!r}") from None
+                    raise from_os_error(err, f"reading {self._where(where)!r}") from None
         for node in reversed(found):
             files: list[tuple[str, Digest, bool]] = []
             dirs: list[tuple[str, Digest]] = []
@@ -239,11 +240,11 @@ class FileSystemDirectory(Directory):
             try:
                 fd = _local.create_file(dir_fd, name, _local.WORK_MODES[executable])
             except OSError as err:
-                raise _local.os_error(err, f"creating {self._where(parts)!r}") from None
+                raise from_os_error(err, f"creating {self._where(parts)!r}") from None
             try:
                 fill(fd)
             except OSError as err:
-                raise _local.os_error(err, f"writing {self._where(parts)!r}") from None
+                raise from_os_error(err, f"writing {self._where(parts)!r}") from None
             finally:
                 os.close(fd)
         finally:
@@ -259,7 +260,7 @@ class FileSystemDirectory(Directory):
         try:
             os.unlink(name, dir_fd=dir_fd)
         except OSError as err:
-            raise _local.os_error(err, f"replacing {self._where(parts)!r}") from None
+            raise from_os_error(err, f"replacing {self._where(parts)!r}") from None
 
     def symlink(self, path: str, target: str) -> None:
         parts = split_relative(path)
@@ -272,7 +273,7 @@ class FileSystemDirectory(Directory):
             try:
                 os.symlink(target, parts[-1], dir_fd=dir_fd)
             except OSError as err:
-                raise _local.os_error(err, f"symlink {self._where(parts)!r}") from None
+                raise from_os_error(err, f"symlink {self._where(parts)!r}") from None
         finally:
             os.close(dir_fd)
 
@@ -288,7 +289,7 @@ class FileSystemDirectory(Directory):
                     if st is not None and not stat_mod.S_ISDIR(st.st_mode):
                         raise AlreadyExists(f"{self._where(parts[: i + 1])!r} exists and is not a directory") from None
                 except OSError as err:
-                    raise _local.os_error(err, f"mkdir {self._where(parts[: i + 1])!r}") from None
+                    raise from_os_error(err, f"mkdir {self._where(parts[: i + 1])!r}") from None
                 child = _local.open_child(fd, name, self._parts + parts[: i + 1])
                 os.close(fd)
                 fd = child
@@ -312,7 +313,7 @@ class FileSystemDirectory(Directory):
             except OSError as err:
                 if err.errno == errno.ENOTEMPTY:
                     raise FailedPrecondition(f"remove: directory {self._where(parts)!r} is not empty") from None
-                raise _local.os_error(err, f"remove {self._where(parts)!r}") from None
+                raise from_os_error(err, f"remove {self._where(parts)!r}") from None
         finally:
             os.close(dir_fd)
 
@@ -348,7 +349,7 @@ class FileSystemDirectory(Directory):
                 try:
                     os.rename(src_parts[-1], dst_parts[-1], src_dir_fd=src_fd, dst_dir_fd=dst_fd)
                 except OSError as err:
-                    raise _local.os_error(err, f"rename {src!r} -> {dst!r}") from None
+                    raise from_os_error(err, f"rename {src!r} -> {dst!r}") from None
         finally:
             os.close(src_fd)
             if dst_fd >= 0:
@@ -400,7 +401,7 @@ class FileSystemDirectory(Directory):
             else:
                 raise InvalidArgument(f"copy: {self._where(src_parts)!r} is a special file")
         except OSError as err:
-            raise _local.os_error(err, f"copy {join(src_parts)!r} -> {join(dst_parts)!r}") from None
+            raise from_os_error(err, f"copy {join(src_parts)!r} -> {join(dst_parts)!r}") from None
 
     # -- bulk import/export -----------------------------------------------------------------
 
@@ -498,5 +499,5 @@ def _apply(root_fd: int, ops: list[Op], source: ImportSource, modes: tuple[int, 
                     finally:
                         os.close(out)
             except OSError as err:
-                raise _local.os_error(err, f"writing {where!r}") from None
+                raise from_os_error(err, f"writing {where!r}") from None
 

@@ -17,6 +17,7 @@ import logging
 import os
 from collections.abc import Sequence
 
+from reapi_worker.host.mountinfo import MOUNTINFO, read_mountinfo
 from reapi_worker.protos.errors import Internal, InvalidArgument
 
 log = logging.getLogger(__name__)
@@ -26,7 +27,6 @@ _libc.mount.argtypes = (ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctype
 _libc.umount2.argtypes = (ctypes.c_char_p, ctypes.c_int)
 
 MNT_DETACH = 2
-MOUNTINFO = "/proc/self/mountinfo"
 
 # Characters that would change the meaning of an overlayfs option string: "," separates
 # options, ":" separates lower layers, "\\" escapes either.
@@ -99,15 +99,10 @@ def mounts_under(path: str, mountinfo: str = MOUNTINFO) -> list[str]:
     """Mount points at or below ``path`` in this process's mount namespace, deepest first
     (the order to unmount them in)."""
     top = os.path.abspath(path).rstrip("/") or "/"
-    found = []
-    with open(mountinfo, encoding="utf-8", errors="surrogateescape") as lines:
-        for line in lines:
-            fields = line.split(" ")
-            if len(fields) < 5:
-                continue
-            point = _unescape(fields[4])
-            if point == top or point.startswith(top + "/"):
-                found.append(point)
+    found = [
+        entry.mount_point for entry in read_mountinfo(mountinfo)
+        if entry.mount_point == top or entry.mount_point.startswith(top + "/")
+    ]
     # Deepest first; for one path mounted several times, the later (upper) one first.
     order = {point: i for i, point in enumerate(found)}
     return sorted(set(found), key=lambda p: (-p.count("/"), -order[p]))
@@ -123,19 +118,3 @@ def detach_all_under(path: str) -> list[str]:
         while detach(point):
             done.append(point)
     return done
-
-
-def _unescape(field: str) -> str:
-    # mountinfo escapes space, tab, newline and backslash as \ooo octal.
-    if "\\" not in field:
-        return field
-    out = []
-    i = 0
-    while i < len(field):
-        if field[i] == "\\" and i + 3 < len(field) + 1 and field[i + 1 : i + 4].isdigit():
-            out.append(chr(int(field[i + 1 : i + 4], 8)))
-            i += 4
-        else:
-            out.append(field[i])
-            i += 1
-    return "".join(out)

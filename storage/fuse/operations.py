@@ -32,8 +32,8 @@ import logging
 import os
 import stat
 import threading
-from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import pyfuse3
 import trio
@@ -57,16 +57,19 @@ INPUT_MTIME_NS = 1321009871 * 10**9  # 2011-11-11 11:11:11 UTC
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND | os.O_CREAT
 
 T = TypeVar("T")
+P = ParamSpec("P")
 
 
-def _handler(method: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
+def _handler(
+    method: Callable[Concatenate[InputFileSystem, P], Coroutine[Any, Any, T]],
+) -> Callable[Concatenate[InputFileSystem, P], Coroutine[Any, Any, T]]:
     """Answer every unexpected exception with EIO (recorded on all roots) instead of
     letting it end pyfuse3's main loop."""
 
     @functools.wraps(method)
-    async def wrapper(self: "InputFileSystem", *args: Any) -> T:
+    async def wrapper(self: InputFileSystem, *args: P.args, **kwargs: P.kwargs) -> T:
         try:
-            return await method(self, *args)
+            return await method(self, *args, **kwargs)
         except pyfuse3.FUSEError:
             raise
         except Exception as error:  # noqa: BLE001 - the one place every bug becomes EIO
@@ -155,7 +158,7 @@ class InputFileSystem(pyfuse3.Operations):
         return self._attributes(inode, inode.ino)
 
     @_handler
-    async def forget(self, inode_list: list[tuple[int, int]]) -> None:
+    async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         with self.table.lock:
             for ino, count in inode_list:
                 self.table.forget(ino, count)
@@ -313,17 +316,14 @@ def _open_local(store: LocalContent, digest: Digest) -> int | None:
     """A descriptor of the blob's cache file, or None if it is not local. Once open, the
     bytes stay readable even if the cache evicts the file.
 
-    Opens the cache's object path directly when the store has one (LocalCAS and the
-    fetch-through store in front of it) and checks the size, as LocalCAS's own reads do:
-    ``path()`` would first take the cache's shared counter lock, on every open.
+    Opens the cache's object path directly and checks the size, as LocalCAS's own reads
+    do: ``path()`` would first take the cache's shared counter lock, on every open.
     """
-    object_path = getattr(store, "object_path", None)
     try:
-        if object_path is not None:
-            fd = os.open(object_path(digest), os.O_RDONLY | os.O_CLOEXEC)
-            if os.fstat(fd).st_size == digest.size_bytes:
-                return fd
-            os.close(fd)  # being written or truncated: let the store decide
+        fd = os.open(store.object_path(digest), os.O_RDONLY | os.O_CLOEXEC)
+        if os.fstat(fd).st_size == digest.size_bytes:
+            return fd
+        os.close(fd)  # being written or truncated: let the store decide
         return os.open(store.path(digest), os.O_RDONLY | os.O_CLOEXEC)
     except (MissingBlobs, FileNotFoundError):
         return None
@@ -380,7 +380,7 @@ async def _in_thread(work: Callable[[], T], timeout: float) -> T:
         if isinstance(ticket.error, OSError):
             raise Internal(str(ticket.error))
         raise ticket.error
-    return ticket.value  # type: ignore[no-any-return]
+    return ticket.value
 
 
 __all__ = ["CACHE_SECONDS", "INPUT_MTIME_NS", "InputFileSystem"]

@@ -15,7 +15,8 @@ from fakes.cas_server import FakeCasServer
 from reapi_worker.protos.errors import InvalidArgument, Unavailable
 from reapi_worker.storage.channels import ConnectionOptions, open_channel
 from reapi_worker.storage.digests import Digest
-from reapi_worker.storage.remote_cas import RemoteCAS, RemoteOptions, RetryPolicy
+from reapi_worker.storage.remote_cas import RemoteCAS, RemoteOptions
+from reapi_worker.storage.retry import RetryPolicy
 
 
 @pytest.fixture(scope="module")

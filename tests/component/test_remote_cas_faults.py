@@ -22,7 +22,8 @@ from reapi_worker.protos.errors import DataLoss, Internal, InvalidArgument, Unav
 from reapi_worker.storage.digests import Digest, serialize
 from reapi_worker.storage.fetch_through import FetchThroughStore
 from reapi_worker.storage.local_cas import LocalCAS
-from reapi_worker.storage.remote_cas import RemoteCAS, RemoteOptions, RetryPolicy
+from reapi_worker.storage.remote_cas import RemoteCAS, RemoteOptions
+from reapi_worker.storage.retry import RetryPolicy
 
 KiB = 1024
 CHUNK = 16 * KiB

@@ -1,5 +1,5 @@
 """A fake Remote Workers Bots service: a real ``grpc.server`` on loopback that behaves like
-BuildGrid 0.4.4 on the points of shared/buildgrid/PROTOCOL.md a bot depends on.
+BuildGrid 0.4.4 on the points of docs/buildgrid-protocol.md a bot depends on.
 
 * CreateBotSession: ``bot_id`` required; a new session for a bot_id closes the old one and
   requeues its leases; the name is ``"{parent}/{uuid}"``.

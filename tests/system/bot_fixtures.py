@@ -2,7 +2,7 @@
 
 Isolation on a shared BuildGrid: each test gets a token (``Farm.token``), its workers
 advertise ``ISA=<token>`` and its actions ask for it. On instance ``main`` ISA is a match
-key (PROTOCOL.md section 9), so no other worker takes these jobs, whoever else uses the
+key (docs/buildgrid-protocol.md section 9), so no other worker takes these jobs, whoever else uses the
 server at the same time.
 
 Workers are real subprocesses (``python -m reapi_worker.worker.cli bot``) logging JSON

@@ -1,5 +1,5 @@
 """Health with a real disk: a worker whose disk fills up stops taking work and takes it
-again when space returns (worker/health.py, worker/bot.py, worker/metrics.py).
+again when space returns (worker/health/disks.py, worker/bot.py, worker/metrics.py).
 
 A real ``reapi-worker bot`` process, the real BuildGrid 0.4.4 and a real full file system:
 a 64 MiB tmpfs (we are root) holds the worker's cache and build root, and the test fills

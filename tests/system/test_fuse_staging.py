@@ -27,7 +27,8 @@ from reapi_worker.storage.digests import Digest, serialize
 from reapi_worker.storage.directory.cas import CasDirectory
 from reapi_worker.storage.fetch_through import FetchThroughStore
 from reapi_worker.storage.fuse import kernel_mounts, operations
-from reapi_worker.storage.remote_cas import RemoteCAS, RemoteOptions, RetryPolicy
+from reapi_worker.storage.remote_cas import RemoteCAS, RemoteOptions
+from reapi_worker.storage.retry import RetryPolicy
 
 
 def require_fuse() -> None:
@@ -104,7 +105,7 @@ def remote_farm() -> Iterator[RemoteFarm]:
 
 
 def _tree(files: int, size: int = 2048) -> dict[str, bytes]:
-    """``files`` distinct files, 20 per leaf directory, 10 leaves per parent (MEASURED.md's shape)."""
+    """``files`` distinct files, 20 per leaf directory, 10 leaves per parent (docs/measured.md's shape)."""
     return {f"p{i // 200:03d}/d{i // 20 % 10}/f{i % 20:02d}": (b"%08d" % i) * (size // 8) for i in range(files)}
 
 

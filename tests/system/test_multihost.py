@@ -24,7 +24,7 @@ also remounts /sys, which hides /sys/fs/cgroup, and a worker started that way si
 loses its cgroup limits (``capabilities`` shows ``resource_controller rlimit`` instead of
 the host's cgroup controller).
 
-BuildGrid runs with ``bot-session-keepalive-timeout`` ``KEEPALIVE`` (PROTOCOL.md section 8):
+BuildGrid runs with ``bot-session-keepalive-timeout`` ``KEEPALIVE`` (docs/buildgrid-protocol.md section 8):
 a worker that cannot reach it for that long loses its session, and its lease is requeued.
 """
 
@@ -56,7 +56,7 @@ pytestmark = [pytest.mark.buildgrid, pytest.mark.bwrap]
 PORT = 50071
 SERVER_IP = "10.231.0.1"
 #: Seconds without a call before BuildGrid reaps a session (the config's 10, lowered so the
-#: cut costs less time; >= 4 keeps long-polling working, PROTOCOL.md section 5).
+#: cut costs less time; >= 4 keeps long-polling working, docs/buildgrid-protocol.md section 5).
 KEEPALIVE = 5
 #: Each worker's capacity.
 CONCURRENCY = 2

@@ -16,7 +16,7 @@ def test_wheel_installs_only_under_the_reapi_worker_root(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     tops = {name.split("/")[0] for name in names}
     assert tops == {"reapi_worker", next(t for t in tops if t.endswith(".dist-info"))}
-    for package in ("protos", "storage", "storage/directory", "sandbox", "worker"):
+    for package in ("host", "protos", "storage", "storage/directory", "sandbox", "worker"):
         assert f"reapi_worker/{package}/__init__.py" in names
     assert "reapi_worker/__init__.py" not in names  # a namespace root: nothing of its own
     entry_points = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("entry_points.txt"))).decode()

@@ -14,15 +14,16 @@ from pathlib import Path
 
 import pytest
 
+from reapi_worker.host.mountinfo import parse_mountinfo
 from reapi_worker.sandbox import ResourceLimits, SandboxSetupError
 from reapi_worker.sandbox.cgroups import (
     ACTIONS_DIR,
     CgroupMount,
     CgroupV1Controller,
     CgroupV2Controller,
+    cgroup_mounts,
     host_dir,
     join_prefix,
-    parse_mountinfo,
     parse_proc_cgroup,
 )
 from reapi_worker.sandbox.rlimits import RlimitController, rlimit_prefix
@@ -50,7 +51,7 @@ PROC_CGROUP = """\
 
 
 def test_mountinfo_gives_each_hierarchy_its_controllers_and_root():
-    mounts = parse_mountinfo(MOUNTINFO)
+    mounts = cgroup_mounts(parse_mountinfo(MOUNTINFO))
     by_point = {m.mount_point: m for m in mounts}
     assert by_point["/sys/fs/cgroup/memory"] == CgroupMount("/sys/fs/cgroup/memory", "/", 1, frozenset({"memory"}))
     assert by_point["/sys/fs/cgroup/cpu,cpuacct"].controllers == {"cpu", "cpuacct"}
@@ -236,10 +237,3 @@ def test_rlimit_controller_enforces_no_cpu_and_cannot_see_ooms():
     with controller.confine(ResourceLimits(memory_bytes=10)) as confinement:
         assert not confinement.oom_killed()
         assert confinement.usage() is None
-
-
-def test_mountinfo_escapes_are_decoded_also_at_the_end_of_a_field():
-    from reapi_worker.sandbox.cgroups import _unescape
-
-    assert _unescape("/sys/fs/with\\040space\\040") == "/sys/fs/with space "
-    assert _unescape("/plain") == "/plain"

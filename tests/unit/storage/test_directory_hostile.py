@@ -338,7 +338,7 @@ def test_missing_directory_blob_is_missing_blobs_naming_it(tmp_path: pathlib.Pat
 
 @pytest.fixture
 def shm() -> Iterator[pathlib.Path]:
-    """A scratch directory on tmpfs (deep trees on ext4 are slow, MEASURED.md), removed
+    """A scratch directory on tmpfs (deep trees on ext4 are slow, docs/measured.md), removed
     with the Directory's own remover: pytest's clean-up (shutil.rmtree) recurses."""
     base = "/dev/shm" if os.path.isdir("/dev/shm") else None
     path = pathlib.Path(tempfile.mkdtemp(prefix="deep-tree-", dir=base))

@@ -15,6 +15,7 @@ import os
 import shutil
 import threading
 from collections.abc import Iterable, Iterator
+from typing import BinaryIO
 
 import pytest
 
@@ -25,7 +26,7 @@ from reapi_worker.sandbox.fake import FakeRunner
 from reapi_worker.sandbox.request import SandboxRequest
 from reapi_worker.sandbox.result import SandboxResult
 from reapi_worker.sandbox.usage import ResourceUsage
-from reapi_worker.storage.content import LocalContent
+from reapi_worker.storage.content import LocalContent, PinSet
 from reapi_worker.storage.digests import Digest, serialize
 from reapi_worker.storage.directory.cas import CasDirectory
 from reapi_worker.storage.local_cas import LocalCAS
@@ -70,6 +71,18 @@ class FaultyStore(LocalContent):
 
     def pinned(self, digests: Iterable[Digest]) -> contextlib.AbstractContextManager[None]:
         return self.inner.pinned(digests)
+
+    def object_path(self, digest: Digest, executable: bool = False) -> str:
+        return self.inner.object_path(digest, executable)
+
+    def pin_set(self) -> PinSet:
+        return self.inner.pin_set()
+
+    def insert(self, digest: Digest, data: bytes) -> None:
+        self.inner.insert(digest, data)
+
+    def insert_stream(self, digest: Digest, stream: BinaryIO, *, stream_verifies: bool = False) -> None:
+        self.inner.insert_stream(digest, stream, stream_verifies=stream_verifies)
 
     def fetch_tree(self, root: Digest) -> None:
         self._maybe_fail("fetch_tree")

@@ -1,5 +1,5 @@
 """The session loop against the fake Bots server (tests/fakes/bots_server.py): each point
-of shared/buildgrid/PROTOCOL.md the bot depends on, on a real gRPC server on loopback.
+of docs/buildgrid-protocol.md the bot depends on, on a real gRPC server on loopback.
 
 Rates and bounds here are about behaviour (a bot that spins makes hundreds of calls a
 second; a bot that waits out a long-poll takes its full length), so their margins are wide.
@@ -19,7 +19,7 @@ from fakes.bots_server import FakeBotsServer
 from fakes.executor import FakeExecutor, action
 
 from reapi_worker.protos import bots_pb2, bots_pb2_grpc, code_pb2, re_pb2
-from reapi_worker.storage.remote_cas import RetryPolicy
+from reapi_worker.storage.retry import RetryPolicy
 from reapi_worker.worker.bot import Bot, BotConfig
 from reapi_worker.worker.session import BotIdentity, SessionClient
 

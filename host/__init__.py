@@ -1,0 +1,17 @@
+"""Facts about the Linux host that more than one layer reads.
+
+Both ``reapi_worker.sandbox`` (where the cgroup hierarchies are mounted) and
+``reapi_worker.storage.fuse`` (which mounts a worker that died left behind) read the
+kernel's mount table; neither may import the other, so the parser lives here, below both.
+This package imports nothing else of the project.
+
+Public surface::
+
+    MountEntry(mount_id, parent_id, root, mount_point, fstype, source, super_options)
+    parse_mountinfo(text) -> list[MountEntry]
+    read_mountinfo(path="/proc/self/mountinfo") -> list[MountEntry]
+"""
+
+from .mountinfo import MountEntry, parse_mountinfo, read_mountinfo
+
+__all__ = ["MountEntry", "parse_mountinfo", "read_mountinfo"]
