@@ -164,30 +164,34 @@ class TreeCache:
             entry = _Entry(digest, size, st.st_ino, st.st_ctime_ns)
             with open(os.path.join(building, _MARKER), "w", encoding="ascii") as marker:
                 marker.write(f"{digest} {size} {st.st_ino} {st.st_ctime_ns}\n")
-            final = self._entry_path(digest)
-            try:
-                os.rename(building, final)
-            except OSError as error:
-                if error.errno not in (errno.EEXIST, errno.ENOTEMPTY):
-                    raise
-                # Another thread finished the same tree first: use that one.
-                self._remover.remove(building)
-                held = self.get(digest)
-                if held is None:
-                    raise Internal(f"cached tree {digest} vanished while being built") from None
-                return held
+            # Renamed and registered under one lock: a thread that lost the race to build
+            # the same tree finds the winner's entry as soon as its rename fails.
+            with self._lock:
+                try:
+                    os.rename(building, self._entry_path(digest))
+                    won = True
+                except OSError as error:
+                    if error.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                        raise
+                    won = False
+                if won:
+                    self._entries[digest] = entry
+                    self._bytes += size
+                    self._holds[digest] += 1
+                    self._evict_locked()
+                    return CachedTree(self, digest, self._tree_path(digest))
+            # Another thread finished the same tree first: use that one.
+            self._remover.remove(building)
+            held = self.get(digest)
+            if held is None:
+                raise Internal(f"cached tree {digest} vanished while being built")
+            return held
         except BaseException as error:
             if os.path.lexists(building):
                 self._remover.remove(building)
             if isinstance(error, OSError):
                 raise Internal(f"building cached tree {digest}: {error}") from None
             raise
-        with self._lock:
-            self._entries[digest] = entry
-            self._bytes += size
-            self._holds[digest] += 1
-            self._evict_locked()
-        return CachedTree(self, digest, self._tree_path(digest))
 
     def contains(self, digest: Digest) -> bool:
         with self._lock:

@@ -135,3 +135,28 @@ def test_a_second_worker_gets_a_directory_of_its_own(tmp_path):
             TreeCache(base, 1 << 20)
         with open_tree_cache(base, 1 << 20) as second:
             assert (first.root, second.root) == (base, base + ".1")
+
+
+def test_two_threads_building_one_tree_at_once_both_get_it_and_it_is_kept_once(tmp_path):
+    import threading
+
+    digest = digest_of("a")
+    both_building = threading.Barrier(2)
+
+    def build(path: str) -> int:
+        both_building.wait(timeout=10)  # neither finishes before the other has started
+        return writer({"f": b"12345"})(path)
+
+    with TreeCache(str(tmp_path / "trees"), 1 << 20) as cache:
+        held: list = []
+        threads = [threading.Thread(target=lambda: held.append(cache.add(digest, build))) for _ in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=10)
+        assert len(held) == 2 and held[0].path == held[1].path
+        assert cache.size_bytes == 5
+        for tree in held:
+            tree.release()
+        cache.drain()
+        assert set(os.listdir(cache.root)) == {"lock", "trash", f"{digest.hash}-{digest.size_bytes}"}
