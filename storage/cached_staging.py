@@ -55,10 +55,12 @@ Needs root (mounts). Thread-safe: one ``stage`` per action from any thread.
 
 from __future__ import annotations
 
+import collections
 import errno
 import logging
 import os
 import stat
+import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -433,16 +435,29 @@ class _CachedView(StagedInput):
 
 class PreferCached(Stager):
     """Stage with ``cached`` every root its directory cache holds (whatever its size: a held
-    root costs about nothing), and everything else as ``other`` decides (an
-    :class:`~.auto_staging.AutoStager` whose eager half is ``cached``). Closes nothing."""
+    root costs about nothing) or that ``other`` staged before (a root that comes back is
+    worth building once: lazy staging pays for every read, every time), and everything
+    else as ``other`` decides (an :class:`~.auto_staging.AutoStager` whose eager half is
+    ``cached``). Remembers the last ``remember`` roots ``other`` staged. Thread-safe if the
+    two stagers are. Closes nothing."""
 
-    def __init__(self, cached: CachedTreeStager, other: Stager) -> None:
+    def __init__(self, cached: CachedTreeStager, other: Stager, remember: int = 4096) -> None:
         self._cached = cached
         self._other = other
+        self._remember = remember
+        self._lock = threading.Lock()
+        self._seen: collections.OrderedDict[Digest, None] = collections.OrderedDict()
 
     def stage(
         self, root: CasDirectory, build_dir: str, directories: Iterable[RelPath] = (), owner: Owner | None = None
     ) -> StagedInput:
-        if self._cached.cache.contains(root.digest()):
+        digest = root.digest()
+        with self._lock:
+            again = self._seen.pop(digest, 0) is None
+            if not again:
+                self._seen[digest] = None
+                while len(self._seen) > self._remember:
+                    self._seen.popitem(last=False)
+        if again or self._cached.cache.contains(digest):
             return self._cached.stage(root, build_dir, directories, owner)
         return self._other.stage(root, build_dir, directories, owner)

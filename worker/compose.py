@@ -125,8 +125,9 @@ def make_stager(
     ``cached``: a :class:`CachedTreeStager` over the directory cache at ``tree_cache_dir``
     (on the local CAS's file system; the first free ``.N`` sibling if another worker holds
     it) holding at most ``tree_cache_bytes``.
-    ``auto``: a root the directory cache holds is staged from it; any other is staged
-    lazily (FUSE) or through the directory cache, per action by :class:`StagingRule`.
+    ``auto``: a root the directory cache holds, or staged before, is staged from it; any
+    other is staged lazily (FUSE) or through the directory cache, per action by
+    :class:`StagingRule` (:class:`PreferCached`).
     FUSE and cached staging need root (``/dev/fuse``, overlay and idmapped mounts). Raises
     InvalidArgument for an unknown name or a non-root worker, Internal if a mount cannot
     be made.

@@ -258,8 +258,8 @@ class WorkerConfig:
         help="how input roots are materialised: hardlink (every blob fetched and linked from the local "
         "cache first), fuse (lazily through a FUSE mount, blobs fetched on first open; needs root), "
         "cached (an overlay over trees kept by digest in the directory cache: a root seen before, or "
-        "close to one, costs about nothing; needs root) or auto (cached for roots it holds, else chosen "
-        "per action: FUSE for big input trees, cached for the others)",
+        "close to one, costs about nothing; needs root) or auto (cached for roots it holds or staged "
+        "before, else chosen per action: FUSE for big input trees, cached for the others)",
     )
     tree_cache_size: str = _setting(
         "4G", group=EXECUTOR, kind="size", example='"20G"',

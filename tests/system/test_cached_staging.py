@@ -22,7 +22,7 @@ from reapi_worker.storage.cached_staging import CachedTreeStager, PreferCached
 from reapi_worker.storage.digests import Digest
 from reapi_worker.storage.directory.cas import CasDirectory
 from reapi_worker.storage.fuse import kernel_mounts
-from reapi_worker.storage.staging import Owner, Stager
+from reapi_worker.storage.staging import HardlinkStager, Owner, Stager
 from reapi_worker.worker.compose import make_stager
 from reapi_worker.worker.executor import Executor, ExecutorConfig
 
@@ -265,14 +265,15 @@ class RecordingStager(Stager):
         return self.inner.stage(root, build_dir, directories, owner)
 
 
-def test_auto_stages_a_root_the_directory_cache_holds_from_it_and_asks_the_rule_otherwise(farm):
+def test_auto_stages_a_root_held_or_seen_before_from_the_directory_cache_and_asks_the_rule_otherwise(farm):
     held, new = farm.upload_tree(INPUTS), farm.upload_tree({"other": b"other"})
     farm.run(sh("true"), INPUTS)
-    other = RecordingStager(stager(farm))
+    other = RecordingStager(HardlinkStager(farm.cache, farm.remover))  # stands for FUSE: caches nothing
     auto = PreferCached(stager(farm), other)
-    for digest in (held, new):
-        auto.stage(CasDirectory.from_digest(farm.cache, digest), os.path.join(farm.build_root, digest.hash)).close()
-    assert other.roots == [new]
+    for n, digest in enumerate((held, new, new)):
+        build_dir = os.path.join(farm.build_root, f"{n}")
+        auto.stage(CasDirectory.from_digest(farm.cache, digest), build_dir).close()
+    assert other.roots == [new]  # the held root never, the new one the first time only
 
 
 def test_even_a_sandbox_running_as_the_cache_s_owner_cannot_change_the_cache(farm):
