@@ -16,8 +16,9 @@ The lower layers are read-only trees of the directory cache (:mod:`.tree_cache`)
   against 47 and 225 ms for hardlink staging of the same seen trees and 51 and 221 ms
   for ``cp -al`` (``bench/bench_tree_cache.py``, medians of 7, /dev/shm, one run);
 * **a new root close to a cached one** (at most :data:`DELTA_LIMIT` entries differ from one
-  of the :data:`BASES` cached trees sharing most of its top level) is that tree under a small *delta* layer
-  built for the action: the new and changed entries (hardlinks from the local CAS), and
+  of the :data:`BASES` cached trees sharing most of its top level) is that tree under a
+  small *delta* layer built for the action: the new and changed entries (hardlinks from
+  the local CAS), and
   overlayfs whiteouts for entries the base has and the root has not. The diff walks only
   subtrees whose digests differ, from parsed nodes kept by digest (:mod:`.parsed_trees`):
   a seen 10,000-file tree plus 100 new files stages in 2.6 ms;
