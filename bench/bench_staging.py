@@ -1,4 +1,4 @@
-"""Benchmark of whole actions by stager: hardlink, FUSE and auto, beside ``cp -al``.
+"""Benchmark of whole actions by stager: hardlink, FUSE, auto and cached, beside ``cp -al``.
 
 For trees of 1k/10k/50k distinct ~2 KiB files (20 per leaf directory, 10 leaves per parent:
 docs/measured.md's shape), run after run, times one whole action through the real executor
@@ -16,7 +16,7 @@ hardlink staging). Everything lives on /dev/shm (docs/measured.md: ext4 churn). 
 
 Needs root (bubblewrap as another uid, FUSE, overlay mounts).
 
-Usage: python bench/bench_staging.py [--sizes 1000,10000,50000] [--runs 5] [--only hardlink,fuse,auto]
+Usage: python bench/bench_staging.py [--sizes 1000,10000,50000] [--runs 5] [--only hardlink,fuse,auto,cached]
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from collections.abc import Callable
 from reapi_worker.protos import code_pb2, re_pb2
 from reapi_worker.sandbox.bubblewrap import BubblewrapRunner
 from reapi_worker.storage.auto_staging import AutoStager, StagingRule
+from reapi_worker.storage.cached_staging import CachedTreeStager
 from reapi_worker.storage.channels import ConnectionOptions, open_channel
 from reapi_worker.storage.content import LocalContent
 from reapi_worker.storage.digests import Digest, serialize
@@ -41,8 +42,10 @@ from reapi_worker.storage.directory.cas import CasDirectory
 from reapi_worker.storage.fetch_through import FetchThroughStore
 from reapi_worker.storage.fuse import FuseMount, FuseStager
 from reapi_worker.storage.local_cas import LocalCAS
+from reapi_worker.storage.parsed_trees import ParsedTrees
 from reapi_worker.storage.remote_cas import RemoteCAS
 from reapi_worker.storage.staging import HardlinkStager, Stager, TreeRemover
+from reapi_worker.storage.tree_cache import TreeCache
 from reapi_worker.storage.tree_facts import TreeFacts
 from reapi_worker.worker.executor import Executor, ExecutorConfig
 
@@ -99,9 +102,12 @@ class Bench:
         self.times: dict[tuple[int, str, str, str], list[float]] = {}
 
     def stager(self, kind: str, store: LocalContent, facts: TreeFacts) -> Stager:
-        hardlink = HardlinkStager(store, self.remover)
+        hardlink = HardlinkStager(store, self.remover, parsed=ParsedTrees())
         if kind == "hardlink":
             return hardlink
+        if kind == "cached":  # a directory cache of its own, beside the cache it links from
+            trees = TreeCache(tempfile.mkdtemp(prefix="trees-", dir=self.work), 1 << 34)
+            return CachedTreeStager(store, self.remover, trees, self.build_root)
         fuse = FuseStager(store, self.remover, self.mount, self.build_root, facts=facts)
         return fuse if kind == "fuse" else AutoStager(hardlink, fuse, StagingRule(), facts)
 
@@ -130,7 +136,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", default="1000,10000,50000")
     parser.add_argument("--runs", type=int, default=5)
-    parser.add_argument("--only", default="hardlink,fuse,auto")
+    parser.add_argument("--only", default="hardlink,fuse,auto,cached")
     parser.add_argument("--temperatures", default="warm,cold")
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]

@@ -37,6 +37,8 @@ from reapi_worker.protos.errors import Internal, InvalidArgument, ReapiError
 from .content import LocalContent, PinSet
 from .digests import Digest
 from .directory.cas import CasDirectory
+from .flat_export import write_flat
+from .parsed_trees import ParsedTrees
 from .paths import RelPath
 from .tree_removal import remove_tree
 
@@ -165,22 +167,35 @@ class HardlinkStager(Stager):
     sandbox runs as another uid; it can replace a staged file (its directory is its own)
     but not write or chmod the shared inode. A worker that cannot run the sandbox as another
     uid must pass ``link=False`` (copies).
+
+    With ``parsed``, a root is flattened once (:class:`~.parsed_trees.ParsedTrees`) and
+    written out from that form (:mod:`.flat_export`): a root staged before is not parsed again.
     """
 
-    def __init__(self, store: LocalContent, remover: TreeRemover, link: bool = True) -> None:
+    def __init__(
+        self, store: LocalContent, remover: TreeRemover, link: bool = True, parsed: ParsedTrees | None = None
+    ) -> None:
         self._store = store
         self._remover = remover
         self._link = link
+        self._parsed = parsed
 
     def stage(
         self, root: CasDirectory, build_dir: str, directories: Iterable[RelPath] = (), owner: Owner | None = None
     ) -> StagedInput:
         pins = self._store.pin_set()
+        dir_owner = None if owner is None else (owner.uid, owner.gid)
         try:
-            digests = {digest for digest, _ in root.file_digests()}
-            pins.add(digests)
-            self._store.fetch(digests)
-            root.export_files(build_dir, can_link=self._link, dir_owner=None if owner is None else (owner.uid, owner.gid))
+            if self._parsed is not None:
+                flat = self._parsed.flat(self._store, root.digest())
+                pins.add(flat.digests)
+                self._store.fetch(flat.digests)
+                write_flat(flat, self._store, build_dir, link=self._link, dir_owner=dir_owner)
+            else:
+                digests = {digest for digest, _ in root.file_digests()}
+                pins.add(digests)
+                self._store.fetch(digests)
+                root.export_files(build_dir, can_link=self._link, dir_owner=dir_owner)
             for parts in directories:
                 make_dirs(build_dir, parts, owner)
             # Private to the sandbox's uid (its owner): no other host user reads the inputs,

@@ -6,7 +6,7 @@ bottom up (each line is built from the lines above it)::
 
     channel to the CAS -> RemoteCAS
     LocalCAS (the cache) -> FetchThroughStore (cache in front of the remote)  the store
-    HardlinkStager | FuseStager | AutoStager (``staging``)                    make_stager
+    HardlinkStager | FuseStager | CachedTreeStager | AutoStager (``staging``) make_stager
     BoundedStager around it (``build_dir_size``; FreeSpaceGuard if off)       open_executor
     BubblewrapRunner (the sandbox; ``host_etc``; slirp4netns NAT when        the runner
       ``network_on = "nat"``)
@@ -47,15 +47,18 @@ from reapi_worker.sandbox.uid_pool import SharedUid, UidPool, UidSource
 from reapi_worker.storage.auto_staging import AutoStager, StagingRule
 from reapi_worker.storage.bounded_staging import BoundedStager
 from reapi_worker.storage.build_root import BuildRoot
+from reapi_worker.storage.cached_staging import CachedTreeStager, PreferCached
 from reapi_worker.storage.channels import open_channel
 from reapi_worker.storage.content import LocalContent
 from reapi_worker.storage.fetch_through import FetchThroughStore
 from reapi_worker.storage.free_space_guard import FreeSpaceGuard
 from reapi_worker.storage.fuse import FuseMount, FuseStager
 from reapi_worker.storage.local_cas import LocalCAS
+from reapi_worker.storage.parsed_trees import ParsedTrees
 from reapi_worker.storage.remote_cas import RemoteCAS, RemoteOptions
 from reapi_worker.storage.retry import RetryPolicy
 from reapi_worker.storage.staging import HardlinkStager, Stager, TreeRemover
+from reapi_worker.storage.tree_cache import open_tree_cache
 from reapi_worker.storage.tree_facts import TreeFacts
 
 from .bot import Bot, BotConfig
@@ -109,6 +112,7 @@ def open_executor(cfg: WorkerConfig) -> Iterator[ExecutorGraph]:
             with make_stager(
                 cfg.staging, store, remover, part.path, link=link,
                 open_files_per_action=bounds.limits.open_files,
+                tree_cache_dir=os.path.join(cfg.cache_dir, "trees"), tree_cache_bytes=cfg.tree_cache_bytes,
             ) as stager:
                 stager = _bounded(stager, cfg, part.path)
                 config = ExecutorConfig(
@@ -177,30 +181,52 @@ def make_stager(
     *,
     link: bool = True,
     open_files_per_action: int | None = None,
+    tree_cache_dir: str | None = None,
+    tree_cache_bytes: int = 4 << 30,
 ) -> Iterator[Stager]:
     """The stager ``staging`` names (one of :data:`~.config.STAGINGS`), open for the context.
 
-    ``hardlink``: :class:`HardlinkStager` (copies instead of links unless ``link``).
+    ``hardlink``: :class:`HardlinkStager` (copies instead of links unless ``link``), keeping
+    parsed trees (:class:`ParsedTrees`) so a root staged before is not parsed again.
     ``fuse``: a :class:`FuseStager` on the worker's FUSE mount at ``<build_root>/.fuse``
     (mounted here, after unmounting whatever a killed worker left under ``build_root``;
     unmounted when the context ends — after the last staged input is closed).
-    ``auto``: both, chosen per action by :class:`StagingRule`.
+    ``cached``: a :class:`CachedTreeStager` over the directory cache at ``tree_cache_dir``
+    (on the local CAS's file system; the first free ``.N`` sibling if another worker holds
+    it) holding at most ``tree_cache_bytes``.
+    ``auto``: a root the directory cache holds, or staged before, is staged from it; any
+    other is staged lazily (FUSE) or through the directory cache, per action by
+    :class:`StagingRule` (:class:`PreferCached`).
     ``open_files_per_action``: the FUSE mount's quota of inputs one action holds open.
-    FUSE staging needs root (``/dev/fuse`` and overlay mounts). Raises InvalidArgument for
-    an unknown name or a non-root worker, Internal if the mount cannot be made.
+    FUSE and cached staging need root (``/dev/fuse``, overlay and idmapped mounts). Raises
+    InvalidArgument for an unknown name or a non-root worker, Internal if a mount cannot
+    be made.
     """
     if staging not in STAGINGS:
         raise InvalidArgument(f"staging {staging!r}: expected one of {', '.join(STAGINGS)}")
-    eager = HardlinkStager(store, remover, link=link)
     if staging == "hardlink":
-        yield eager
+        yield HardlinkStager(store, remover, link=link, parsed=ParsedTrees())
         return
     if os.geteuid() != 0:
         raise InvalidArgument(f"staging {staging!r} mounts file systems and needs a worker running as root")
-    with FuseMount(os.path.join(build_root, ".fuse"), open_files_per_action=open_files_per_action) as mount:
+    with contextlib.ExitStack() as stack:
+        cached = None
+        if staging in ("cached", "auto"):
+            if tree_cache_dir is None:
+                raise InvalidArgument(f"staging {staging!r} needs a directory for its tree cache")
+            tree_cache = stack.enter_context(open_tree_cache(tree_cache_dir, tree_cache_bytes))
+            cached = stack.enter_context(CachedTreeStager(store, remover, tree_cache, build_root))
+            if staging == "cached":
+                yield cached
+                return
+        mount = stack.enter_context(FuseMount(os.path.join(build_root, ".fuse"), open_files_per_action=open_files_per_action))
         facts = TreeFacts()
         lazy = FuseStager(store, remover, mount, build_root, facts=facts)
-        yield lazy if staging == "fuse" else AutoStager(eager, lazy, StagingRule(), facts)
+        if staging == "fuse":
+            yield lazy
+            return
+        assert cached is not None
+        yield PreferCached(cached, AutoStager(cached, lazy, StagingRule(), facts))
 
 
 @contextlib.contextmanager

@@ -59,7 +59,7 @@ LOGGING = "logging"
 Platform = tuple[tuple[str, str], ...]
 
 #: The stagers ``staging`` may name (built by :func:`~.compose.make_stager`).
-STAGINGS = ("hardlink", "fuse", "auto")
+STAGINGS = ("hardlink", "fuse", "auto", "cached")
 #: The first uid of ``sandbox_uid_range = "auto"``: above the ids Debian gives to users
 #: (below 60000), to subordinate id ranges (useradd's 100000-600100000) and to containers
 #: (systemd's 524288-1879048191), below 2**31 (tools that read ids as signed numbers).
@@ -301,8 +301,16 @@ class WorkerConfig:
     staging: str = _setting(
         "hardlink", group=EXECUTOR, kind="choice", choices=STAGINGS, example='"auto"',
         help="how input roots are materialised: hardlink (every blob fetched and linked from the local "
-        "cache first), fuse (lazily through a FUSE mount, blobs fetched on first open; needs root) or "
-        "auto (chosen per action: FUSE for big input trees)",
+        "cache first), fuse (lazily through a FUSE mount, blobs fetched on first open; needs root), "
+        "cached (an overlay over trees kept by digest in the directory cache: a root seen before, or "
+        "close to one, costs about nothing; needs root) or auto (cached for roots it holds or staged "
+        "before, else chosen per action: FUSE for big input trees, cached for the others)",
+    )
+    tree_cache_size: str = _setting(
+        "4G", group=EXECUTOR, kind="size", example='"20G"',
+        help="bytes of files the directory cache of cached/auto staging may hold (<cache_dir>/trees; its "
+        "files are hardlinks of the local cache's blobs, kept alive on disk after the cache evicts "
+        "them); least recently used trees not in use are evicted past it",
     )
     # Per-action bounds (worker/bounds.py): each "auto" (derived from the host and
     # concurrency), "unlimited", or a value.
@@ -458,6 +466,10 @@ class WorkerConfig:
         for key in self.extra_platform_keys:
             if not key or key != key.strip():
                 raise InvalidArgument(f"accepted_platform_keys: {self.accepted_platform_keys!r} has an empty or padded key")
+        try:
+            parse_size(self.tree_cache_size)
+        except InvalidArgument as error:
+            raise InvalidArgument(f"tree_cache_size: {error}") from None
         if self.concurrency < 1:
             raise InvalidArgument(f"concurrency must be at least 1, not {self.concurrency}")
         self.sandbox_uid_candidates  # parses the range and checks it against concurrency
@@ -584,6 +596,10 @@ class WorkerConfig:
         """``disk_low_free`` in bytes on the cache's file system: what the cache keeps free."""
         st = os.statvfs(_existing_parent(self.cache_dir))
         return self.disk_watermarks.low.of(st.f_blocks * st.f_frsize)
+
+    @property
+    def tree_cache_bytes(self) -> int:
+        return parse_size(self.tree_cache_size)
 
     @property
     def effective_bot_id(self) -> str:

@@ -15,6 +15,7 @@ import ctypes
 import errno
 import logging
 import os
+from collections.abc import Sequence
 
 from reapi_worker.host.mountinfo import MOUNTINFO, read_mountinfo
 from reapi_worker.protos.errors import Internal, InvalidArgument
@@ -53,13 +54,16 @@ def check_mountable_path(path: str, what: str) -> str:
     return path
 
 
-def mount_overlay(lower: str, upper: str, work: str, target: str) -> None:
-    """Mount an overlayfs at ``target``: ``lower`` read-only below, ``upper`` (with its
-    ``work`` dir on the same file system) taking every change. ``nosuid,nodev``: a setuid
-    binary or a device node an action leaves in its build directory gives nobody on the host
-    anything. Raises Internal."""
-    for path, what in ((lower, "lower dir"), (upper, "upper dir"), (work, "work dir"), (target, "mount point")):
+def mount_overlay(lower: str | Sequence[str], upper: str, work: str, target: str) -> None:
+    """Mount an overlayfs at ``target``: ``lower`` read-only below (several layers: the
+    first is the top one), ``upper`` (with its ``work`` dir on the same file system) taking
+    every change. ``nosuid,nodev``: a setuid binary or a device node an action leaves in its
+    build directory gives nobody on the host anything. Raises Internal."""
+    lowers = [lower] if isinstance(lower, str) else list(lower)
+    for path, what in [*((layer, "lower dir") for layer in lowers), (upper, "upper dir"), (work, "work dir"),
+                       (target, "mount point")]:
         check_mountable_path(path, what)
+    lower = ":".join(lowers)
     options = f"lowerdir={lower},upperdir={upper},workdir={work},{OVERLAY_OPTIONS}"
     if _libc.mount(b"overlay", os.fsencode(target), b"overlay", MS_NOSUID | MS_NODEV, options.encode()) != 0:
         err = ctypes.get_errno()

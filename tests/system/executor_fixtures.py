@@ -23,16 +23,19 @@ from reapi_worker.sandbox.request import Bind
 from reapi_worker.sandbox.runner import Runner
 from reapi_worker.sandbox.uid_pool import UidSource
 from reapi_worker.storage.bounded_staging import BoundedStager
+from reapi_worker.storage.cached_staging import CachedTreeStager
 from reapi_worker.storage.content import LocalContent
 from reapi_worker.storage.digests import Digest, serialize
 from reapi_worker.storage.directory.cas import CasDirectory
 from reapi_worker.storage.fuse import FuseMount, FuseStager
 from reapi_worker.storage.local_cas import LocalCAS
+from reapi_worker.storage.parsed_trees import ParsedTrees
 from reapi_worker.storage.staging import HardlinkStager, Stager, TreeRemover
+from reapi_worker.storage.tree_cache import TreeCache
 from reapi_worker.worker.executor import Executor, ExecutorConfig, Outcome
 from reapi_worker.worker.platform_properties import PlatformPolicy
 
-STAGINGS = ("hardlink", "fuse")
+STAGINGS = ("hardlink", "fuse", "cached")
 
 _shared_mount: FuseMount | None = None
 
@@ -122,6 +125,9 @@ class Farm:
 
     def close(self) -> None:
         self.remover.drain()
+        if isinstance(self.stager, CachedTreeStager):
+            self.stager.close()
+            self.stager.cache.close()
         self.cache.close()
         shutil.rmtree(self.top, ignore_errors=True)
 
@@ -139,6 +145,7 @@ def make_farm(
     max_output_bytes: int | None = None,
     bound_bytes: int | None = None,
     identities: UidSource | None = None,
+    tree_cache_bytes: int = 1 << 30,
 ) -> Farm:
     """An executor over a fresh local cache in /tmp, staging with ``staging``.
     ``wrap_cache`` makes what the executor reads from out of the cache (e.g. a
@@ -149,7 +156,8 @@ def make_farm(
     ``max_output_bytes`` are the executor's (default root mode, accepted keys and network;
     the output bound). ``bound_bytes``: each action's writes on a tmpfs of that size
     (storage/bounded_staging.py; root only). ``identities``: where each action gets its
-    host uid (e.g. a UidPool); default: all share the runner's (65534 as root)."""
+    host uid (e.g. a UidPool); default: all share the runner's (65534 as root). ``tree_cache_bytes`` bounds
+    the directory cache of ``cached`` staging."""
     # Not pytest's tmp_path: bubblewrap runs as an unprivileged uid and must be able to
     # reach the build directory, so every parent must be searchable by it (0755).
     top = tempfile.mkdtemp(prefix="reapi-worker-test-", dir=parent)
@@ -162,9 +170,12 @@ def make_farm(
     source = wrap_cache(cache) if wrap_cache is not None else cache
     stager: Stager
     if staging == "hardlink":
-        stager = HardlinkStager(source, remover)
+        stager = HardlinkStager(source, remover, parsed=ParsedTrees())
     elif staging == "fuse":
         stager = FuseStager(source, remover, shared_fuse_mount(), os.path.join(top, "builds"), fetch_timeout=fetch_timeout)
+    elif staging == "cached":
+        stager = CachedTreeStager(source, remover, TreeCache(os.path.join(cache_dir, "trees"), tree_cache_bytes),
+                                  os.path.join(top, "builds"))
     else:
         raise ValueError(f"unknown staging {staging!r}")
     if bound_bytes is not None:

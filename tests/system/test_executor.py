@@ -27,6 +27,9 @@ def require_staging(staging: str) -> None:
     if staging == "fuse":
         require_tool("fusermount3")
         require(os.geteuid() == 0 and os.path.exists("/dev/fuse"), "FUSE staging needs root and /dev/fuse")
+    if staging == "cached":
+        require_tool("unshare")
+        require(os.geteuid() == 0, "cached staging mounts overlays and needs root")
 
 
 @pytest.fixture(params=STAGINGS + tuple(f"{s}+bound" for s in STAGINGS))

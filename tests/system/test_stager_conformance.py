@@ -1,8 +1,11 @@
-"""One suite over every Stager (storage/staging.py's contract): hardlink, FUSE, and auto
-choosing either; hardlink and FUSE under a BoundedStager, hardlink under a FreeSpaceGuard. Real FUSE and overlayfs mounts: root and /dev/fuse, like the worker."""
+"""One suite over every Stager (storage/staging.py's contract): hardlink (walking the tree,
+or from parsed trees), FUSE, auto choosing either, and cached (the directory cache); hardlink,
+FUSE and cached under a BoundedStager, hardlink under a FreeSpaceGuard. Real FUSE and
+overlayfs mounts: root and /dev/fuse, like the worker."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import stat
@@ -19,16 +22,22 @@ from reapi_worker.protos.errors import InvalidArgument, MissingBlobs
 from reapi_worker.sandbox.identity import NOBODY
 from reapi_worker.storage.auto_staging import AutoStager, StagingRule
 from reapi_worker.storage.bounded_staging import BoundedStager
+from reapi_worker.storage.cached_staging import CachedTreeStager
 from reapi_worker.storage.digests import Digest, serialize
 from reapi_worker.storage.directory.cas import CasDirectory
 from reapi_worker.storage.free_space_guard import FreeSpaceGuard
 from reapi_worker.storage.fuse import FuseStager
 from reapi_worker.storage.local_cas import LocalCAS
+from reapi_worker.storage.parsed_trees import ParsedTrees
+from reapi_worker.storage.tree_cache import TreeCache
 from reapi_worker.storage.staging import HardlinkStager, Owner, Stager, TreeRemover
 from reapi_worker.storage.tree_facts import TreeFacts
 
 OWNER = Owner(NOBODY.uid, NOBODY.gid)
-STAGERS = ("hardlink", "fuse", "auto-eager", "auto-lazy", "hardlink+bound", "fuse+bound", "hardlink+guard")
+STAGERS = (
+    "hardlink", "hardlink-parsed", "fuse", "auto-eager", "auto-lazy", "cached",
+    "hardlink+bound", "fuse+bound", "cached+bound", "hardlink+guard",
+)
 
 
 @dataclass
@@ -50,7 +59,10 @@ def rig(request) -> Iterator[Rig]:
     kind, _, wrapper = request.param.partition("+")
     if wrapper == "bound":
         require(os.geteuid() == 0, "a bounded build directory mounts a tmpfs: root only")
-    if kind != "hardlink":
+    if kind == "cached":
+        require_tool("unshare")
+        require(os.geteuid() == 0, "cached staging mounts overlays and needs root")
+    elif not kind.startswith("hardlink"):
         require_tool("fusermount3")
         require(os.geteuid() == 0 and os.path.exists("/dev/fuse"), "FUSE staging needs root and /dev/fuse")
     # Not pytest's tmp_path: the sandbox's uid must be able to reach the build directories.
@@ -59,10 +71,13 @@ def rig(request) -> Iterator[Rig]:
     build_root = os.path.join(top, "builds")
     os.makedirs(build_root, mode=0o755)
     remover = TreeRemover(os.path.join(build_root, ".trash"))
-    with LocalCAS(os.path.join(top, "cache"), max_bytes=1 << 30) as cache:
-        eager = HardlinkStager(cache, remover)
+    with LocalCAS(os.path.join(top, "cache"), max_bytes=1 << 30) as cache, contextlib.ExitStack() as stack:
+        eager = HardlinkStager(cache, remover, parsed=ParsedTrees() if kind == "hardlink-parsed" else None)
         stager: Stager = eager
-        if kind != "hardlink":
+        if kind == "cached":
+            trees = stack.enter_context(TreeCache(os.path.join(top, "cache", "trees"), 1 << 30))
+            stager = stack.enter_context(CachedTreeStager(cache, remover, trees, build_root))
+        elif not kind.startswith("hardlink"):
             facts = TreeFacts()
             lazy = FuseStager(cache, remover, shared_fuse_mount(), build_root, facts=facts)
             stager = lazy

@@ -214,9 +214,9 @@ FREE_SPACE = 'a percentage such as "10%" or a size such as "20G"'
         ("cache_size = 1.5", "cache_size", SIZE),
         ("cache_size = [1]", "cache_size", SIZE),
         ("disk_low_free = 10", "disk_low_free", FREE_SPACE),
-        ('staging = "copy"', "staging", "one of 'hardlink', 'fuse', 'auto'"),
+        ('staging = "copy"', "staging", "one of 'hardlink', 'fuse', 'auto', 'cached'"),
         ('log_format = "JSON"', "log_format", "one of 'text', 'json'"),
-        ("staging = 1", "staging", "one of 'hardlink', 'fuse', 'auto'"),
+        ("staging = 1", "staging", "one of 'hardlink', 'fuse', 'auto', 'cached'"),
     ],
 )
 def test_a_value_of_the_wrong_type_names_the_key_the_expected_type_and_the_file(tmp_path, line, key, expected):
@@ -272,6 +272,7 @@ def test_an_integer_is_accepted_where_a_number_or_a_size_is(tmp_path):
         ({"metrics_port": 65536}, "metrics_port"),
         ({"cache_size": "10Q"}, "cache_size"),
         ({"cache_size": "0"}, "cache_size"),
+        ({"tree_cache_size": "0"}, "tree_cache_size"),
         ({"disk_low_free": "abc"}, "disk_low_free"),
         ({"disk_critical_free": "abc"}, "disk_critical_free"),
         ({"disk_low_free": "150%"}, "disk_low_free"),
@@ -477,6 +478,7 @@ def test_the_dump_of_a_config_with_every_setting_changed_loads_back_equal(tmp_pa
         "root_mode": "chroot",
         "accepted_platform_keys": "Pool,gpu",
         "max_output_size": "3G",
+        "tree_cache_size": "20G",
         "bot_id": "builder-7",
         "concurrency": 13,
         "platform": (("ISA", "x86-32"), ("ISA", "x86-64"), ("OSFamily", "linux"), ("network", "on")),
