@@ -134,7 +134,13 @@ class CachedTreeStager(Stager):
         digest = root.digest()
         staged = _CachedView(build_dir, digest, self._store, self.parsed, self._remover)
         try:
-            os.mkdir(build_dir, 0o755)
+            # Private to the action's uid, which must pass through it to its view: no other
+            # uid reaches the inputs, the outputs, or anything the action left.
+            os.mkdir(build_dir, 0o700)
+            if owner is not None:
+                os.chown(build_dir, owner.uid, owner.gid)
+            else:
+                os.chmod(build_dir, 0o755)  # whoever the sandbox is, it must get through
             base = self.cache.get(digest)
             if base is not None:
                 layers = [base.path]

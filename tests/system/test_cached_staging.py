@@ -17,6 +17,7 @@ from executor_fixtures import Farm, make_farm
 
 from reapi_worker.protos import code_pb2
 from reapi_worker.sandbox.bubblewrap import BubblewrapRunner
+from reapi_worker.sandbox.uid_pool import SharedUid
 from reapi_worker.sandbox.identity import RunAs
 from reapi_worker.storage.cached_staging import CachedTreeStager, PreferCached
 from reapi_worker.storage.digests import Digest
@@ -280,7 +281,7 @@ def test_even_a_sandbox_running_as_the_cache_s_owner_cannot_change_the_cache(far
     # MEASURED.md's trap: with hardlinks, a sandbox running as the cache's owner (root here)
     # could chmod and write a cached blob. Through the overlay nothing reaches the lower layer.
     executor = Executor(farm.cache, farm.stager, BubblewrapRunner(run_as=RunAs(0, 0)),
-                        ExecutorConfig(build_root=farm.build_root, owner=Owner(0, 0)))
+                        ExecutorConfig(build_root=farm.build_root), identities=SharedUid(RunAs(0, 0)))
     root = farm.upload_tree(INPUTS)
     farm.run(sh("true"), INPUTS)
     held = stager(farm).cache.get(root)
