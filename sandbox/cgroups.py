@@ -3,8 +3,9 @@
 Both versions follow one life cycle per action: create a cgroup named ``<worker pid>-<n>``
 under a ``reapi-worker`` directory below the worker's *own* cgroup (so a worker confined by
 its host never reaches outside its subtree, and two workers never collide), write the
-limits, put the spawned process in it before it can fork (v1: the spawn prefix joins itself;
-v2: :meth:`~.limits.Confinement.join` from the worker), read the figures, kill what is left, remove it.
+limits, put the spawned process in it before it can fork (v1: the spawn prefix joins
+itself; v2: :meth:`~.limits.Confinement.join` from the worker), read the figures, kill what
+is left, remove it.
 
 Where things are found: ``/proc/self/mountinfo`` gives each hierarchy's mount point and the
 cgroup path its mount shows as ``/``; ``/proc/self/cgroup`` gives the worker's cgroup per
