@@ -5,9 +5,12 @@ One run, step by step (each step's *why* is in the code):
 1. The confinement (cgroup or rlimits) is created for the action's limits.
 2. The output files are opened by the worker, so the sandbox needs no access to their paths;
    with a ``stream_bytes`` bound the command writes to pipes instead (:mod:`.streams`).
-3. The process is spawned as ``[join cgroup] [setpriv to the sandbox uid] bwrap --args FD --
-   COMMAND``: it is inside its cgroup before it exists as bubblewrap, so before anything can
-   fork. The options (from the pure :func:`~.bwrap_args.bwrap_arguments`) go through a pipe.
+3. The process is spawned as ``[join cgroup, set rlimits] [setpriv to the sandbox uid] bwrap
+   --args FD -- COMMAND``. bubblewrap waits for its options (from the pure
+   :func:`~.bwrap_args.bwrap_arguments`) on that pipe; before writing them the worker joins
+   the process to its cgroup where the prefix does not (:meth:`~.limits.Confinement.join`,
+   v2). Either way it is inside before anything can fork, and bubblewrap's cgroup namespace
+   is rooted at the action's cgroup.
 4. bubblewrap reports its init's pid on ``--info-fd`` and then waits on ``--block-fd`` after
    setting up the mounts. The runner opens a pidfd on the init — from then on it can kill
    the whole pid namespace without any pid-reuse race — and, with a ``/tmp`` bound, the
@@ -188,7 +191,7 @@ class BubblewrapRunner(Runner):
                 stderr=stderr_fd,
                 pass_fds=child_ends,
                 env={},  # bubblewrap's own environment: C locale, nothing of the worker
-                # Nor its working directory: the cgroup-joining shell exports PWD, and that
+                # Nor its working directory: the prefix's shell exports PWD, and that
                 # environment is what the sandbox's init shows in /proc/1/environ.
                 cwd="/",
                 start_new_session=True,  # the worker's terminal signals are the worker's
@@ -204,6 +207,10 @@ class BubblewrapRunner(Runner):
         tmp_watch: TmpfsWatch | None = None
         try:
             with contextlib.ExitStack() as network:
+                # bubblewrap cannot fork before it has its options: the window to join where
+                # the prefix did not (:mod:`.limits`). A failed join raises before the options
+                # go out, and the handler below kills the process, which has run nothing.
+                confinement.join(proc.pid)
                 _write_args(args_w, bwrap_args.options)
                 fds.close(args_w)
                 init_pid = _read_init_pid(info_r)
@@ -416,7 +423,7 @@ def _command_exit_code(status_fd: int) -> int | None:
 def _exec_failure(request: SandboxRequest, init_pid: int | None, status: int) -> int:
     """The command was never exec'd: 127/126 if exec failed, else raise SandboxSetupError.
 
-    Only bubblewrap (and the cgroup-joining shell) can have written to stderr so far, so
+    Only bubblewrap (and the prefix's shell) can have written to stderr so far, so
     its message is trustworthy here: the command could not forge it.
     """
     tail = _read_tail(request.stderr_path)

@@ -6,19 +6,30 @@ fallback. For each action it hands out a :class:`Confinement`, which the runner 
 fixed order::
 
     with controller.confine(limits) as confinement:     # create (e.g. mkdir the cgroup)
-        spawn(confinement.spawn_prefix + ...)           # the process joins *before* exec
+        proc = spawn(confinement.spawn_prefix + ...)    # rlimits (v1: joins too) before exec
+        confinement.join(proc.pid)                      # v2: before the process can fork
         ... release the command, wait ...
         confinement.kill_all()                          # second line after the pid namespace
         confinement.oom_killed(); confinement.usage()
                                                         # __exit__: kill leftovers, remove
 
-Why joining happens in a spawn prefix: a process must be inside its cgroup before it can
-fork, or a child could escape; and bubblewrap creates the sandbox's cgroup namespace when it
-clones, so joining before bubblewrap runs makes the sandbox see its own cgroup as ``/`` (no
-worker paths, the same on every run). The prefix is a tiny ``/bin/sh`` that writes its own
-pid to ``cgroup.procs`` and execs the rest; for rlimits it is util-linux ``prlimit``, which
-sets its own limits and execs the rest (the worker may lack CAP_SYS_RESOURCE — this one does —
-so limits cannot be set on another process after it started).
+When the process joins: it must be inside its cgroup before it can fork, or a child could
+escape; and bubblewrap creates the sandbox's cgroup namespace when it clones, so joining
+before that clone makes the sandbox see its own cgroup as ``/`` (no worker paths, the same on
+every run). Two ways, each chosen by what the kernel charges for it:
+
+* in the spawn prefix — cgroup v1: a tiny ``/bin/sh`` moves its own (only) thread into each
+  hierarchy through ``tasks`` and execs the rest. That skips the global lock a move through
+  ``cgroup.procs`` takes, whose wait for an RCU grace period (5–10 ms here, once per action)
+  was most of the cgroup cost (:func:`~.cgroups.self_join_prefix` has the figures);
+* in :meth:`Confinement.join`, from the worker — cgroup v2, where only whole processes move.
+  The runner spawns bubblewrap with its options still to come through a pipe
+  (``--args FD``); until it has them, bubblewrap — and the execs before it — cannot fork,
+  and the worker writes the pid meanwhile, so the lock's wait overlaps those execs.
+
+Rlimits need a prefix too: the worker may lack CAP_SYS_RESOURCE — this one does — so it
+cannot set them on another process. The cgroup prefixes' shell sets ``ulimit -n``; the
+rlimit fallback uses util-linux ``prlimit``, which sets its own limits and execs the rest.
 
 Implementations: :class:`~.cgroups.CgroupV2Controller`, :class:`~.cgroups.CgroupV1Controller`,
 :class:`~.rlimits.RlimitController`.
@@ -46,9 +57,16 @@ class Confinement(abc.ABC):
     @property
     @abc.abstractmethod
     def spawn_prefix(self) -> tuple[str, ...]:
-        """argv prefix that places the spawned process in the confinement, then execs the rest.
+        """argv prefix that sets the confinement's per-process limits (and may join it), then
+        execs the rest; may be empty.
 
         Runs with the worker's privileges, before the switch to the sandbox's uid."""
+
+    def join(self, pid: int) -> None:
+        """Place the process ``pid`` — spawned with :attr:`spawn_prefix`, not yet able to
+        fork (see the module docstring) — in the confinement. Raises SandboxSetupError if it
+        cannot; the caller must then kill the process before it can run anything. Default:
+        nothing to join (the prefix did all)."""
 
     def kill_all(self) -> None:
         """SIGKILL every process still in the confinement and wait until they are gone."""

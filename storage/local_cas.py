@@ -18,6 +18,9 @@ Why it is built this way:
 * **Atomic entry.** Bytes go to ``tmp/`` on the same file system, hashed as they are copied,
   then ``os.link`` puts them under their final name (an existing final file is left as it
   is: it holds the same bytes). A crash leaves at worst a temp file, never a partial blob.
+  Where the file system can, the temp file has no name at all (``O_TMPFILE``, linked in
+  through ``/proc/self/fd``): no name to create and unlink, nothing left by a crash —
+  10,000 blobs of 2 KiB stored in 85 ms against 100 ms with named temp files (tmpfs here).
   Nothing is fsynced (the brief's choice: speed). So a *host* crash may leave a blob short
   or zero-filled: ``read`` and ``find_missing`` compare sizes, but a cache that lived
   through a power loss should be emptied at boot. A process crash is harmless.
@@ -68,6 +71,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import functools
 import hashlib
 import itertools
 import os
@@ -149,6 +153,7 @@ class LocalCAS(LocalContent):
         recency_interval: float = 60.0,
         keep_free_bytes: int = 0,
         statvfs: Callable[[str], os.statvfs_result] = os.statvfs,
+        anonymous_temp_files: bool = True,
     ) -> None:
         if max_bytes <= 0:
             raise InvalidArgument(f"local CAS max_bytes must be positive, not {max_bytes}")
@@ -185,13 +190,16 @@ class LocalCAS(LocalContent):
             for shard in range(256):
                 os.makedirs(os.path.join(self._objects, f"{shard:02x}"), exist_ok=True)
             self._token, self._owner_fd = self._become_owner()
+            # -1: named temp files (``anonymous_temp_files=False`` forces them, for tests).
+            self._proc_fds = _anonymous_temp_files(self._tmp) if anonymous_temp_files else -1
             self._size_fd = os.open(
                 os.path.join(self.root, "size"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644
             )
             self._sweep_dead_owners()
             # A new cache, or a lost counter: count what is there, under the counter's lock
             # so that a second process starting now waits for the result.
-            self._update_size(lambda size, gen: (self._scan_size() if size < 0 else size, gen))
+            counted = self._update_size(lambda size, gen: (self._scan_size() if size < 0 else size, gen))
+            self._known_gen = counted[1]  # what this instance stores is known present under it
 
     # ---- public: ContentStore / LocalContent -------------------------------------------
 
@@ -384,6 +392,8 @@ class LocalCAS(LocalContent):
                 _unlink_quietly(os.path.join(self._owners, self._token))
                 os.close(self._owner_fd)
                 os.close(self._size_fd)
+                if self._proc_fds >= 0:
+                    os.close(self._proc_fds)
 
     def __enter__(self) -> LocalCAS:
         return self
@@ -411,32 +421,38 @@ class LocalCAS(LocalContent):
         size is checked. The temp file is removed in every case.
         """
         assert claimed is not None or not trusted
-        tmp = f"{self._tmp}/{self._token}.{next(self._seq)}"
+        anonymous = self._proc_fds >= 0
+        tmp = self._tmp if anonymous else f"{self._tmp}/{self._token}.{next(self._seq)}"
+        flags = os.O_WRONLY | os.O_CLOEXEC | (os.O_TMPFILE if anonymous else os.O_CREAT | os.O_EXCL)
         mode = 0o555 if executable else 0o444
         added = 0
         expected = claimed.size_bytes if claimed is not None else _CHUNK
+        fd = -1
         try:
-            fd = self._with_room(
-                lambda: os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode), expected
-            )
-            try:
-                hasher, size = hashlib.sha256(), 0
-                for chunk in chunks:
-                    if not trusted:
-                        hasher.update(chunk)
-                    size += len(chunk)
-                    if claimed is not None and size > claimed.size_bytes:
-                        break  # a lying sender must not fill the disk
-                    _write_all(fd, chunk, lambda left: self._make_room(max(left, expected - size)))
-                os.fchmod(fd, mode)  # the mode given to open() is subject to the umask
-            finally:
+            fd = self._with_room(lambda: os.open(tmp, flags, mode), expected)
+            hasher, size = hashlib.sha256(), 0
+            for chunk in chunks:
+                if not trusted:
+                    hasher.update(chunk)
+                size += len(chunk)
+                if claimed is not None and size > claimed.size_bytes:
+                    break  # a lying sender must not fill the disk
+                _write_all(fd, chunk, lambda left: self._make_room(max(left, expected - size)))
+            os.fchmod(fd, mode)  # the mode given to open() is subject to the umask
+            if not anonymous:
                 os.close(fd)
+                fd = -1
             digest = claimed if trusted and claimed is not None and size == claimed.size_bytes else Digest(hasher.hexdigest(), size)
             if claimed is not None and digest != claimed:
                 raise DataLoss(_mismatch(claimed, digest))
+            final = self.object_path(digest, executable)
+            if anonymous:
+                # linkat(AT_SYMLINK_FOLLOW) of the descriptor's /proc entry: needs no privilege.
+                link = functools.partial(os.link, str(fd), final, src_dir_fd=self._proc_fds)
+            else:
+                link = functools.partial(os.link, tmp, final)
             try:
-                final = self.object_path(digest, executable)
-                self._with_room(lambda: os.link(tmp, final), _CHUNK)
+                self._with_room(link, _CHUNK)
                 added = size
             except FileExistsError:
                 pass  # a concurrent writer stored the same bytes first
@@ -445,15 +461,25 @@ class LocalCAS(LocalContent):
             # fetch, and the message is only worth building when something failed.
             raise self._error(err, f"storing blob {claimed or ''}".rstrip()) from err
         finally:
-            _unlink_quietly(tmp)
-        self._account(digest, added)
+            if fd >= 0:
+                os.close(fd)  # an anonymous temp file not linked in is gone with it
+            if not anonymous:
+                _unlink_quietly(tmp)
+        self._account(digest, added, known_present=not executable)
         return digest
 
-    def _account(self, digest: Digest, added: int) -> None:
-        """After a store: ``added`` new bytes (0: the blob was there already, now in use)."""
+    def _account(self, digest: Digest, added: int, known_present: bool = False) -> None:
+        """After a store: ``added`` new bytes (0: the blob was there already, now in use).
+        ``known_present``: the plain file was just linked in, so the next presence check
+        need not ``stat`` it — as for one it found present itself, this holds until a pass
+        deletes (see Generation). A cold fetch checks presence twice (the stager's fetch,
+        then the export's, which pins what it links): measured at 10k blobs, the second
+        pass cost 10,000 ``stat`` calls, ~45 ms of a ~900 ms cold action."""
         if not added:
             self._touch([digest.hash])  # the existing file is the one now in use
         with self._lock:
+            if known_present and len(self._known) < _KNOWN_LIMIT:
+                self._known.add(digest)
             self._touched.add(digest.hash)
             self._pending += added
             due = self._pending >= self.flush_bytes
@@ -814,6 +840,28 @@ def _write_all(fd: int, data: bytes, make_room: Callable[[int], bool] | None = N
         except OSError as err:
             if make_room is None or err.errno not in _NO_SPACE or not make_room(len(view)):
                 raise
+
+
+def _anonymous_temp_files(tmp_dir: str) -> int:
+    """A descriptor of ``/proc/self/fd`` if ``tmp_dir``'s file system makes ``O_TMPFILE``
+    files and the kernel links them in by their ``/proc`` entry; else -1 (named temp files).
+    """
+    try:
+        proc = os.open("/proc/self/fd", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return -1  # no /proc
+    probe_name = os.path.join(tmp_dir, f".probe-{secrets.token_hex(8)}")
+    try:
+        fd = os.open(tmp_dir, os.O_WRONLY | os.O_TMPFILE | os.O_CLOEXEC, 0o400)
+        try:
+            os.link(str(fd), probe_name, src_dir_fd=proc)
+        finally:
+            os.close(fd)
+        os.unlink(probe_name)
+        return proc
+    except OSError:  # EOPNOTSUPP, EISDIR (a kernel without O_TMPFILE), EXDEV, ...
+        os.close(proc)
+        return -1
 
 
 def _unlink_quietly(path: str) -> None:

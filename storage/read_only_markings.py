@@ -16,7 +16,16 @@ so what it holds is a fact about the digest. Finding every marking means visitin
 Directory node; :class:`MarkingsMemo` makes that once per distinct subtree, and a subtree
 without markings (most of a sysroot, every Bazel tree) is remembered as such, so a tree
 seen before — or sharing its toolchain with one seen before — costs one lookup per new
-node. For a hardlink-staged tree the visit loads nodes the export loads anyway.
+node.
+
+Why a node not loaded yet is read shallowly — its proto parsed for its own properties and
+its subdirectories, no file entry built — rather than loaded: the walk needs nothing
+else, and a lazy stager (FUSE) must not pay before the command for every file of a tree
+it may never open. Measured here (warm cache, /dev/shm, trees never seen): loading every
+node costs 48 ms for 10k files, 398 ms for 50k; the shallow read 11 and 79 ms. A
+hardlink stager then loads every node once more for the export (the shallow reads are
+the extra). The shallow read checks what the markings' paths are made of (each
+subdirectory's name and digest); the rest of a node is checked when it is loaded.
 """
 
 from __future__ import annotations
@@ -24,11 +33,15 @@ from __future__ import annotations
 import collections
 import threading
 
-from reapi_worker.protos.errors import InvalidArgument
+from google.protobuf.message import DecodeError
 
+from reapi_worker.protos import re_pb2
+from reapi_worker.protos.errors import InvalidArgument, ReapiError
+
+from .content import ContentStore
 from .digests import Digest
 from .directory.cas import CasDirectory
-from .paths import RelPath, join
+from .paths import RelPath, check_name, join
 
 #: The Directory node property this module reads.
 READ_ONLY_PROPERTY = "SubtreeReadOnly"
@@ -67,31 +80,34 @@ def read_only_markings(root: CasDirectory, memo: MarkingsMemo | None = None) -> 
     children, siblings by name.
 
     Raises InvalidArgument naming the directory whose value is neither ``true`` nor
-    ``false``, and what loading a node raises (MissingBlobs, InvalidArgument). Loads every
-    node of the subtrees ``memo`` does not know; the tree must not be visited by another
-    thread meanwhile (see :meth:`CasDirectory.entries`).
+    ``false`` or whose subdirectory has an invalid name or digest, MissingBlobs for an
+    absent Directory. Nodes already loaded are read as they are, the others shallowly
+    (module docstring) and left unloaded; the tree must not be visited by another thread
+    meanwhile (see :meth:`CasDirectory.entries`).
     """
     memo = memo if memo is not None else MarkingsMemo()
-    # Post-order without recursion (a tree can be deeper than Python's stack).
+    store = root.store
+    # Post-order without recursion (a tree can be deeper than Python's stack). A node is a
+    # CasDirectory while its parent was loaded, a bare Digest below one read shallowly.
     found: dict[Digest, Markings] = {}
-    stack: list[tuple[CasDirectory, RelPath, bool]] = [(root, (), False)]
+    visited: dict[Digest, tuple[str | None, list[tuple[str, CasDirectory | Digest]]]] = {}
+    stack: list[tuple[CasDirectory | Digest, RelPath, bool]] = [(root, (), False)]
     while stack:
         node, where, children_done = stack.pop()
-        digest = node.digest()
+        digest = node if isinstance(node, Digest) else node.digest()
         if digest in found:
             continue
         known = memo.get(digest)
         if known is not None:
             found[digest] = known
             continue
-        entries = node.entries()
-        children = sorted((name, entry) for name, entry in entries.items() if isinstance(entry, CasDirectory))
         if not children_done:
+            own, children = visited[digest] = _visit(node, digest, where, store)
             stack.append((node, where, True))
             stack.extend((child, where + (name,), False) for name, child in children)
             continue
+        own, children = visited[digest]
         markings: list[tuple[RelPath, bool]] = []
-        own = node.node_properties().get(READ_ONLY_PROPERTY)
         if own is not None:
             if own not in _VALUES:
                 raise InvalidArgument(
@@ -100,10 +116,39 @@ def read_only_markings(root: CasDirectory, memo: MarkingsMemo | None = None) -> 
                 )
             markings.append(((), _VALUES[own]))
         for name, child in children:
-            markings.extend(((name,) + path, read_only) for path, read_only in found[child.digest()])
+            child_digest = child if isinstance(child, Digest) else child.digest()
+            markings.extend(((name,) + path, read_only) for path, read_only in found[child_digest])
         found[digest] = tuple(markings)
         memo.put(digest, found[digest])
     return found[root.digest()]
+
+
+def _visit(
+    node: CasDirectory | Digest, digest: Digest, where: RelPath, store: ContentStore
+) -> tuple[str | None, list[tuple[str, CasDirectory | Digest]]]:
+    """A node's own marking (None: unmarked) and its subdirectories sorted by name."""
+    if isinstance(node, CasDirectory) and node.loaded_entries() is not None:
+        entries = node.entries()
+        loaded = sorted((name, entry) for name, entry in entries.items() if isinstance(entry, CasDirectory))
+        return node.node_properties().get(READ_ONLY_PROPERTY), list(loaded)
+    try:
+        data = store.read(digest)
+    except ReapiError as err:
+        raise err.within(f"loading directory {join(where) or '.'!r}") from None
+    try:
+        proto = re_pb2.Directory.FromString(data)
+    except DecodeError as err:
+        raise InvalidArgument(f"Directory {digest} at {join(where) or '.'!r} is not a Directory proto: {err}") from None
+    own = next((p.value for p in proto.node_properties.properties if p.name == READ_ONLY_PROPERTY), None)
+    children: list[tuple[str, CasDirectory | Digest]] = []
+    for sub in proto.directories:
+        try:
+            check_name(sub.name)
+            children.append((sub.name, Digest(sub.digest.hash, sub.digest.size_bytes)))
+        except InvalidArgument as err:
+            raise InvalidArgument(f"Directory {digest} at {join(where) or '.'!r}: entry {sub.name!r}: {err}") from None
+    children.sort()
+    return own, children
 
 
 def read_only_changes(markings: Markings) -> Markings:

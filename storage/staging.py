@@ -18,7 +18,11 @@ Contract of :meth:`Stager.stage`:
   command must see it; closing it releases pins and hands the tree to a background remover
   (deleting 50k files costs 0.2-0.5 s: never on the critical path);
 * raises MissingBlobs naming *every* blob that is absent from the local and remote CAS,
-  InvalidArgument for a hostile tree; on any error nothing is left pinned or staged.
+  InvalidArgument for a hostile tree; on any error nothing is left pinned or staged. A
+  lazy stager (FUSE) reads nothing before the command but the root Directory, so it
+  raises here only what the root shows; what it meets later — every missing blob the
+  command touched, named together in one MissingBlobs, or a hostile directory — comes from
+  :meth:`StagedInput.check` after the command (the trade-off: ``storage/fuse/stager.py``).
 """
 
 from __future__ import annotations
@@ -70,7 +74,8 @@ class StagedInput(abc.ABC):
     def check(self) -> None:
         """Raise the first error the staged tree met while the command ran — a lazily
         fetched blob that could not be fetched (the reader got EIO), a file system that
-        failed. Eager stagers meet none. Call it after the command, before capture."""
+        failed; missing blobs as one MissingBlobs naming every one the command met. Eager
+        stagers meet none. Call it after the command, before capture."""
 
     def known_digest(self, parts: RelPath, st: os.stat_result) -> Digest | None:
         """The digest of the regular file at ``parts`` (relative to ``path``, whose ``lstat``

@@ -17,6 +17,10 @@ that shares subtrees costs only its new parts.
 
 If a blob goes missing within the TTL (evicted from a cache with no remote behind it), the
 lazy stager still reports it: reading it fails the action with MissingBlobs naming it.
+
+The FUSE stager no longer asks :meth:`TreeFacts.check_complete` before the command: it
+reports missing inputs lazily (the trade-off is in ``storage/fuse/stager.py``); sizes are
+still what :class:`~.auto_staging.AutoStager` decides by.
 """
 
 from __future__ import annotations

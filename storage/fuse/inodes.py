@@ -36,7 +36,7 @@ import threading
 import weakref
 from dataclasses import dataclass, field
 
-from reapi_worker.protos.errors import ReapiError
+from reapi_worker.protos.errors import MissingBlobs, ReapiError
 
 from ..content import LocalContent
 from ..digests import Digest
@@ -61,7 +61,9 @@ class ActionRoot:
     """One action's input tree as registered with the mount.
 
     ``failure`` is the first error met while serving it (a blob that could not be fetched),
-    reported by the stager after the command has run.
+    reported by the stager after the command has run — except that missing blobs add up:
+    while the first error is a MissingBlobs, it names every blob (file or Directory) this
+    root met missing, since a client re-uploads exactly the digests listed.
     """
 
     token: str
@@ -73,9 +75,14 @@ class ActionRoot:
     inode: int = 0
     failure: ReapiError | None = None
     inodes: list[int] = field(default_factory=list)
+    missing: set[Digest] = field(default_factory=set)
 
     def fail(self, error: ReapiError) -> None:
-        if self.failure is None:
+        if isinstance(error, MissingBlobs):
+            self.missing.update(error.digests)
+            if self.failure is None or isinstance(self.failure, MissingBlobs):
+                self.failure = MissingBlobs(self.missing, "reading inputs (staged lazily)")
+        elif self.failure is None:
             self.failure = error
 
 

@@ -182,7 +182,8 @@ def test_metadata_phases_and_resource_usage(farm):
 def test_missing_input_blobs_are_all_listed_as_failed_precondition(farm):
     absent = [Digest.of_bytes(b"absent one"), Digest.of_bytes(b"absent two")]
     root = re_pb2.Directory(files=[re_pb2.FileNode(name=f"f{i}", digest=d.to_proto()) for i, d in enumerate(absent)])
-    command = re_pb2.Command(arguments=["/bin/true"])
+    # The command reads both: a lazy stager names the missing inputs the command touched.
+    command = re_pb2.Command(arguments=["/bin/cat", "f0", "f1"])
     action = re_pb2.Action(command_digest=farm.cache.write(serialize(command)).to_proto(),
                            input_root_digest=farm.cache.write(serialize(root)).to_proto())
     outcome = farm.executor.execute(farm.cache.write(serialize(action)))

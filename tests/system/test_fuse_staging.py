@@ -20,7 +20,7 @@ from conftest import REPO, require, require_tool
 from executor_fixtures import Farm, make_farm, shared_fuse_mount
 from fakes.cas_server import FakeCasServer
 
-from reapi_worker.protos import code_pb2, re_pb2
+from reapi_worker.protos import code_pb2, error_details_pb2, re_pb2
 from reapi_worker.storage.channels import ConnectionOptions, open_channel
 from reapi_worker.storage.content import MemoryStore
 from reapi_worker.storage.digests import Digest, serialize
@@ -67,8 +67,8 @@ class RemoteFarm:
         self.farm = make_farm(max_action_timeout=30, staging="fuse", wrap_cache=wrap, fetch_timeout=fetch_timeout)
         self.store = self.stores[0]
 
-    def remote_tree(self, files: dict[str, bytes]) -> Digest:
-        """Put a tree's protos and blobs into the remote only."""
+    def remote_tree(self, files: dict[str, bytes], leave_out: set[Digest] = set()) -> Digest:
+        """Put a tree's protos and blobs, but ``leave_out``, into the remote only."""
         memory = MemoryStore()
         tree = CasDirectory.empty(memory)
         for path, data in files.items():
@@ -78,7 +78,8 @@ class RemoteFarm:
             tree.write_bytes(path, data)
         root = tree.digest()
         for digest in memory:
-            self.server.put_raw(digest, memory.read(digest))
+            if digest not in leave_out:
+                self.server.put_raw(digest, memory.read(digest))
         return root
 
     def action(self, script: str, root: Digest, **command_fields: object) -> Digest:
@@ -161,6 +162,22 @@ def _check_lru_use_is_recorded(farm: Farm) -> None:
 
 
 # -- failures ---------------------------------------------------------------------------
+
+
+def test_missing_inputs_found_lazily_are_failed_precondition_naming_every_one_touched(remote_farm):
+    """Nothing is checked before the command (storage/fuse/stager.py's trade-off): the
+    inputs it opens that neither CAS holds are named together, the untouched one is not."""
+    gone = {name: Digest.of_bytes(data) for name, data in (("a", b"alpha\n"), ("sub/b", b"beta\n"), ("z", b"zeta\n"))}
+    root = remote_farm.remote_tree({"a": b"alpha\n", "sub/b": b"beta\n", "sub/c": b"gamma\n", "z": b"zeta\n"},
+                                   leave_out=set(gone.values()))
+    outcome = remote_farm.farm.executor.execute(
+        remote_farm.action("cat a; cat sub/b; cat sub/c; echo exit=$?", root))
+    assert outcome.status.code == code_pb2.FAILED_PRECONDITION, outcome.status
+    failure = error_details_pb2.PreconditionFailure()
+    assert outcome.status.details[0].Unpack(failure)
+    named = {violation.subject for violation in failure.violations}
+    assert named == {f"blobs/{gone[n].hash}/{gone[n].size_bytes}" for n in ("a", "sub/b")}
+    assert remote_farm.farm.text(outcome.result.stdout_digest) == "gamma\nexit=0\n"  # the present one was read
 
 
 def test_a_remote_cas_that_stops_answering_mid_read_gives_eio_and_a_failed_action(remote_farm):

@@ -386,6 +386,18 @@ def test_usage_counts_the_whole_tree_daemons_included(build):
     assert usage.wall_seconds >= 0.3
 
 
+def test_the_sandbox_sees_its_own_cgroup_as_root_and_is_inside_it(build):
+    """Joined before bubblewrap clones: the cgroup namespace is rooted at the action's cgroup
+    (no worker path, the same on every run), and the command's processes count against it."""
+    cgroups(build.runner)
+    result = build.run("sh", "-c", "cat /proc/self/cgroup; x=$(head -c 20000000 /dev/zero | tr '\\0' a); sleep 0.1",
+                       limits=ResourceLimits(memory_bytes=256 << 20))
+    assert result.exit_code == 0, build.stderr
+    lines = [line for line in build.stdout.splitlines() if line]
+    assert lines and all(line.endswith(":/") for line in lines), lines
+    assert result.usage.cgroup.memory_peak_bytes >= 20_000_000
+
+
 def test_without_a_cgroup_only_wall_time_is_known(build):
     runner = BubblewrapRunner(controller=RlimitController(), layout=build.runner.layout)
     usage = runner.run(build.request("true")).usage

@@ -14,6 +14,20 @@ from reapi_worker.sandbox import ResourceLimits, SandboxSetupError
 from reapi_worker.sandbox.cgroups import CgroupV1Controller
 
 
+def spawn_joined(confinement, *command: str) -> subprocess.Popen:
+    """Spawn ``command`` the way the runner does: held (here by a shell reading its stdin,
+    for bubblewrap by its pending options) until joined: by the prefix (v1) or the worker."""
+    proc = subprocess.Popen(
+        [*confinement.spawn_prefix, "sh", "-c", 'read go && exec "$@"', "sh", *command],
+        stdin=subprocess.PIPE, start_new_session=True,
+    )
+    confinement.join(proc.pid)
+    assert proc.stdin is not None
+    proc.stdin.write(b"go\n")
+    proc.stdin.close()
+    return proc
+
+
 @pytest.fixture(scope="module")
 def v1() -> CgroupV1Controller:
     require(os.geteuid() == 0, "creating cgroups needs root here")
@@ -41,15 +55,14 @@ def test_limits_are_written_to_the_real_control_files_and_removed_after(v1):
 def test_joined_processes_and_their_daemons_are_killed_through_the_cgroup(v1):
     """The second kill line on its own: no pid namespace here, just the cgroup."""
     with v1.confine(ResourceLimits()) as confinement:
-        proc = subprocess.Popen(
-            [*confinement.spawn_prefix, "sh", "-c", "(sleep 299 &); sleep 299"],
-            start_new_session=True,
-        )
+        proc = spawn_joined(confinement, "sh", "-c", "(sleep 299 &); sleep 299")
         procs = next(iter(confinement.dirs.values())) / "cgroup.procs"  # type: ignore[attr-defined]
         deadline = time.monotonic() + 5
         while len(procs.read_text().split()) < 2 and time.monotonic() < deadline:
             time.sleep(0.01)
         assert len(procs.read_text().split()) >= 2  # the shell and the double-forked sleep
+        for d in set(confinement.dirs.values()):  # type: ignore[attr-defined]
+            assert str(proc.pid) in (d / "cgroup.procs").read_text().split()  # the whole process, everywhere
         confinement.kill_all()
         assert procs.read_text().split() == []
         proc.wait(5)
@@ -58,10 +71,8 @@ def test_joined_processes_and_their_daemons_are_killed_through_the_cgroup(v1):
 
 def test_figures_are_read_from_the_real_cgroup(v1):
     with v1.confine(ResourceLimits()) as confinement:
-        subprocess.run(
-            [*confinement.spawn_prefix, "python3", "-c", "x = bytearray(32 << 20); x[::4096] = b'x' * (8 << 10)"],
-            check=True,
-        )
+        proc = spawn_joined(confinement, "python3", "-c", "x = bytearray(32 << 20); x[::4096] = b'x' * (8 << 10)")
+        assert proc.wait(30) == 0
         usage = confinement.usage()
     assert usage.memory_peak_bytes >= 32 << 20
     assert usage.cpu_seconds > 0 and usage.user_cpu_seconds is not None

@@ -6,6 +6,7 @@ overlayfs mounts: root and /dev/fuse, like the worker."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import stat
@@ -47,6 +48,7 @@ class Rig:
     remover: TreeRemover
     build_root: str
     source: str
+    lazy: bool  # reads nothing before the command but the root (storage/staging.py)
 
     def build_dir(self, name: str = "action") -> str:
         return os.path.join(self.build_root, name)
@@ -88,7 +90,8 @@ def rig(request) -> Iterator[Rig]:
             stager = BoundedStager(stager, 16 << 20)
         elif wrapper == "guard":
             stager = FreeSpaceGuard(stager, reserve_bytes=0)
-        yield Rig(stager, cache, remover, build_root, os.path.join(top, "source"))
+        lazy = kind in ("fuse", "auto-lazy")
+        yield Rig(stager, cache, remover, build_root, os.path.join(top, "source"), lazy)
         remover.drain()
     shutil.rmtree(top, ignore_errors=True)
 
@@ -141,13 +144,25 @@ def test_inputs_cannot_be_written_through_to_the_cache(rig):
 
 
 def test_missing_blobs_are_all_named_and_nothing_is_left_staged(rig):
+    """Eager stagers name every missing blob before the command; a lazy one names every
+    missing blob the command touched, from ``check`` after it (the reader got EIO)."""
     gone = [Digest.of_bytes(b"gone 1"), Digest.of_bytes(b"gone 2")]
     directory = re_pb2.Directory(files=[
         re_pb2.FileNode(name=f"f{i}", digest=digest.to_proto()) for i, digest in enumerate(gone)
     ])
     root = CasDirectory.from_digest(rig.cache, rig.cache.write(serialize(directory)))
-    with pytest.raises(MissingBlobs) as raised:
-        rig.stager.stage(root, rig.build_dir(), [], OWNER)
+    if not rig.lazy:
+        with pytest.raises(MissingBlobs) as raised:
+            rig.stager.stage(root, rig.build_dir(), [], OWNER)
+    else:
+        with rig.stager.stage(root, rig.build_dir(), [], OWNER) as staged:
+            staged.check()  # nothing touched yet: nothing to report
+            for i in range(len(gone)):
+                with pytest.raises(OSError) as unreadable:
+                    read(os.path.join(staged.path, f"f{i}"))
+                assert unreadable.value.errno == errno.EIO
+            with pytest.raises(MissingBlobs) as raised:
+                staged.check()
     assert set(raised.value.digests) == set(gone)
     rig.remover.drain()
     assert not os.path.lexists(rig.build_dir())

@@ -1,5 +1,5 @@
 """How the bounds reach the sandbox, as argument lists: the /tmp size, each process's
-RLIMIT_NOFILE under cgroups (the joining shell) and under the rlimit fallback (prlimit)."""
+RLIMIT_NOFILE under cgroups (a shell prefix) and under the rlimit fallback (prlimit)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import subprocess
 
 from reapi_worker.sandbox import ResourceLimits, SandboxRequest
 from reapi_worker.sandbox.bwrap_args import ControlFds, HostLayout, bwrap_arguments
-from reapi_worker.sandbox.cgroups import join_prefix
+from reapi_worker.sandbox.cgroups import limit_prefix, self_join_prefix
 from reapi_worker.sandbox.rlimits import rlimit_prefix
 
 LAYOUT = HostLayout(entries=(), env_shim=None)
@@ -27,13 +27,19 @@ def test_tmp_is_sized_only_when_bounded():
     assert "--size" not in _options(ResourceLimits())
 
 
-def test_the_joining_shell_sets_the_open_files_limit_before_exec(tmp_path):
-    procs = tmp_path / "cgroup.procs"
-    argv = [*join_prefix([str(procs)], open_files=123), "/bin/sh", "-c", "ulimit -Sn; ulimit -Hn"]
+def test_the_cgroup_prefix_sets_the_open_files_limit_before_exec():
+    argv = [*limit_prefix(123), "/bin/sh", "-c", "ulimit -Sn; ulimit -Hn"]
     done = subprocess.run(argv, capture_output=True, text=True, check=True)
     assert done.stdout.split() == ["123", "123"]
-    assert procs.read_text().strip().isdigit()  # and it still joined the cgroup
-    assert "ulimit" not in " ".join(join_prefix([str(procs)]))
+
+
+def test_the_v1_joining_shell_sets_the_open_files_limit_before_exec(tmp_path):
+    tasks = tmp_path / "tasks"
+    argv = [*self_join_prefix([str(tasks)], open_files=123), "/bin/sh", "-c", "ulimit -Sn; ulimit -Hn"]
+    done = subprocess.run(argv, capture_output=True, text=True, check=True)
+    assert done.stdout.split() == ["123", "123"]
+    assert tasks.read_text().strip() == "0"  # and it still joined the cgroup
+    assert "ulimit" not in " ".join(self_join_prefix([str(tasks)]))
 
 
 def test_the_rlimit_fallback_sets_open_files_too():

@@ -23,7 +23,9 @@ from reapi_worker.sandbox.cgroups import (
     CgroupV2Controller,
     cgroup_mounts,
     host_dir,
-    join_prefix,
+    join_cgroups,
+    limit_prefix,
+    self_join_prefix,
     parse_proc_cgroup,
 )
 from reapi_worker.sandbox.rlimits import RlimitController, rlimit_prefix
@@ -79,21 +81,35 @@ def test_host_dir_follows_the_mount_root():
     assert host_dir(namespaced, "/other") is None
 
 
-def test_join_prefix_writes_its_own_pid_into_every_file_then_execs(tmp_path):
+def test_join_writes_the_pid_into_every_file(tmp_path):
     files = [tmp_path / "a.procs", tmp_path / "b procs"]
+    join_cgroups(files, 4321)
+    assert [f.read_text() for f in files] == ["4321", "4321"]
+
+
+def test_join_names_the_cgroup_it_cannot_join(tmp_path):
+    missing = tmp_path / "missing" / "cgroup.procs"
+    with pytest.raises(SandboxSetupError, match="cannot join cgroup .*missing"):
+        join_cgroups([tmp_path / "a.procs", missing], 4321)
+
+
+def test_no_prefix_is_spawned_without_an_open_files_limit():
+    assert limit_prefix(None) == ()
+
+
+def test_self_join_prefix_writes_its_own_thread_into_every_file_then_execs(tmp_path):
+    files = [tmp_path / "a.tasks", tmp_path / "b tasks"]
     out = subprocess.run(
-        [*join_prefix(map(str, files)), "sh", "-c", "echo $PPID $$"],
-        capture_output=True, text=True, check=True,
+        [*self_join_prefix(map(str, files)), "sh", "-c", "echo ran"], capture_output=True, text=True, check=True,
     )
-    # The exec'd command is the joining shell itself (same pid), so $$ matches what was written.
-    _, pid = out.stdout.split()
-    assert [f.read_text().strip() for f in files] == [pid, pid]
+    assert out.stdout == "ran\n"
+    # "0" is "the calling thread" to the kernel: no pid to get wrong, and no global lock.
+    assert [f.read_text().strip() for f in files] == ["0", "0"]
 
 
-def test_join_prefix_refuses_to_run_the_command_if_it_cannot_join(tmp_path):
+def test_self_join_prefix_refuses_to_run_the_command_if_it_cannot_join(tmp_path):
     out = subprocess.run(
-        [*join_prefix([str(tmp_path / "missing" / "cgroup.procs")]), "echo", "ran"],
-        capture_output=True, text=True,
+        [*self_join_prefix([str(tmp_path / "missing" / "tasks")]), "echo", "ran"], capture_output=True, text=True,
     )
     assert out.returncode == 125
     assert "ran" not in out.stdout
@@ -128,7 +144,9 @@ def test_v2_delegates_controllers_and_creates_one_cgroup_per_action(v2_tree):
     assert (path / "memory.swap.max").read_text() == "0"
     assert (path / "pids.max").read_text() == "12"  # + bubblewrap's monitor and init
     assert (path / "cpu.max").read_text() == "150000 100000"
-    assert confinement.spawn_prefix[-1] == str(path / "cgroup.procs")
+    assert confinement.spawn_prefix == ()  # nothing to exec: the worker joins the process itself
+    confinement.join(4321)
+    assert (path / "cgroup.procs").read_text() == "4321"
 
     # The kernel's part: an OOM kill and the figures.
     assert not confinement.oom_killed()
@@ -190,7 +208,8 @@ def test_v1_uses_each_hierarchy_once_and_cpu_only_when_limited(v1_tree):
     with controller.confine(ResourceLimits()) as confinement:
         dirs = confinement.dirs  # type: ignore[attr-defined]
         assert set(dirs) == {"memory", "pids", "cpuacct"}
-        assert len(confinement.spawn_prefix) == 5 + 3  # sh -c SCRIPT sh COUNT + three files
+        prefix = confinement.spawn_prefix
+        assert prefix[-3:] == tuple(str(dirs[c] / "tasks") for c in ("memory", "pids", "cpuacct"))
 
     with controller.confine(ResourceLimits(memory_bytes=1 << 20, max_pids=3, cpu_cores=0.5)) as confinement:
         dirs = confinement.dirs  # type: ignore[attr-defined]

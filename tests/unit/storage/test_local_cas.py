@@ -43,7 +43,7 @@ import sys
 from reapi_worker.storage.digests import Digest
 from reapi_worker.storage.local_cas import LocalCAS
 root, mode, max_bytes, *digests = sys.argv[1:]
-cas = LocalCAS(root, max_bytes=int(max_bytes))
+cas = LocalCAS(root, max_bytes=int(max_bytes), anonymous_temp_files=mode != "write-named")
 if mode == "pin":
     pins = cas.pin_set()
     pins.add(Digest.parse(d) for d in digests)
@@ -239,9 +239,10 @@ def test_bytes_that_match_their_claimed_digest_are_stored(cas: LocalCAS) -> None
 
 
 def test_a_crashed_writer_leaves_no_blob_and_its_temp_file_is_cleaned(root: pathlib.Path) -> None:
+    """Named temp files: where the file system cannot make anonymous ones."""
     data = os.urandom(100_000)
     digest = Digest.of_bytes(data)
-    writer = child(root, "write")
+    writer = child(root, "write-named")
     try:
         assert writer.stdin is not None
         writer.stdin.write(data)  # all of it, but no EOF: the write never completes
@@ -261,6 +262,46 @@ def test_a_crashed_writer_leaves_no_blob_and_its_temp_file_is_cleaned(root: path
         assert files_in(root / "tmp") == []
         assert cas.find_missing([digest]) == {digest}
         assert cas.stats().size_bytes == 0
+
+
+def test_a_crashed_writer_of_an_anonymous_temp_file_leaves_nothing(root: pathlib.Path) -> None:
+    data = os.urandom(100_000)
+    digest = Digest.of_bytes(data)
+    writer = child(root, "write")
+    try:
+        assert writer.stdin is not None
+        writer.stdin.write(data)  # all of it, but no EOF: the write never completes
+        writer.stdin.flush()
+
+        def temp_files() -> list[str]:  # open, nameless, in tmp/, holding every byte
+            fds = pathlib.Path(f"/proc/{writer.pid}/fd")
+            return [str(fd) for fd in fds.iterdir()
+                    if os.readlink(fd).startswith(str(root / "tmp") + "/#") and fd.stat().st_size == len(data)]
+
+        wait_for(temp_files, "the writer's anonymous temp file")
+        assert files_in(root / "tmp") == []
+    finally:
+        writer.send_signal(signal.SIGKILL)
+        writer.wait()
+    assert files_in(root / "tmp") == [] and files_in(root / "objects") == []
+    with LocalCAS(root) as cas:
+        assert cas.find_missing([digest]) == {digest}
+        assert cas.stats().size_bytes == 0
+
+
+def test_a_blob_just_stored_is_known_present_without_a_stat(cas: LocalCAS, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One presence pass per cold fetch: the check after the fetch costs no stat."""
+    digests = [cas.write(blob(i)) for i in range(20)]
+    stats: list[str] = []
+    real_stat = os.stat
+
+    def counting_stat(path, *args, **kwargs):  # type: ignore[no-untyped-def]
+        stats.append(str(path))
+        return real_stat(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "stat", counting_stat)
+    assert cas.find_missing(digests + [Digest.of_bytes(b"never stored")]) == {Digest.of_bytes(b"never stored")}
+    assert len(stats) == 1  # only the absent one
 
 
 # ---- executable variants ----------------------------------------------------------------

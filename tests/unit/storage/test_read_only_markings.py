@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from reapi_worker.protos import re_pb2
-from reapi_worker.protos.errors import InvalidArgument
+from reapi_worker.protos.errors import InvalidArgument, MissingBlobs
 from reapi_worker.storage.content import MemoryStore
 from reapi_worker.storage.digests import Digest, serialize
 from reapi_worker.storage.directory.cas import CasDirectory
@@ -55,6 +55,38 @@ def test_a_value_other_than_true_or_false_is_invalid_argument_naming_the_directo
 def test_identical_subtrees_at_two_places_are_both_reported():
     same = {MARK: "true", "f": b"x"}
     assert markings({"one": dict(same), "two": dict(same)}) == ((("one",), True), (("two",), True))
+
+
+def test_nodes_not_loaded_are_read_shallowly_and_stay_unloaded():
+    """The walk a lazy stager pays before the command builds no file entries."""
+    store = MemoryStore()
+    spec = {"a": {MARK: "true", "b": {"f": b"x", MARK: "false"}}, "g": b"y"}
+    root = CasDirectory.from_digest(store, store_tree(store, spec))
+    assert read_only_markings(root) == ((("a",), True), (("a", "b"), False))
+    assert root.loaded_entries() is None
+    loaded = CasDirectory.from_digest(store, root.digest())
+    loaded.entries()["a"].entries()  # type: ignore[union-attr]  # partly loaded: both ways meet
+    assert read_only_markings(loaded) == read_only_markings(root)
+
+
+def test_a_hostile_subdirectory_name_in_a_node_read_shallowly_is_refused():
+    store = MemoryStore()
+    inner = store.write(serialize(re_pb2.Directory()))
+    hostile = re_pb2.Directory(directories=[re_pb2.DirectoryNode(name="..", digest=inner.to_proto())])
+    root = store.write(serialize(re_pb2.Directory(directories=[
+        re_pb2.DirectoryNode(name="a", digest=store.write(serialize(hostile)).to_proto())])))
+    with pytest.raises(InvalidArgument, match=r"at 'a': entry '\.\.'"):
+        read_only_markings(CasDirectory.from_digest(store, root))
+
+
+def test_an_absent_directory_read_shallowly_is_named():
+    store = MemoryStore()
+    gone = Digest.of_bytes(serialize(re_pb2.Directory(files=[re_pb2.FileNode(name="f")])))
+    root = store.write(serialize(re_pb2.Directory(directories=[re_pb2.DirectoryNode(name="a", digest=gone.to_proto())])))
+    with pytest.raises(MissingBlobs) as raised:
+        read_only_markings(CasDirectory.from_digest(store, root))
+    assert raised.value.digests == [gone]
+    assert "loading directory 'a'" in str(raised.value)
 
 
 def test_a_subtree_seen_before_is_not_visited_again():

@@ -1,0 +1,154 @@
+"""The sandbox start alone: ``BubblewrapRunner.run`` of ``/bin/true`` beside ``bwrap true``.
+
+Rows (medians of ``--runs``, interleaved in random order, a pause between runs so that each
+run meets the kernel as an action of a real worker would — see :mod:`reapi_worker.sandbox.limits`:
+the cgroup lock waits an RCU grace period only when it was idle):
+
+* ``bwrap true (root)`` — the floor: ``bwrap --unshare-all ... /bin/true`` as root;
+* ``setpriv+bwrap true`` — the same dropped to uid 65534, as the runner does it;
+* ``setpriv+bwrap, the runner's options`` — bubblewrap with exactly the options the runner
+  gives it for this request (HOST_TOOLS: ~30 read-only binds of /etc entries, a sized /tmp,
+  the ``env -u PWD`` shim) but none of its control descriptors: what the runner adds beyond
+  this row is its own Python and its confinement;
+* ``runner, cgroup`` — the runner with this host's cgroup controller and the default bounds
+  (memory, pids, /tmp size, open files): the process joins from the worker while bubblewrap
+  waits for its options;
+* ``runner, cgroup, shell join (before)`` — the same with the join done the old way, by a
+  ``/bin/sh`` prefix writing its own pid, kept here as the same-run baseline;
+* ``runner, rlimit`` / ``runner, no limits`` — the rlimit fallback, and no confinement at all.
+
+Usage: python bench/bench_sandbox.py [--runs 31] [--pause 0.05]. Needs root. Never asserts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import shutil
+import statistics
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from reapi_worker.sandbox.bubblewrap import BubblewrapRunner
+from reapi_worker.sandbox.bwrap_args import ControlFds, bwrap_arguments
+from reapi_worker.sandbox.cgroups import limit_prefix
+from reapi_worker.sandbox.identity import prepare_build_dir
+from reapi_worker.sandbox.limits import Confinement, ResourceController
+from reapi_worker.sandbox.probe import choose_resource_controller
+from reapi_worker.sandbox.request import ResourceLimits, SandboxRequest
+from reapi_worker.sandbox.rlimits import RlimitController
+from reapi_worker.sandbox.usage import CgroupUsage
+
+BWRAP = ["bwrap", "--unshare-all", "--die-with-parent", "--ro-bind", "/usr", "/usr", "--symlink", "usr/bin", "/bin",
+         "--symlink", "usr/lib", "/lib", "--symlink", "usr/lib64", "/lib64", "--proc", "/proc", "--dev", "/dev", "/bin/true"]
+SETPRIV = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--"]
+BOUNDS = ResourceLimits(memory_bytes=1 << 30, max_pids=1024, tmp_bytes=256 << 20, open_files=4096)
+
+
+class _ShellJoined(Confinement):
+    """The former way, as a baseline: a shell prefix that writes its own pid into every
+    ``cgroup.procs`` (after the rlimit) and execs the rest; nothing left to join after spawn."""
+
+    def __init__(self, inner: Confinement, procs: list[Path]) -> None:
+        self._inner = inner
+        self._procs = procs
+
+    @property
+    def spawn_prefix(self) -> tuple[str, ...]:
+        joins = " ".join(f"echo $$ > '{p}' || exit 125;" for p in self._procs)
+        return (*limit_prefix(BOUNDS.open_files), "/bin/sh", "-c", f'{joins} exec "$@"', "sh")
+
+    def kill_all(self) -> None:
+        self._inner.kill_all()
+
+    def oom_killed(self) -> bool:
+        return self._inner.oom_killed()
+
+    def pids_exhausted(self) -> bool:
+        return self._inner.pids_exhausted()
+
+    def usage(self) -> CgroupUsage | None:
+        return self._inner.usage()
+
+    def close(self) -> None:
+        self._inner.close()
+
+
+class _ShellJoinController(ResourceController):
+    def __init__(self, inner: ResourceController) -> None:
+        self._inner = inner
+        self.kind = inner.kind
+        self.enforces = inner.enforces
+
+    def confine(self, limits: ResourceLimits) -> Confinement:
+        confinement = self._inner.confine(limits)
+        dirs = getattr(confinement, "dirs", None)
+        paths = list(dict.fromkeys(dirs.values())) if dirs else [getattr(confinement, "path")]
+        return _ShellJoined(confinement, [p / "cgroup.procs" for p in paths])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", type=int, default=31)
+    parser.add_argument("--pause", type=float, default=0.05, help="seconds between runs, not timed")
+    args = parser.parse_args()
+    base = Path(tempfile.mkdtemp(prefix="bench-sandbox-", dir="/dev/shm"))
+    base.chmod(0o711)
+    root = base / "root"
+    root.mkdir()
+    controller = choose_resource_controller()
+    runners = {
+        f"runner, {controller.kind}": (BubblewrapRunner(controller=controller), BOUNDS),
+        f"runner, {controller.kind}, shell join (before)":
+            (BubblewrapRunner(controller=_ShellJoinController(controller)), BOUNDS),
+        "runner, rlimit": (BubblewrapRunner(controller=RlimitController()), BOUNDS),
+        "runner, no limits": (BubblewrapRunner(controller=RlimitController()), ResourceLimits()),
+    }
+    prepare_build_dir(str(root), *next(iter(runners.values()))[0].host_ids)
+
+    def run(runner: BubblewrapRunner, limits: ResourceLimits) -> Callable[[], object]:
+        request = SandboxRequest(arguments=("/bin/true",), environment={}, input_root=str(root),
+                                 stdout_path=str(base / "out"), stderr_path=str(base / "err"), limits=limits)
+        return lambda: runner.run(request)
+
+    plain = next(iter(runners.values()))[0]
+    same = bwrap_arguments(SandboxRequest(arguments=("/bin/true",), environment={}, input_root=str(root),
+                                          stdout_path=str(base / "out"), stderr_path=str(base / "err"), limits=BOUNDS),
+                           plain.layout, ControlFds(-1, -1, -1))
+    options = [o for i, o in enumerate(same.options) if not (o.endswith("-fd") or same.options[i - 1].endswith("-fd"))]
+    cases: dict[str, Callable[[], object]] = {
+        "bwrap true (root)": lambda: subprocess.run(BWRAP, check=True),
+        "setpriv+bwrap true": lambda: subprocess.run(SETPRIV + BWRAP, check=True),
+        "setpriv+bwrap, the runner's options": lambda: subprocess.run(
+            [*SETPRIV, "bwrap", *options, "--", *same.command], check=True),
+        **{name: run(runner, limits) for name, (runner, limits) in runners.items()},
+    }
+    times: dict[str, list[float]] = {name: [] for name in cases}
+    try:
+        for case in cases.values():  # warm up: page cache, imports
+            case()
+        for _ in range(args.runs):
+            order = list(cases.items())
+            random.shuffle(order)
+            for name, case in order:
+                time.sleep(args.pause)
+                start = time.perf_counter()
+                case()
+                times[name].append((time.perf_counter() - start) * 1000)
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+    floor = statistics.median(times["bwrap true (root)"])
+    print(f"Sandbox start, /bin/true, median of {args.runs} interleaved runs, ms (pause {args.pause}s; "
+          f"load {os.getloadavg()[0]:.2f})")
+    print(f"{'what':<44} {'median':>8} {'min':>8} {'max':>8} {'/bwrap':>7}")
+    for name, values in times.items():
+        median = statistics.median(values)
+        print(f"{name:<44} {median:8.2f} {min(values):8.2f} {max(values):8.2f} {median / floor:6.2f}x")
+
+
+if __name__ == "__main__":
+    main()
