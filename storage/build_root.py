@@ -13,8 +13,8 @@ part of its own, and a part is swept when its worker is known to be dead::
 any pid namespace; so "can I lock ``.owners/<token>``" is the question, with no pid or age
 guess. The owner file is created and locked *before* the part's directory exists, and the
 sweep lists directories before it tries the locks: a listed directory whose owner file is
-unlocked or gone belongs to a dead worker for good. (Same scheme as the local CAS's owners,
-storage/local_cas.py.)
+unlocked or gone belongs to a dead worker for good (storage/owner_locks.py, the scheme the
+local CAS's owners use too).
 
 **Sweeping a dead part**: every mount below it is detached (lazily: a dead FUSE daemon
 cannot answer), then the directory is renamed into the new worker's trash, so the start
@@ -33,16 +33,15 @@ Not fork-safe; one :class:`BuildRoot` per worker process.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import logging
 import os
 import re
-import secrets
 import uuid
 
 from reapi_worker.protos.errors import Internal
 
 from .fuse import kernel_mounts
+from .owner_locks import become_owner, lock_if_dead
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +70,7 @@ class BuildRoot:
         try:
             owners = os.path.join(root, _OWNERS)
             os.makedirs(owners, exist_ok=True)
-            token, fd = _become_owner(owners)
+            token, fd = become_owner(owners, str(os.getpid()))
             part = cls(root, token, fd)
             os.makedirs(part.trash, mode=0o755)
             os.chmod(part.path, 0o755)  # the sandbox uid must reach build directories
@@ -105,7 +104,7 @@ class BuildRoot:
         swept = []
         others_alive = False
         for token in sorted(tokens):
-            owner_fd = _lock_if_dead(os.path.join(owners, token))
+            owner_fd = lock_if_dead(os.path.join(owners, token))
             if owner_fd is None:
                 others_alive = True
                 continue
@@ -133,33 +132,3 @@ class BuildRoot:
             for point in kernel_mounts.detach_all_under(path):
                 log.warning("detached stale mount %s", point)
         os.rename(path, os.path.join(self.trash, uuid.uuid4().hex))
-
-
-def _become_owner(owners: str) -> tuple[str, int]:
-    """Create and lock ``owners/<token>``; the lock is held until close or death."""
-    while True:
-        token = secrets.token_hex(8)
-        path = os.path.join(owners, token)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        with contextlib.suppress(FileNotFoundError):
-            # A sweeper may have taken it for dead between our open and our flock.
-            if os.stat(path).st_ino == os.fstat(fd).st_ino:
-                os.write(fd, f"{os.getpid()}\n".encode())
-                return token, fd
-        os.close(fd)
-
-
-def _lock_if_dead(owner: str) -> int | None:
-    """None if ``owner`` is locked by a live worker; else a descriptor holding its lock
-    (-1 if the file is gone: its worker is dead too)."""
-    try:
-        fd = os.open(owner, os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
-        return -1
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        return None
-    return fd

@@ -95,6 +95,7 @@ from reapi_worker.protos.errors import (
 
 from .content import LocalContent, PinSet
 from .digests import HASH_HEX_LENGTH, Digest
+from .owner_locks import become_owner, lock_if_dead
 
 _CHUNK = 1 << 20
 _EXEC_SUFFIX = ".x"
@@ -664,17 +665,7 @@ class LocalCAS(LocalContent):
 
     def _become_owner(self) -> tuple[str, int]:
         """Create and lock ``owners/<token>``, held until close or death."""
-        while True:
-            token = secrets.token_hex(8)
-            path = os.path.join(self._owners, token)
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            with contextlib.suppress(FileNotFoundError):
-                # A sweeper may have taken it for dead between our open and our flock.
-                if os.stat(path).st_ino == os.fstat(fd).st_ino:
-                    os.write(fd, f"{os.getpid()} {socket.gethostname()}\n".encode())
-                    return token, fd
-            os.close(fd)
+        return become_owner(self._owners, f"{os.getpid()} {socket.gethostname()}")
 
     def _sweep_dead_owners(self) -> set[str]:
         """Delete the temp, pin and owner files of dead owners; return the live tokens.
@@ -697,16 +688,10 @@ class LocalCAS(LocalContent):
 
     def _reap_if_dead(self, token: str, paths: list[str]) -> bool:
         owner = os.path.join(self._owners, token)
+        fd = lock_if_dead(owner)
+        if fd is None:
+            return False
         try:
-            fd = os.open(owner, os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
-            fd = -1
-        try:
-            if fd >= 0:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError:
-                    return False
             for path in paths:
                 _unlink_quietly(path)
             if fd >= 0:
