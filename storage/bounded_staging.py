@@ -171,14 +171,7 @@ class _BoundedInput(StagedInput):
         if self._closed:
             return
         self._closed = True
-        stuck = False
-        for point in reversed(self._mounts):
-            try:
-                kernel_mounts.unmount(point)
-            except ReapiError as error:
-                # Never delete through a mount; the next start's sweep will (storage/build_root.py).
-                log.error("leaving build directory %s: %s", self._build_dir, error)
-                stuck = True
+        stuck = not kernel_mounts.unmount_before_removal(reversed(self._mounts), self._build_dir)
         try:
             if self.lower is not None:
                 self.lower.close()

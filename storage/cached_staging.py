@@ -426,14 +426,7 @@ class _CachedView(StagedInput):
         if self._closed:
             return
         self._closed = True
-        unmounted = True
-        if self._mounted:
-            try:
-                kernel_mounts.unmount(self.path)
-            except ReapiError as error:
-                # Never delete through a mount; the next start's stale-mount sweep will.
-                log.error("leaving build directory %s: %s", self._build_dir, error)
-                unmounted = False
+        unmounted = kernel_mounts.unmount_before_removal([self.path] if self._mounted else [], self._build_dir)
         for tree in self._held:
             tree.release()
         if unmounted and os.path.lexists(self._build_dir):

@@ -15,7 +15,7 @@ import ctypes
 import errno
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 from reapi_worker.host.mountinfo import MOUNTINFO, read_mountinfo
 from reapi_worker.protos.errors import Internal, InvalidArgument
@@ -95,6 +95,21 @@ def unmount(target: str) -> bool:
     if err in (errno.EINVAL, errno.ENOENT):  # not a mount point (any more)
         return False
     raise Internal(f"unmounting {target}: {os.strerror(err)}")
+
+
+def unmount_before_removal(points: Iterable[str], build_dir: str) -> bool:
+    """Unmount each of ``points`` (the innermost first) of the build directory
+    ``build_dir``. Returns whether all came off; if one did not, the caller must not delete
+    ``build_dir``: deleting through a mount would delete what is mounted (the cache's
+    trees, a FUSE view). The next start's sweep (storage/build_root.py) detaches it."""
+    clear = True
+    for point in points:
+        try:
+            unmount(point)
+        except Internal as error:
+            log.error("leaving build directory %s: %s", build_dir, error)
+            clear = False
+    return clear
 
 
 def detach(target: str) -> bool:

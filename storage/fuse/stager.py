@@ -201,14 +201,7 @@ class _OverlayInput(StagedInput):
         if self._closed:
             return
         self._closed = True
-        unmounted = True
-        if self._mounted:
-            try:
-                kernel_mounts.unmount(self.path)
-            except ReapiError as error:
-                # Never delete through a mount; the next start's stale-mount sweep will.
-                log.error("leaving build directory %s: %s", self._build_dir, error)
-                unmounted = False
+        unmounted = kernel_mounts.unmount_before_removal([self.path] if self._mounted else [], self._build_dir)
         if self._root is not None:
             self._mount.remove_root(self._root)
             _record_use(self._root.store, self._mount.take_opened(self._root.store))
