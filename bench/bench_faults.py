@@ -47,6 +47,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_bot import CLI, DEFAULT_REMOTE, INSTANCE, BenchFarm, WorkerProcess, buildgrid  # noqa: E402
 from bench_soak import build_root_leftovers  # noqa: E402
 
+from reapi_worker.protos import code_pb2  # noqa: E402
 from reapi_worker.storage.digests import Digest  # noqa: E402
 from reapi_worker.storage.fuse import kernel_mounts  # noqa: E402
 from reapi_worker.worker.client import CommandSpec, build_action  # noqa: E402
@@ -172,6 +173,7 @@ def run(farm: BenchFarm, nodes: list[Node], isa: str, args: argparse.Namespace) 
             execution = farm.client.execute(digests[n], skip_cache_lookup=True)
             status, result = execution.response.status, execution.response.result
             if status.code != 0:
+                print(f"[bench] action {n}: {code_pb2.Code.Name(status.code)}: {status.message}", file=sys.stderr)
                 verdict = "lost"
             else:
                 out = {o.path: Digest.from_proto(o.digest) for o in result.output_files}.get("out")

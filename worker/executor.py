@@ -242,7 +242,13 @@ class Executor:
         result.MergeFrom(captured.result)  # capture fills only the output fields
         blobs = captured.blobs | {Digest.from_proto(d) for d in (result.stdout_digest, result.stderr_digest)}
         deadline.check("before uploading")
-        self._store.upload_missing(blobs)
+        try:
+            self._store.upload_missing(blobs)
+        except MissingBlobs as error:
+            # Outputs captured a moment ago left this worker's cache before they reached the
+            # remote (evicted under disk pressure): the worker's fault, never the client's
+            # FAILED_PRECONDITION, which means "your inputs are missing".
+            raise Unavailable(f"the worker's cache lost outputs before they were uploaded: {error.reason}") from None
         uploaded = self._stamp(metadata.output_upload_completed_timestamp)
         outcome.phases["upload"] = uploaded - ran
 

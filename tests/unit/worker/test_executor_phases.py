@@ -357,6 +357,14 @@ def test_upload_capturing_an_output_of_the_wrong_kind_fails_the_upload_phase(rig
     assert "'out'" in outcome.status.message
 
 
+def test_upload_of_outputs_the_worker_s_cache_lost_meanwhile_is_unavailable_never_failed_precondition(rig):
+    # Evicted between capture and upload (a full disk): a retry elsewhere, not a result.
+    rig.store.failures["upload_missing"] = MissingBlobs({Digest.of_bytes(b"out")}, "uploading to the remote CAS")
+    outcome = rig.execute(rig.action())
+    assert_failed(outcome, code_pb2.UNAVAILABLE, "upload")
+    assert "lost outputs before they were uploaded" in outcome.status.message
+
+
 def test_upload_to_an_unreachable_cas_is_unavailable(rig):
     rig.store.failures["upload_missing"] = Unavailable("CAS down")
     outcome = rig.execute(rig.action())
