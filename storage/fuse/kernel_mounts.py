@@ -63,11 +63,25 @@ def mount_overlay(lower: str | Sequence[str], upper: str, work: str, target: str
     for path, what in [*((layer, "lower dir") for layer in lowers), (upper, "upper dir"), (work, "work dir"),
                        (target, "mount point")]:
         check_mountable_path(path, what)
-    lower = ":".join(lowers)
-    options = f"lowerdir={lower},upperdir={upper},workdir={work},{OVERLAY_OPTIONS}"
-    if _libc.mount(b"overlay", os.fsencode(target), b"overlay", MS_NOSUID | MS_NODEV, options.encode()) != 0:
-        err = ctypes.get_errno()
-        raise Internal(f"mounting an overlay at {target} (lower {lower}): {os.strerror(err)}")
+    # The layers are named by descriptor (/proc/self/fd/N), not by path: overlayfs shows its
+    # options in /proc/*/mountinfo, which the sandbox reads, and the worker's build paths
+    # are none of the action's business. The kernel resolves the names while mounting; the
+    # descriptors may close right after.
+    fds: list[int] = []
+    try:
+        for path in [*lowers, upper, work]:
+            fds.append(os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC))
+        named = [f"/proc/self/fd/{fd}" for fd in fds]
+        lower = ":".join(named[: len(lowers)])
+        options = f"lowerdir={lower},upperdir={named[-2]},workdir={named[-1]},{OVERLAY_OPTIONS}"
+        if _libc.mount(b"overlay", os.fsencode(target), b"overlay", MS_NOSUID | MS_NODEV, options.encode()) != 0:
+            err = ctypes.get_errno()
+            raise Internal(f"mounting an overlay at {target} (lower {':'.join(lowers)}): {os.strerror(err)}")
+    except OSError as error:
+        raise Internal(f"mounting an overlay at {target}: opening a layer: {error}") from None
+    finally:
+        for fd in fds:
+            os.close(fd)
 
 
 def mount_tmpfs(target: str, size_bytes: int, mode: int = 0o755) -> None:

@@ -108,3 +108,14 @@ def test_a_deep_tree_left_by_an_action_is_removed_and_the_executor_keeps_working
         assert again.ok and farm.text(again.result.stdout_digest) == "again\n"
     finally:
         farm.close()
+
+
+def test_attack_the_overlay_s_options_in_mountinfo_name_no_worker_path(bounded):
+    # overlayfs prints its layers in every mountinfo line of its mount, which the sandbox
+    # can read: they are named by descriptor, never by the worker's build paths.
+    outcome = bounded.run(sh("cat /proc/self/mountinfo"))
+    assert outcome.ok and outcome.result.exit_code == 0
+    mountinfo = bounded.text(outcome.result.stdout_digest)
+    overlays = [line for line in mountinfo.splitlines() if " - overlay " in line]
+    assert overlays and all("lowerdir=/proc/self/fd/" in line for line in overlays), overlays
+    assert bounded.top not in mountinfo and bounded.build_root not in mountinfo
