@@ -14,6 +14,7 @@ actions as uid 65534, which must reach the build directory.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import json
 import os
 import shutil
@@ -23,6 +24,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import grpc
@@ -216,3 +218,23 @@ def stage_name(operation) -> str:
     metadata = re_pb2.ExecuteOperationMetadata()
     operation.metadata.Unpack(metadata)
     return re_pb2.ExecutionStage.Value.Name(metadata.stage)
+
+
+@contextlib.contextmanager
+def small_tmpfs(farm: Farm, size_bytes: int, prefix: str) -> Iterator[str]:
+    """A tmpfs of ``size_bytes``, mode 0755 with 0755 parents (the sandbox uid must reach a
+    build root under it), for a worker's cache and build root. Unmounted when the context
+    ends, after the farm's workers are killed (a running worker keeps it busy)."""
+    top = tempfile.mkdtemp(prefix=prefix, dir="/tmp")
+    os.chmod(top, 0o755)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_bytes},mode=0755", "tmpfs", top], check=True)
+    try:
+        yield top
+    finally:
+        for worker in farm.workers:
+            if worker.process.poll() is None:
+                worker.process.kill()
+                worker.process.wait(10)
+        if subprocess.run(["umount", top]).returncode != 0:
+            subprocess.run(["umount", "--lazy", top], check=False)
+        os.rmdir(top)

@@ -18,14 +18,12 @@ from __future__ import annotations
 
 import hashlib
 import os
-import subprocess
-import tempfile
 import threading
 
 import grpc
 import pytest
 
-from bot_fixtures import INSTANCE, Farm, stage_name, staged_builds, until
+from bot_fixtures import INSTANCE, Farm, small_tmpfs, stage_name, staged_builds, until
 from conftest import require, require_tool
 
 from reapi_worker.protos import re_grpc, re_pb2
@@ -48,21 +46,8 @@ def farm(buildgrid):
 
 @pytest.fixture
 def small_disk(farm):
-    """A 64 MiB tmpfs with 0755 parents (the sandbox uid must reach the build root).
-    Unmounted after the farm's workers are killed."""
-    top = tempfile.mkdtemp(prefix="reapi-enospc-disk-", dir="/tmp")
-    os.chmod(top, 0o755)
-    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={DISK_SIZE},mode=0755", "tmpfs", top], check=True)
-    try:
+    with small_tmpfs(farm, DISK_SIZE, "reapi-enospc-disk-") as top:
         yield top
-    finally:
-        for worker in farm.workers:
-            if worker.process.poll() is None:
-                worker.process.kill()
-                worker.process.wait(10)
-        if subprocess.run(["umount", top]).returncode != 0:
-            subprocess.run(["umount", "--lazy", top], check=False)
-        os.rmdir(top)
 
 
 def fill_to_enospc(path: str) -> None:

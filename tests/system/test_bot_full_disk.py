@@ -17,8 +17,6 @@ from __future__ import annotations
 import json
 import os
 import socket
-import subprocess
-import tempfile
 import threading
 import time
 import urllib.error
@@ -27,7 +25,7 @@ import urllib.request
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from bot_fixtures import Farm, Worker, stage_name, staged_builds, until
+from bot_fixtures import Farm, Worker, small_tmpfs, stage_name, staged_builds, until
 from conftest import require, require_tool
 
 pytestmark = [pytest.mark.buildgrid, pytest.mark.bwrap]
@@ -49,22 +47,8 @@ def farm(buildgrid):
 
 @pytest.fixture
 def small_disk(farm):
-    """A 64 MiB tmpfs, mode 0755 with 0755 parents (the sandbox uid must reach the build
-    root under it). Unmounted at teardown, after the farm's workers are killed (a running
-    worker keeps it busy)."""
-    top = tempfile.mkdtemp(prefix="reapi-health-disk-", dir="/tmp")
-    os.chmod(top, 0o755)
-    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={DISK_SIZE},mode=0755", "tmpfs", top], check=True)
-    try:
+    with small_tmpfs(farm, DISK_SIZE, "reapi-health-disk-") as top:
         yield top
-    finally:
-        for worker in farm.workers:
-            if worker.process.poll() is None:
-                worker.process.kill()
-                worker.process.wait(10)
-        if subprocess.run(["umount", top]).returncode != 0:
-            subprocess.run(["umount", "--lazy", top], check=False)
-        os.rmdir(top)
 
 
 def free_port() -> int:

@@ -18,6 +18,7 @@ import pytest
 
 from conftest import require, require_tool
 from executor_fixtures import STAGINGS, make_farm
+from fakes.marked_trees import MARK, store_marked_tree
 
 from reapi_worker.protos import code_pb2, re_pb2
 from reapi_worker.sandbox.request import Bind
@@ -26,7 +27,6 @@ from reapi_worker.storage.digests import Digest, serialize
 from reapi_worker.worker.health import HealthMonitor, HealthRecordingExecutor, SandboxCheck
 
 #: In a tree spec, the key that marks the directory it is in.
-MARK = "#SubtreeReadOnly"
 
 
 def require_staging(staging: str) -> None:
@@ -62,23 +62,6 @@ def farm(staging):
     farm.close()
 
 
-def store_tree(farm, spec: dict) -> Digest:
-    """Store a tree given as {name: bytes | "->target" | {sub spec}}; ``MARK: "true"`` in a
-    spec marks that directory with the node property."""
-    directory = re_pb2.Directory()
-    if MARK in spec:
-        directory.node_properties.properties.add(name="SubtreeReadOnly", value=spec[MARK])
-    for name in sorted(n for n in spec if n != MARK):
-        value = spec[name]
-        if isinstance(value, dict):
-            directory.directories.add(name=name, digest=store_tree(farm, value).to_proto())
-        elif isinstance(value, str):
-            directory.symlinks.add(name=name, target=value[2:])
-        else:
-            directory.files.add(name=name, digest=farm.cache.write(value).to_proto())
-    return farm.cache.write(serialize(directory))
-
-
 def run(farm, script: str, tree: dict, **command_fields):
     platform = command_fields.pop("platform", None)
     command = re_pb2.Command(
@@ -88,7 +71,7 @@ def run(farm, script: str, tree: dict, **command_fields):
     )
     action = re_pb2.Action(
         command_digest=farm.cache.write(serialize(command)).to_proto(),
-        input_root_digest=store_tree(farm, tree).to_proto(),
+        input_root_digest=store_marked_tree(farm.cache, tree).to_proto(),
         do_not_cache=True,
     )
     if platform:
@@ -225,7 +208,7 @@ def test_an_actions_own_setup_failure_is_its_result_and_leaves_the_worker_health
         command = re_pb2.Command(arguments=["/bin/true"])
         action = re_pb2.Action(
             command_digest=farm.cache.write(serialize(command)).to_proto(),
-            input_root_digest=store_tree(farm, {"proc": {}}).to_proto(),
+            input_root_digest=store_marked_tree(farm.cache, {"proc": {}}).to_proto(),
             platform=re_pb2.Platform(properties=[re_pb2.Platform.Property(name="unixUID", value="4294967294")]),
         )
         outcome = executor.execute(farm.cache.write(serialize(action)))

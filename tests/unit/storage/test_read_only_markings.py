@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from fakes.marked_trees import MARK, store_marked_tree
+
 from reapi_worker.protos import re_pb2
 from reapi_worker.protos.errors import InvalidArgument, MissingBlobs
 from reapi_worker.storage.content import MemoryStore
@@ -11,26 +13,10 @@ from reapi_worker.storage.digests import Digest, serialize
 from reapi_worker.storage.directory.cas import CasDirectory
 from reapi_worker.storage.read_only_markings import MarkingsMemo, read_only_changes, read_only_markings
 
-MARK = "#mark"
-
-
-def store_tree(store: MemoryStore, spec: dict) -> Digest:
-    """{name: bytes | {sub spec}}; ``MARK: value`` marks the directory it is in."""
-    directory = re_pb2.Directory()
-    if MARK in spec:
-        directory.node_properties.properties.add(name="SubtreeReadOnly", value=spec[MARK])
-    for name in sorted(n for n in spec if n != MARK):
-        value = spec[name]
-        if isinstance(value, dict):
-            directory.directories.add(name=name, digest=store_tree(store, value).to_proto())
-        else:
-            directory.files.add(name=name, digest=store.write(value).to_proto())
-    return store.write(serialize(directory))
-
 
 def markings(spec: dict, memo: MarkingsMemo | None = None, store: MemoryStore | None = None):
     store = MemoryStore() if store is None else store  # (an empty store is falsy)
-    return read_only_markings(CasDirectory.from_digest(store, store_tree(store, spec)), memo)
+    return read_only_markings(CasDirectory.from_digest(store, store_marked_tree(store, spec)), memo)
 
 
 # -- reading -----------------------------------------------------------------------------------
@@ -61,7 +47,7 @@ def test_nodes_not_loaded_are_read_shallowly_and_stay_unloaded():
     """The walk a lazy stager pays before the command builds no file entries."""
     store = MemoryStore()
     spec = {"a": {MARK: "true", "b": {"f": b"x", MARK: "false"}}, "g": b"y"}
-    root = CasDirectory.from_digest(store, store_tree(store, spec))
+    root = CasDirectory.from_digest(store, store_marked_tree(store, spec))
     assert read_only_markings(root) == ((("a",), True), (("a", "b"), False))
     assert root.loaded_entries() is None
     loaded = CasDirectory.from_digest(store, root.digest())
@@ -111,7 +97,7 @@ def test_the_memo_forgets_the_least_recently_used():
 
 def test_node_properties_survive_an_edit_of_the_directory():
     store = MemoryStore()
-    root = CasDirectory.from_digest(store, store_tree(store, {MARK: "true", "a": b"1"}))
+    root = CasDirectory.from_digest(store, store_marked_tree(store, {MARK: "true", "a": b"1"}))
     assert dict(root.node_properties()) == {"SubtreeReadOnly": "true"}
     root.write_bytes("b", b"2")
     reloaded = CasDirectory.from_digest(store, root.digest())
@@ -121,7 +107,7 @@ def test_node_properties_survive_an_edit_of_the_directory():
 
 def test_an_unedited_tree_with_node_properties_keeps_its_digest():
     store = MemoryStore()
-    digest = store_tree(store, {MARK: "false", "d": {MARK: "true"}})
+    digest = store_marked_tree(store, {MARK: "false", "d": {MARK: "true"}})
     tree = CasDirectory.from_digest(store, digest)
     tree.descend("d").list()
     assert tree.digest() == digest

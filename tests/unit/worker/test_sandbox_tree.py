@@ -5,30 +5,14 @@ from __future__ import annotations
 
 import pytest
 
-from reapi_worker.protos import re_pb2
+from fakes.marked_trees import MARK, store_marked_tree
+
 from reapi_worker.protos.errors import InvalidArgument
 from reapi_worker.sandbox.request import Bind, RootMode, SubtreeAccess
 from reapi_worker.storage.content import MemoryStore
-from reapi_worker.storage.digests import serialize
 from reapi_worker.storage.directory.cas import CasDirectory
 from reapi_worker.worker.sandbox_ids import SANDBOX_ID_KEYS, sandbox_ids
 from reapi_worker.worker.sandbox_tree import InputRootRules, check_mount_points
-
-MARK = "#mark"
-
-
-def store_tree(store: MemoryStore, spec: dict):
-    """{name: bytes | {sub spec}}; ``MARK: value`` marks the directory it is in."""
-    directory = re_pb2.Directory()
-    if MARK in spec:
-        directory.node_properties.properties.add(name="SubtreeReadOnly", value=spec[MARK])
-    for name in sorted(n for n in spec if n != MARK):
-        value = spec[name]
-        if isinstance(value, dict):
-            directory.directories.add(name=name, digest=store_tree(store, value).to_proto())
-        else:
-            directory.files.add(name=name, digest=store.write(value).to_proto())
-    return store.write(serialize(directory))
 
 
 def tree(spec: dict) -> CasDirectory:
@@ -99,7 +83,7 @@ def test_a_regular_file_on_the_way_to_a_bind_target_is_refused():
 def test_markings_become_the_requests_subtree_access_nearest_winning():
     store = MemoryStore()
     spec = {MARK: "true", "b": {"e.bst": {MARK: "false"}}, "usr": {MARK: "true"}, "tmp": {MARK: "false"}}
-    root = CasDirectory.from_digest(store, store_tree(store, spec))
+    root = CasDirectory.from_digest(store, store_marked_tree(store, spec))
     assert InputRootRules().subtree_access(root, RootMode.CHROOT) == (
         SubtreeAccess("", True), SubtreeAccess("b/e.bst", False), SubtreeAccess("tmp", False),
     )
