@@ -44,7 +44,6 @@ is two layers deep, the kernel's limit, so nothing may be stacked on this one.
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import stat
@@ -159,12 +158,8 @@ class _BoundedInput(StagedInput):
         ``redirect_dir=off`` it is the lower entry at the same path) can be known."""
         if self.lower is None or not parts:
             return None
-        try:
-            os.lstat(os.path.join(self._upper, *parts))
+        if not kernel_mounts.untouched_in_overlay(self._upper, parts):
             return None
-        except OSError as err:
-            if err.errno not in (errno.ENOENT, errno.ENOTDIR):
-                return None
         return self.lower.known_digest(parts, st)
 
     def close(self) -> None:

@@ -57,7 +57,6 @@ Needs root (mounts). Thread-safe: one ``stage`` per action from any thread.
 from __future__ import annotations
 
 import collections
-import errno
 import logging
 import os
 import stat
@@ -403,12 +402,8 @@ class _CachedView(StagedInput):
         in the store (its bytes must then be read and stored)."""
         if not parts or not stat.S_ISREG(st.st_mode):
             return None
-        try:
-            os.lstat(os.path.join(self._upper, *parts))
+        if not kernel_mounts.untouched_in_overlay(self._upper, parts):
             return None  # created or changed by the command: read it
-        except OSError as err:
-            if err.errno not in (errno.ENOENT, errno.ENOTDIR):
-                return None
         try:
             found = self._parsed.lookup(self._store, self._digest, parts)
         except ReapiError:

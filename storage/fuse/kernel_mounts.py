@@ -111,6 +111,17 @@ def unmount(target: str) -> bool:
     raise Internal(f"unmounting {target}: {os.strerror(err)}")
 
 
+def untouched_in_overlay(upper: str, parts: Sequence[str]) -> bool:
+    """Whether the entry at ``parts`` of an overlay whose upper layer is ``upper`` is still
+    the lower layer's: absent from the upper layer (with ``redirect_dir=off`` nothing else
+    can stand in for it there). Any other answer of ``lstat`` is False: unsure means read."""
+    try:
+        os.lstat(os.path.join(upper, *parts))
+    except OSError as err:
+        return err.errno in (errno.ENOENT, errno.ENOTDIR)
+    return False  # created or changed by the command
+
+
 def unmount_before_removal(points: Iterable[str], build_dir: str) -> bool:
     """Unmount each of ``points`` (the innermost first) of the build directory
     ``build_dir``. Returns whether all came off; if one did not, the caller must not delete

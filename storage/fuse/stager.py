@@ -48,7 +48,6 @@ same way, lazily — the trade-off against checking every blob present before th
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import stat
@@ -176,12 +175,8 @@ class _OverlayInput(StagedInput):
         merged view was looked up, so its parent is — and never the store."""
         if not parts or not stat.S_ISREG(st.st_mode):
             return None
-        try:
-            os.lstat(os.path.join(self._upper, *parts))
+        if not kernel_mounts.untouched_in_overlay(self._upper, parts):
             return None  # created or changed by the command: read it
-        except OSError as err:
-            if err.errno not in (errno.ENOENT, errno.ENOTDIR):
-                return None
         node = self._tree
         for name in parts[:-1]:
             entries = node.loaded_entries()
