@@ -67,7 +67,7 @@ if [ ! -x "$VENV/bin/python" ]; then
   "$PYTHON" -m venv "$VENV"
 fi
 # Only reinstall when the project's sources changed (keeps repeated test runs fast).
-if [ ! -f "$VENV/.installed" ] || [ -n "$(cd "$REPO" && find pyproject.toml protos storage sandbox worker -newer "$VENV/.installed" -print -quit)" ]; then
+if [ ! -f "$VENV/.installed" ] || [ -n "$(cd "$REPO" && find pyproject.toml host protos storage sandbox worker -newer "$VENV/.installed" -print -quit)" ]; then
   log "pip install $REPO[test] into $VENV"
   "$VENV/bin/python" -m pip install -q --disable-pip-version-check --upgrade pip setuptools >&2
   "$VENV/bin/python" -m pip install -q --disable-pip-version-check "$REPO[test]" >&2
