@@ -37,15 +37,16 @@ and the root is a single mount like the FUSE stager's. What it gives up: a subtr
 with a cached tree is reused only at the same path (the common case — the same toolchain
 or vendored tree in each action); elsewhere it is linked again.
 
-Ownership: in the cache, directories are 0755 and owned by :data:`TREE_DIR_ID` (an id nothing
-runs as), files are the local CAS's blobs (hardlinks, root's, 0444/0555). Each lower layer
-is attached through an idmapped mount that shows TREE_DIR_ID as the sandbox's uid/gid
-(:mod:`.idmapped_mounts`), so the action owns every directory of its view and may create,
-replace and delete entries anywhere, while files stay unwritable to it — exactly what
-hardlink staging shows — and the cache stays writable by root alone. Because overlayfs
-copies an entry up before any change, nothing the sandbox does — write, chmod, rename,
-unlink, link, even as the cache's owner — reaches a cached tree or a CAS blob: unlike
-hardlink staging, this stager never needs to copy.
+Ownership: in the cache, everything is root's — directories 0755, files the local CAS's
+blobs (hardlinks, 0444/0555). Each lower layer is attached through an idmapped mount that
+shows root as the sandbox's uid/gid (:mod:`.idmapped_mounts`), so the action owns every
+entry of its view, as BuildStream's local sandbox shows a build its inputs: it may create,
+replace and delete entries anywhere, and ``touch``, ``chmod`` or (once a write bit is set:
+the blobs' modes are the CAS's, 0444/0555) rewrite an input file in place — while the
+cache stays writable by root alone. Because overlayfs copies an entry up before any
+change, nothing the sandbox does — write, chmod, rename, unlink, link — reaches a cached
+tree or a CAS blob: unlike hardlink staging, this stager never needs to copy, and a later
+action sees the original.
 
 Outputs: an input the action left alone is absent from the upper layer (``redirect_dir=off``
 keeps it at its path), so its digest is the tree's: :meth:`StagedInput.known_digest` answers
@@ -70,7 +71,7 @@ from .content import LocalContent
 from .digests import Digest
 from .directory.cas import CasDirectory
 from .fuse import kernel_mounts
-from .idmapped_mounts import TREE_DIR_ID, OwnerMappings, attach_idmapped
+from .idmapped_mounts import OwnerMappings, attach_idmapped
 from .parsed_trees import ParsedTrees, TreeNode
 from .paths import RelPath
 from .staging import Owner, StagedInput, Stager, TreeRemover, make_dirs
@@ -99,6 +100,8 @@ class CachedTreeStager(Stager):
     built into the cache). The caller closes the stager after the last staged input (it
     holds user namespaces).
     """
+
+    private_inputs = True  # the idmapped overlay (module docstring: Ownership)
 
     def __init__(
         self,
@@ -308,8 +311,8 @@ class _OverLimit(Exception):
 
 
 def _write_delta(store: LocalContent, parsed: ParsedTrees, ops: list[_Op], dest: str) -> None:
-    """Write the delta layer ``ops`` into the new directory ``dest``: directories 0755 owned
-    by TREE_DIR_ID, files hardlinked from ``store`` (pinned and fetched first: MissingBlobs
+    """Write the delta layer ``ops`` into the new directory ``dest``: directories 0755 (root's),
+    files hardlinked from ``store`` (pinned and fetched first: MissingBlobs
     names every absent one), whiteouts as overlayfs's 0/0 character devices — like the
     cached trees, as the layer is idmapped like them."""
     entries: list[tuple[RelPath, str, Digest | None, bool, str]] = []
@@ -328,12 +331,10 @@ def _write_delta(store: LocalContent, parsed: ParsedTrees, ops: list[_Op], dest:
         pins.add(blobs)
         store.fetch(blobs)
         os.mkdir(dest, 0o755)
-        os.chown(dest, TREE_DIR_ID, TREE_DIR_ID)
         for parts, kind, digest, executable, target in entries:
             path = os.path.join(dest, *parts)
             if kind == "dir":
                 os.mkdir(path, 0o755)
-                os.chown(path, TREE_DIR_ID, TREE_DIR_ID)
             elif kind == "file":
                 assert digest is not None
                 os.link(store.path(digest, executable), path, follow_symlinks=False)
@@ -349,7 +350,7 @@ def _materialise(root: CasDirectory, dest: str) -> int:
     """Write ``root`` into ``dest`` by hardlinks (blobs pinned and fetched first); return
     the bytes of its files. Links are safe here whatever the sandbox's uid: the tree is
     only ever seen through an overlay."""
-    root.export_files(dest, can_link=True, dir_owner=(TREE_DIR_ID, TREE_DIR_ID))
+    root.export_files(dest, can_link=True)  # root's: the idmapped view shows it as the action's
     return sum(digest.size_bytes for digest, _ in root.file_digests())
 
 
@@ -439,6 +440,7 @@ class PreferCached(Stager):
     def __init__(self, cached: CachedTreeStager, other: Stager, remember: int = 4096) -> None:
         self._cached = cached
         self._other = other
+        self.private_inputs = cached.private_inputs and other.private_inputs
         self._remember = remember
         self._lock = threading.Lock()
         self._seen: collections.OrderedDict[Digest, None] = collections.OrderedDict()

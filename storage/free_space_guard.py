@@ -34,6 +34,7 @@ class FreeSpaceGuard(Stager):
         self, inner: Stager, reserve_bytes: int, statvfs: Callable[[str], os.statvfs_result] = os.statvfs
     ) -> None:
         self._inner = inner
+        self.private_inputs = inner.private_inputs
         self._reserve = reserve_bytes
         self._statvfs = statvfs
 

@@ -1,25 +1,29 @@
-"""Idmapped mounts: a directory shown with its owner's uid/gid replaced, without touching it.
+"""Idmapped mounts: a tree of root's shown as the action's own, without touching it.
 
 The directory cache (:mod:`.tree_cache`) keeps materialised trees owned by the worker
-(root), mode 0755/0444: nobody else may write them. An action's view of such a tree must
-nevertheless show directories owned by the sandbox's uid — an action may create, replace
-and delete entries anywhere in its input root, exactly as with hardlink staging — and the
-sandbox's uid differs per worker (and per action with a uid pool). An idmapped mount of the
-cached tree (Linux >= 5.12; as an overlayfs lower layer >= 5.19) shows one stored uid/gid as
-the sandbox's, per mount, for free: measured here, cloning the tree, idmapping the clone and
-attaching it cost ~0.1 ms, the same as an overlay mount. The files on disk keep their
-owner and mode; what the action writes goes to its overlay's upper layer (overlayfs copies
-a file up before any change), never into the cache.
+(root): directories 0755, files the local CAS's blobs (hardlinks, 0444/0555). Under
+``build_dir_size`` the hardlink stager's tree is root's too (:mod:`.bounded_staging`).
+Nobody else may write them. An action's view of such a tree must nevertheless show every
+entry as the sandbox's uid's — an action may create, replace and delete entries anywhere in
+its input root, and, as BuildStream's local sandbox lets it, ``touch``, ``chmod`` and
+(given a write bit) rewrite its input files in place — and the sandbox's uid differs per
+action (uid pool). An idmapped mount of the tree (Linux >= 5.12; as an overlayfs lower
+layer >= 5.19) shows root as the sandbox's uid, per mount, for free: measured here, cloning
+the tree, idmapping the clone and attaching it cost ~0.1 ms, the same as an overlay mount.
+The files on disk keep their owner, mode and times: the kernel's permission check passes
+on the overlay's inode (owned by the action), and overlayfs then copies the file up into
+the action's upper layer with the mounter's credentials before any change, so the write
+lands there, never in the cache (checked on 6.18: touch, chmod, chown, truncate, append
+and open-for-write copy up; the lower inode's mode, times, link count and bytes stay;
+two paths that are one cache inode are two files to the action — one copied up leaves the
+other as it was, as two files of a REAPI tree are locally).
 
-Only *directories* change hands: the cache stores them owned by :data:`TREE_DIR_ID`, a
-uid/gid no process runs as, and the mapping shows exactly that id as the sandbox's. Files
-stay root's (the local CAS's inodes): the action cannot chmod or write them, exactly as
-with hardlink staging, though it may replace them.
-
-A mapping needs a user namespace whose uid_map says "TREE_DIR_ID <uid> 1" (and keeps 0 as 0,
-see :func:`_map`): :class:`OwnerMappings`
-makes one per owner (a short-lived ``unshare --user`` child whose namespace outlives it
-through an open descriptor — a subprocess, not ``fork``: the worker has gRPC threads).
+A mapping needs a user namespace whose uid_map says "0 <uid> 1" (gid_map likewise):
+:class:`OwnerMappings` makes one per owner (a short-lived ``unshare --user`` child whose
+namespace outlives it through an open descriptor — a subprocess, not ``fork``: the worker
+has gRPC threads). No other id is mapped: a tree holding an entry of another owner would
+show it unmapped (nobody's), and the kernel refuses to change it (EOVERFLOW) — the trees
+mapped here are written by the worker alone, all root's.
 
 Needs root (CAP_SYS_ADMIN for the mount, CAP_SETUID/CAP_SETGID to write the maps).
 """
@@ -49,13 +53,6 @@ _MOVE_MOUNT_F_EMPTY_PATH = 0x4
 _MOUNT_ATTR_RDONLY = 0x1
 _MOUNT_ATTR_IDMAP = 0x100000
 
-#: Owner (uid and gid) of every directory of a cached tree on disk. Chosen so that nothing
-#: runs as it: above the ranges distributions and systemd hand out (system and regular
-#: users, dynamic users up to 65519, container ranges up to 1879048191), below (uid_t)-2.
-#: Only root can write there (mode 0755), and only an idmapped mount shows it as someone.
-TREE_DIR_ID = 2147483646
-
-
 class _MountAttr(ctypes.Structure):
     _fields_ = [
         ("attr_set", ctypes.c_uint64),
@@ -83,21 +80,20 @@ def attach_idmapped(source: str, target: str, userns_fd: int) -> None:
 
 
 class OwnerMappings:
-    """User namespaces mapping ``stored_id`` (uid and gid) to an owner, made on first request
-    and kept open (one descriptor each) until :meth:`close`. Thread-safe."""
+    """User namespaces mapping root (uid and gid 0) to an owner, made on first request and
+    kept open (one descriptor each) until :meth:`close`. Thread-safe."""
 
-    def __init__(self, stored_id: int = TREE_DIR_ID, unshare: str = "unshare") -> None:
-        self._stored = stored_id
+    def __init__(self, unshare: str = "unshare") -> None:
         self._unshare = unshare
         self._lock = threading.Lock()
         self._fds: dict[tuple[int, int], int] = {}
 
     def userns_fd(self, uid: int, gid: int) -> int:
-        """A descriptor of a user namespace whose maps show ``stored_id`` as uid/gid."""
+        """A descriptor of a user namespace whose maps show root as ``uid``/``gid``."""
         with self._lock:
             fd = self._fds.get((uid, gid))
             if fd is None:
-                fd = self._fds[(uid, gid)] = _make_userns(self._unshare, self._stored, uid, gid)
+                fd = self._fds[(uid, gid)] = _make_userns(self._unshare, uid, gid)
             return fd
 
     def close(self) -> None:
@@ -107,7 +103,7 @@ class OwnerMappings:
             self._fds.clear()
 
 
-def _make_userns(unshare: str, stored: int, uid: int, gid: int) -> int:
+def _make_userns(unshare: str, uid: int, gid: int) -> int:
     ours = os.readlink("/proc/self/ns/user")
     try:
         child = subprocess.Popen([unshare, "--user", "--", "cat"], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL)
@@ -122,19 +118,12 @@ def _make_userns(unshare: str, stored: int, uid: int, gid: int) -> int:
             time.sleep(0.001)
         for name, owner in (("uid_map", uid), ("gid_map", gid)):
             with open(f"/proc/{child.pid}/{name}", "w") as out:
-                out.write(_map(stored, owner))
+                out.write(f"0 {owner} 1\n")
         return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError as error:
-        raise Internal(f"making a user namespace mapping {stored} to {uid}:{gid}: {error}") from None
+        raise Internal(f"making a user namespace mapping root to {uid}:{gid}: {error}") from None
     finally:
         assert child.stdin is not None
         child.stdin.close()
         child.wait()
 
-
-def _map(stored: int, owner: int) -> str:
-    """The id map showing ``stored`` as ``owner`` and keeping root's files root's. Every id
-    must be mapped: the kernel refuses to delete or change an entry whose owner an idmapped
-    mount leaves unmapped (EOVERFLOW). An owner that is root itself gets the files shown as
-    ``stored`` instead (two ids cannot map to one)."""
-    return f"{stored} {owner} 1\n0 {0 if owner != 0 else stored} 1\n"

@@ -94,6 +94,18 @@ class Stager(abc.ABC):
     """Materialise input roots. Implementations are safe to use from several threads
     (one call per action)."""
 
+    #: True when every staged input — files too — is shown as the owner's and any change
+    #: to one stays in the action's own layer (an overlay's upper layer), never in the
+    #: cache: the action may ``touch``, ``chmod`` and rewrite its inputs in place, as
+    #: BuildStream's local sandbox lets a build. False for hardlink staging on its own: its
+    #: files are the cache's inodes, which the action may replace but never change.
+    private_inputs: bool = False
+    #: True when the staged input root is a plain directory tree on the build root's file
+    #: system (no mount of its own), which an idmapped mount can show as another owner's
+    #: (:mod:`.bounded_staging`). An overlay cannot be idmapped (EINVAL on 6.18), nor a
+    #: FUSE mount whose daemon does not ask for it.
+    plain_tree: bool = False
+
     @abc.abstractmethod
     def stage(
         self, root: CasDirectory, build_dir: str, directories: Iterable[RelPath] = (), owner: Owner | None = None
@@ -173,9 +185,14 @@ class HardlinkStager(Stager):
     but not write or chmod the shared inode. A worker that cannot run the sandbox as another
     uid must pass ``link=False`` (copies).
 
+    Under a :class:`~.bounded_staging.BoundedStager` its tree is shown through an idmapped
+    overlay, where the files are the action's own (``private_inputs`` there).
+
     With ``parsed``, a root is flattened once (:class:`~.parsed_trees.ParsedTrees`) and
     written out from that form (:mod:`.flat_export`): a root staged before is not parsed again.
     """
+
+    plain_tree = True
 
     def __init__(
         self, store: LocalContent, remover: TreeRemover, link: bool = True, parsed: ParsedTrees | None = None

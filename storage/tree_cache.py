@@ -4,9 +4,9 @@ later action whose input root is (or is close to) one seen before.
 Layout under ``root`` (on the local CAS's file system: files are hardlinks of its blobs)::
 
     lock                        flock(LOCK_EX)-held by the one TreeCache using this directory
-    <hash>-<size>/tree/         a complete tree: directories 0755 (owned by the uid nothing
-                                runs as, see idmapped_mounts), files 0444/0555 (root's)
-    <hash>-<size>/complete      its marker: "<digest> <bytes> <tree ino> <tree ctime_ns>"
+    <hash>-<size>/tree/         a complete tree, all root's: directories 0755, files
+                                0444/0555 (shown as the action's by idmapped_mounts)
+    <hash>-<size>/complete-2    its marker: "<digest> <bytes> <tree ino> <tree ctime_ns>"
     building-<random>/          a tree being built (never looked up; removed at start)
     trash/                      evicted trees, deleted in the background
 
@@ -15,7 +15,7 @@ Rules, and why:
 * **Immutable.** A tree is written once, by the worker, and never written again: actions
   see it only as an overlayfs lower layer (:mod:`.cached_staging`), which the kernel never
   writes — every change an action makes lands in its own upper layer. Nothing here is
-  writable by anyone but root (no process runs as the directories' owner), and ``root`` is
+  writable by anyone but root, and ``root`` is
   0700: the sandbox's uid cannot even reach it.
 * **Crash-safe.** A tree is built under ``building-*``, its marker written last, then the
   directory renamed to its digest's name (atomic). A tree killed halfway has no digest
@@ -56,7 +56,9 @@ from .staging import TreeRemover
 
 log = logging.getLogger(__name__)
 
-_MARKER = "complete"
+# "-2": trees of the first layout (directories owned by a uid nothing ran as) have no
+# marker of this name, so they are removed, never shown with the wrong owner.
+_MARKER = "complete-2"
 _TREE = "tree"
 _BUILDING = "building-"
 

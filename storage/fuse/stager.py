@@ -23,6 +23,14 @@ sandbox's uid (so it can create, replace and delete entries, all in its upper la
 write ever reaches the CAS: the FUSE mount is read-only and overlayfs copies a file up
 before changing it.
 
+Unlike cached staging and bounded hardlink staging, the files are not the action's own:
+``touch``, ``chmod`` or an in-place write of an input fails (EPERM/EACCES) where
+BuildStream's local sandbox lets a build do it. Showing them as the action's would need
+either per-root file inodes (the daemon shares one inode per blob across roots, so it
+cannot report a per-action owner) or an idmapped mount of the FUSE mount (refused unless
+the daemon asks for ``FUSE_ALLOW_IDMAP``, which pyfuse3 does not): a daemon change, left
+out; ``private_inputs`` stays false.
+
 Nothing of the tree is read before the command but its root Directory: a directory is
 read when first looked up, a blob fetched when first opened. Missing inputs are found the
 same way, lazily — the trade-off against checking every blob present before the command

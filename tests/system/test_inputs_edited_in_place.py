@@ -1,0 +1,154 @@
+"""Input files an action edits in place, through the executor with real bubblewrap and the
+real stagers: what BuildStream's local sandbox lets a build do to its dependencies' files
+(``touch``, ``chmod``, appending, truncating) in a part of the input root no
+``SubtreeReadOnly=true`` marks.
+
+* Where the stager shows inputs as the action's own (``private_inputs``: cached staging, and
+  hardlink staging under a ``build_dir_size`` bound — idmapped overlays), every edit goes
+  through; what is captured reflects it; the cached blob keeps its bytes, mode and times
+  (it still matches its digest); the next action sees the original; two paths that are one
+  blob are two files; a ``true``-marked subtree still refuses.
+* Where it does not (FUSE staging; hardlink staging without a bound, which has no overlay),
+  the edits are refused as before: the stager's ``private_inputs`` says so, and the README's
+  staging section.
+* Input files keep the CAS's modes (0444/0555): writing one needs ``chmod u+w`` first,
+  which the action may now do; BuildStream's local sandbox shows 0644/0755 (see README).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from conftest import require, require_tool
+from executor_fixtures import make_farm
+from fakes.marked_trees import MARK, store_marked_tree
+
+from reapi_worker.protos import code_pb2, re_pb2
+from reapi_worker.storage.digests import Digest, serialize
+
+ORIGINAL = b"original bytes of a dependency\n"
+TWIN = b"one blob at two paths\n"
+PLAIN = b"appended without chmod\n"
+
+#: (staging, bound?) -> whether the stager shows inputs as the action's own.
+CONFIGS = {
+    "hardlink+bound": ("hardlink", True, True),
+    "cached": ("cached", False, True),
+    "cached+bound": ("cached", True, True),
+    "fuse": ("fuse", False, False),
+    "hardlink": ("hardlink", False, False),
+}
+
+TREE = {
+    "dep": {"input": ORIGINAL, "tool": ORIGINAL + b"tool\n", "grown": ORIGINAL + b"grown\n",
+            "cut": ORIGINAL + b"cut\n", "twin": TWIN, "plain": PLAIN},
+    "other": {"twin": TWIN},
+    "ro": {MARK: "true", "input": ORIGINAL + b"ro\n"},
+}
+
+# Each attempt prints "<what>:ok" if it went through, "<what>:refused" if not.
+ATTEMPTS = " ".join([
+    "t() { if ( eval \"$2\" ) 2>/dev/null; then echo $1:ok; else echo $1:refused; fi; };",
+    "t touch 'touch -d @86400 dep/input && test \"$(stat -c %Y dep/input)\" = 86400';",
+    "t chmod 'chmod 0755 dep/tool && test -x dep/tool';",
+    "t append 'chmod u+w dep/grown && echo more >> dep/grown';",
+    "t truncate 'chmod u+w dep/cut && truncate -s 5 dep/cut';",
+    "t twin 'chmod u+w dep/twin && echo changed >> dep/twin && ! cmp -s other/twin dep/twin';",
+    "t twin-intact 'test \"$(cat other/twin)\" = \"one blob at two paths\"';",
+    "t append-no-chmod 'echo more >> dep/plain';",
+    "t ro-touch 'touch ro/input';",
+    "t ro-chmod 'chmod u+w ro/input';",
+])
+OUTPUTS = ["dep/input", "dep/tool", "dep/grown", "dep/cut", "dep/twin"]
+
+
+@pytest.fixture(params=sorted(CONFIGS))
+def config(request):
+    staging, bound, private = CONFIGS[request.param]
+    require_tool("bwrap")
+    if staging == "fuse":
+        require_tool("fusermount3")
+        require(os.geteuid() == 0 and os.path.exists("/dev/fuse"), "FUSE staging needs root and /dev/fuse")
+    if bound or staging == "cached":
+        require(os.geteuid() == 0, f"{request.param} staging mounts and needs root")
+    farm = make_farm(max_action_timeout=30, staging=staging, bound_bytes=(64 << 20) if bound else None)
+    yield farm, private
+    farm.close()
+
+
+def run(farm, script: str, outputs=()):
+    command = re_pb2.Command(
+        arguments=["/bin/sh", "-c", script],
+        environment_variables=[re_pb2.Command.EnvironmentVariable(name="PATH", value="/usr/bin:/bin")],
+        output_paths=sorted(outputs),
+    )
+    action = re_pb2.Action(
+        command_digest=farm.cache.write(serialize(command)).to_proto(),
+        input_root_digest=store_marked_tree(farm.cache, TREE).to_proto(),
+        do_not_cache=True,
+    )
+    outcome = farm.executor.execute(farm.cache.write(serialize(action)))
+    assert outcome.status.code == code_pb2.OK, outcome.status
+    return outcome
+
+
+def _blob_facts(farm) -> dict[bytes, tuple[int, int, int, bytes]]:
+    facts = {}
+    for data in (ORIGINAL, ORIGINAL + b"tool\n", ORIGINAL + b"grown\n", ORIGINAL + b"cut\n", TWIN, PLAIN):
+        path = farm.cache.path(Digest.of_bytes(data))
+        st = os.stat(path)
+        with open(path, "rb") as blob:
+            facts[data] = (st.st_mode, st.st_mtime_ns, st.st_uid, blob.read())
+    return facts
+
+
+def test_an_action_edits_unmarked_inputs_in_place_where_its_stager_makes_them_its_own(config):
+    farm, private = config
+    store_marked_tree(farm.cache, TREE)
+    before = _blob_facts(farm)
+
+    outcome = run(farm, ATTEMPTS, OUTPUTS)
+    verdicts = dict(line.split(":") for line in farm.text(outcome.result.stdout_digest).split())
+    edits = "ok" if private else "refused"
+    assert verdicts == {
+        "touch": edits, "chmod": edits, "append": edits, "truncate": edits, "twin": edits,
+        "twin-intact": "ok",
+        # The CAS's mode (0444) has no write bit; BuildStream's local sandbox shows 0644.
+        "append-no-chmod": "refused",
+        "ro-touch": "refused", "ro-chmod": "refused",
+    }
+
+    captured = {f.path: f for f in outcome.result.output_files}
+    assert sorted(captured) == sorted(OUTPUTS)
+
+    def content(path: str) -> bytes:
+        return farm.cache.read(Digest.from_proto(captured[path].digest))
+
+    if private:
+        assert captured["dep/tool"].is_executable
+        assert content("dep/grown") == ORIGINAL + b"grown\nmore\n"
+        assert content("dep/cut") == ORIGINAL[:5]
+        assert content("dep/twin") == TWIN + b"changed\n"
+    else:
+        assert not captured["dep/tool"].is_executable
+        assert content("dep/grown") == ORIGINAL + b"grown\n"
+    assert content("dep/input") == ORIGINAL
+
+    # The cache never saw any of it: each blob keeps its bytes (so its digest), mode, times.
+    assert _blob_facts(farm) == before
+    for data, (_, _, _, stored) in before.items():
+        assert Digest.of_bytes(stored) == Digest.of_bytes(data)
+
+    # The next action over the same tree sees the originals.
+    again = run(farm, "stat -c '%a %Y' dep/input dep/tool; cat dep/grown dep/twin other/twin")
+    lines = farm.text(again.result.stdout_digest).splitlines()
+    assert lines[0].split()[0] == "444" and lines[0].split()[1] != "86400"
+    assert lines[1].split()[0] == "444"
+    assert "\n".join(lines[2:]) + "\n" == (ORIGINAL + b"grown\n" + TWIN + TWIN).decode()
+
+
+def test_the_stager_says_whether_inputs_are_the_actions_own(config):
+    farm, private = config
+    assert farm.stager.private_inputs is private
