@@ -258,11 +258,14 @@ def test_action_cannot_see_the_cache_home_or_other_builds(farm):
     assert farm.text(outcome.result.stdout_digest) == ""
 
 
-def test_action_cannot_modify_a_hardlinked_input_and_the_cache_stays_intact(farm):
+def test_an_action_s_change_to_a_hardlinked_input_never_reaches_the_cache(farm):
     content = b"precious cached bytes\n"
     digest = Digest.of_bytes(content)
     outcome = farm.run(_sh("chmod u+w input; echo corrupted >> input; cat input"), {"input": content})
-    assert farm.text(outcome.result.stdout_digest) == content.decode()
+    # Where the stager makes inputs the action's own (an idmapped overlay) the change is
+    # its own view's; elsewhere it is refused (tests/system/test_inputs_edited_in_place.py).
+    seen = content + b"corrupted\n" if farm.stager.private_inputs else content
+    assert farm.text(outcome.result.stdout_digest) == seen.decode()
     assert farm.cache.read(digest) == content
     with open(farm.cache.path(digest), "rb") as cached:
         assert Digest.of_bytes(cached.read()) == digest
