@@ -212,3 +212,41 @@ def test_a_write_into_the_read_only_root_fails_remotely_as_it_fails_locally(farm
     assert len(ran) == 1 and ran[0]["status"] == "OK" and ran[0]["exit_code"] != 0, \
         f"{ran}\n{from_remote.stderr[-4000:]}"
     assert _failing_line(from_remote.stderr) == refused_locally, from_remote.stderr[-4000:]
+
+
+@pytest.mark.parametrize("edit_staging", [
+    "hardlink",  # under the default build_dir_size bound: an idmapped overlay (storage/bounded_staging.py)
+    "cached",
+    pytest.param("fuse", marks=pytest.mark.xfail(
+        reason="FUSE staging does not make input files the action's own (storage/fuse/stager.py)", strict=True,
+    )),
+])
+def test_a_script_editing_its_dependencies_files_in_place_builds_remotely_as_locally(farm, bst, edit_staging):
+    """edit.bst: a script element (BuildStream sends its root unmarked: no SubtreeReadOnly)
+    touches, chmods, appends to and truncates files of its dependencies, which BuildStream's
+    local sandbox allows; the remote artifact must equal the local one."""
+    if edit_staging == "fuse":
+        require_tool("fusermount3")
+    project = make_project(farm.top)
+    worker = farm.start_worker("bst-edit", 2, *BUILDSTREAM_FARM, "--staging", edit_staging)
+    worker.wait_registered()
+    remote = Bst(bst, project, os.path.join(farm.top, "bst-remote"), farm.address)
+    local = Bst(bst, project, os.path.join(farm.top, "bst-local"), None)
+
+    built = local("build", "edit.bst")
+    assert built.returncode == 0, f"local build failed:\n{built.stderr[-6000:]}"
+    built = remote("build", "edit.bst")
+    assert built.returncode == 0, f"remote build failed:\n{built.stderr[-6000:]}\n--- worker log ---\n{worker.log_text()[-3000:]}"
+    ran = worker.leases("completed")
+    assert len(ran) == 2 and all(entry["status"] == "OK" and entry["exit_code"] == 0 for entry in ran), ran
+
+    from_remote = remote.checkout("edit.bst", os.path.join(farm.top, "out-remote"))
+    from_local = local.checkout("edit.bst", os.path.join(farm.top, "out-local"))
+    assert tree_differences(from_remote, from_local) == []
+    with open(os.path.join(from_local, "farmcheck", "edit", "facts.txt"), encoding="utf-8") as stream:
+        facts = stream.read().splitlines()
+    assert facts[0].startswith("/bin/busybox 700 ") and facts[1] == "product.txt 755 " + facts[1].split()[-1]
+    assert facts[2] == "empty-file 644 9" and facts[3] == "tool 755 9" and facts[4].startswith("big 1000000000 ")
+    # The dependencies' artifacts are untouched: tree.bst's files as it built them.
+    tree = remote.checkout("tree.bst", os.path.join(farm.top, "tree-remote"))
+    assert os.path.getsize(os.path.join(tree, "farmcheck", "tree", "empty-file")) == 0
