@@ -12,9 +12,17 @@ there the way its local sandbox lets it, on sources that are the command's own f
 them). The cache is never written: a hardlink is replaced, not opened for writing, and with
 FUSE the copy lands in the action's own overlay.
 
-Unmarked trees are left alone (REAPI does not promise writable inputs, and copying a Bazel
-tree would cost its hardlink staging). A deeper ``true`` marking inside a writable subtree
-stays as staged: it is read-only anyway.
+Unmarked trees are not copied (REAPI does not promise writable inputs, and copying a
+Bazel tree, or a BuildStream script's whole sysroot, would cost more than staging it).
+Where the stager puts an overlay over the inputs (``Stager.private_inputs``: cached
+staging, hardlink staging under a bound) they are the action's own already, through an
+idmapped lower layer (:mod:`.idmapped_mounts`): ``touch`` and ``chmod`` work and overlayfs
+keeps the change private. What a copy still adds below a ``false`` marking is the mode:
+the CAS's inodes are 0444/0555, so an in-place write needs a ``chmod u+w`` first, which a
+copy (0644/0755, as BuildStream's local sandbox shows) does not. Elsewhere (FUSE staging,
+hardlink staging without an overlay) unmarked inputs stay unwritable: see the README's
+staging notes. A deeper ``true`` marking inside a writable subtree stays as staged: it is
+read-only anyway.
 """
 
 from __future__ import annotations
