@@ -160,3 +160,20 @@ def test_two_threads_building_one_tree_at_once_both_get_it_and_it_is_kept_once(t
             tree.release()
         cache.drain()
         assert set(os.listdir(cache.root)) == {"lock", "trash", f"{digest.hash}-{digest.size_bytes}"}
+
+
+def test_a_tree_of_the_first_layout_is_removed_not_shown_with_its_old_owners(tmp_path):
+    # The first layout (directories owned by a uid nothing ran as, marker "complete") would
+    # show its directories unmapped through today's idmapped view: it must be built again.
+    root = str(tmp_path / "trees")
+    digest = digest_of("a")
+    with TreeCache(root, 1 << 20) as cache:
+        held = cache.add(digest, writer({"d/f": b"x"}))
+        held.release()
+    entry = os.path.join(root, f"{digest.hash}-{digest.size_bytes}")
+    (marker,) = [name for name in os.listdir(entry) if name != "tree"]
+    os.rename(os.path.join(entry, marker), os.path.join(entry, "complete"))
+    with TreeCache(root, 1 << 20) as cache:
+        assert cache.get(digest) is None
+        cache.drain()
+        assert sorted(os.listdir(root)) == ["lock", "trash"]
