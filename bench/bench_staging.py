@@ -17,6 +17,10 @@ hardlink staging). Everything lives on /dev/shm (docs/measured.md: ext4 churn). 
 Needs root (bubblewrap as another uid, FUSE, overlay mounts).
 
 Usage: python bench/bench_staging.py [--sizes 1000,10000,50000] [--runs 5] [--only hardlink,fuse,auto,cached]
+
+A kind ending in ``+bound`` is that stager under a BoundedStager (``build_dir_size``);
+``hardlink-unmapped+bound`` is hardlink staging under the bound's overlay without the
+idmapped lower layer (the inputs not the action's own): the floor of ``hardlink+bound``.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from collections.abc import Callable
 from reapi_worker.protos import code_pb2, re_pb2
 from reapi_worker.sandbox.bubblewrap import BubblewrapRunner
 from reapi_worker.storage.auto_staging import AutoStager, StagingRule
+from reapi_worker.storage.bounded_staging import BoundedStager
 from reapi_worker.storage.cached_staging import CachedTreeStager
 from reapi_worker.storage.channels import ConnectionOptions, open_channel
 from reapi_worker.storage.content import LocalContent
@@ -102,7 +107,14 @@ class Bench:
         self.times: dict[tuple[int, str, str, str], list[float]] = {}
 
     def stager(self, kind: str, store: LocalContent, facts: TreeFacts) -> Stager:
+        if kind.endswith("+bound"):  # under build_dir_size: each action's writes on a tmpfs
+            return BoundedStager(self.stager(kind.removesuffix("+bound"), store, facts), 1 << 30)
         hardlink = HardlinkStager(store, self.remover, parsed=ParsedTrees())
+        if kind == "hardlink-unmapped":
+            # The bound's overlay straight over the links, without the idmapped lower layer
+            # that makes the inputs the action's own: the floor for hardlink+bound.
+            hardlink.plain_tree = False
+            return hardlink
         if kind == "hardlink":
             return hardlink
         if kind == "cached":  # a directory cache of its own, beside the cache it links from
