@@ -125,6 +125,8 @@ class Farm:
 
     def close(self) -> None:
         self.remover.drain()
+        if isinstance(self.stager, BoundedStager):
+            self.stager.close()  # its user namespaces
         if isinstance(self.stager, CachedTreeStager):
             self.stager.close()
             self.stager.cache.close()
