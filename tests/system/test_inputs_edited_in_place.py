@@ -10,14 +10,20 @@ real stagers: what BuildStream's local sandbox lets a build do to its dependenci
   blob are two files; a ``true``-marked subtree still refuses.
 * Where it does not (FUSE staging; hardlink staging without a bound, which has no overlay),
   the edits are refused as before: the stager's ``private_inputs`` says so, and the README's
-  staging section.
+  staging section. A worker that is not root has no overlay but stages copies owned by
+  the sandbox's uid (its own), which the action may edit.
 * Input files keep the CAS's modes (0444/0555): writing one needs ``chmod u+w`` first,
   which the action may now do; BuildStream's local sandbox shows 0644/0755 (see README).
 """
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
+import subprocess
+import sys
+import tempfile
 
 import pytest
 
@@ -152,3 +158,32 @@ def test_an_action_edits_unmarked_inputs_in_place_where_its_stager_makes_them_it
 def test_the_stager_says_whether_inputs_are_the_actions_own(config):
     farm, private = config
     assert farm.stager.private_inputs is private
+
+
+NOBODY_WORKER = 60555  # an unprivileged uid playing a worker that is not root
+
+
+def test_a_worker_that_is_not_root_stages_copies_its_actions_may_edit():
+    """No overlay without root, and no uid switch either: the sandbox runs as the worker, so
+    hardlink staging copies (worker/compose.py), and the copies are the action's own files."""
+    require_tool("bwrap")
+    require_tool("setpriv")
+    # Not pytest's tmp_path (its parents are 0700 root's): a directory the uid can reach.
+    work = tempfile.mkdtemp(prefix="reapi-worker-nonroot-")
+    os.chown(work, NOBODY_WORKER, NOBODY_WORKER)
+    tests = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    child = os.path.join(os.path.dirname(os.path.abspath(__file__)), "nonroot_edit_child.py")
+    script = ("touch -d @86400 dep/input && chmod +x dep/input && chmod u+w dep/grown && echo more >> dep/grown"
+              " && echo edited")
+    done = subprocess.run(
+        ["setpriv", f"--reuid={NOBODY_WORKER}", f"--regid={NOBODY_WORKER}", "--clear-groups", "--",
+         sys.executable, child, work, tests, script],
+        capture_output=True, text=True, timeout=120,
+    )
+    shutil.rmtree(work)
+    assert done.returncode == 0, done.stderr[-3000:]
+    seen = json.loads(done.stdout.splitlines()[-1])
+    assert (seen["code"], seen["exit"], seen["stdout"]) == (code_pb2.OK, 0, "edited\n"), seen
+    assert seen["files"] == {"dep/grown": "grown\nmore\n", "dep/input": "original\n"}
+    assert seen["blob"] == "grown\n"  # the copy changed, never the cache
+    assert seen["private_inputs"] is False  # no overlay: not through the stager, by copying
