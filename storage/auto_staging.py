@@ -54,7 +54,6 @@ class AutoStager(Stager):
     def __init__(self, eager: Stager, lazy: Stager, rule: StagingRule, facts: TreeFacts) -> None:
         self._eager = eager
         self._lazy = lazy
-        self.private_inputs = eager.private_inputs and lazy.private_inputs
         self.rule = rule
         self._facts = facts
 

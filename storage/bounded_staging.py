@@ -31,8 +31,8 @@ Layout of one action's build directory::
                              change — StagedInput.path, what the sandbox binds
 
 Inputs the action owns: a wrapped stager whose inputs are not already the action's own
-(``private_inputs`` false) and stages a plain tree (``plain_tree``: hardlink staging, files
-root's) stages it all root's (no owner), and the overlay's lower layer is an idmapped clone of it showing root as the
+and stages a plain tree (``Stager.plain_tree``: hardlink staging, files root's) stages it
+all root's (no owner), and the overlay's lower layer is an idmapped clone of it showing root as the
 action's uid (:mod:`.idmapped_mounts`). So the action may ``touch``, ``chmod`` and, once
 it has a write bit, rewrite an input file in place, as BuildStream's local sandbox lets a
 build: the kernel's permission check passes on the overlay's inode, overlayfs copies the
@@ -97,8 +97,7 @@ class BoundedStager(Stager):
         self._mappings = mappings or OwnerMappings()
         # A plain tree of root's files is shown as the owner's (idmapped); an inner
         # overlay keeps what it shows (module docstring).
-        self._mapped = inner.plain_tree and not inner.private_inputs
-        self.private_inputs = inner.private_inputs or self._mapped
+        self._mapped = inner.plain_tree
 
     def close(self) -> None:
         self._mappings.close()
@@ -118,6 +117,7 @@ class BoundedStager(Stager):
             # root's is staged root's throughout and shown as the owner's (idmapped).
             inner_owner = None if self._mapped else owner
             bounded.lower = self._inner.stage(root, os.path.join(build_dir, "lower"), directories, inner_owner)
+            bounded.private_inputs = self._mapped or bounded.lower.private_inputs
             userns = None
             if self._mapped:
                 ids = (owner.uid, owner.gid) if owner is not None else (os.geteuid(), os.getegid())

@@ -101,8 +101,6 @@ class CachedTreeStager(Stager):
     holds user namespaces).
     """
 
-    private_inputs = True  # the idmapped overlay (module docstring: Ownership)
-
     def __init__(
         self,
         store: LocalContent,
@@ -369,6 +367,7 @@ class _CachedView(StagedInput):
         self._parsed = parsed
         self._remover = remover
         self._held: list[CachedTree] = []
+        self.private_inputs = True  # the idmapped overlay (module docstring: Ownership)
         self._mounted = False
         self._closed = False
 
@@ -440,7 +439,6 @@ class PreferCached(Stager):
     def __init__(self, cached: CachedTreeStager, other: Stager, remember: int = 4096) -> None:
         self._cached = cached
         self._other = other
-        self.private_inputs = cached.private_inputs and other.private_inputs
         self._remember = remember
         self._lock = threading.Lock()
         self._seen: collections.OrderedDict[Digest, None] = collections.OrderedDict()

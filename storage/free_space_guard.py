@@ -34,7 +34,6 @@ class FreeSpaceGuard(Stager):
         self, inner: Stager, reserve_bytes: int, statvfs: Callable[[str], os.statvfs_result] = os.statvfs
     ) -> None:
         self._inner = inner
-        self.private_inputs = inner.private_inputs
         self._reserve = reserve_bytes
         self._statvfs = statvfs
 
@@ -52,6 +51,7 @@ class _Guarded(StagedInput):
         self._inner = inner
         self.path = inner.path
         self.scratch_dir = inner.scratch_dir
+        self.private_inputs = inner.private_inputs
         self._where = where
         self._reserve = reserve
         self._statvfs = statvfs

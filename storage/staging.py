@@ -67,6 +67,12 @@ class StagedInput(abc.ABC):
     #: A directory for the action's other writes (its stdout and stderr), on the same
     #: bounded space as its writable layer; None when the stager bounds nothing.
     scratch_dir: str | None = None
+    #: True when every input — files too — is shown as the owner's and any change to one
+    #: stays in the action's own layer (an overlay's upper layer), never in the cache: the
+    #: action may ``touch``, ``chmod`` and rewrite its inputs in place, as BuildStream's
+    #: local sandbox lets a build. False for hardlink staging on its own (its files are the
+    #: cache's inodes, which the action may replace but never change) and for FUSE's.
+    private_inputs: bool = False
 
     @abc.abstractmethod
     def close(self) -> None: ...
@@ -94,12 +100,6 @@ class Stager(abc.ABC):
     """Materialise input roots. Implementations are safe to use from several threads
     (one call per action)."""
 
-    #: True when every staged input — files too — is shown as the owner's and any change
-    #: to one stays in the action's own layer (an overlay's upper layer), never in the
-    #: cache: the action may ``touch``, ``chmod`` and rewrite its inputs in place, as
-    #: BuildStream's local sandbox lets a build. False for hardlink staging on its own: its
-    #: files are the cache's inodes, which the action may replace but never change.
-    private_inputs: bool = False
     #: True when the staged input root is a plain directory tree on the build root's file
     #: system (no mount of its own), which an idmapped mount can show as another owner's
     #: (:mod:`.bounded_staging`). An overlay cannot be idmapped (EINVAL on 6.18), nor a
@@ -186,7 +186,7 @@ class HardlinkStager(Stager):
     uid must pass ``link=False`` (copies).
 
     Under a :class:`~.bounded_staging.BoundedStager` its tree is shown through an idmapped
-    overlay, where the files are the action's own (``private_inputs`` there).
+    overlay, where the files are the action's own (``StagedInput.private_inputs``).
 
     With ``parsed``, a root is flattened once (:class:`~.parsed_trees.ParsedTrees`) and
     written out from that form (:mod:`.flat_export`): a root staged before is not parsed again.

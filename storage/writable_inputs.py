@@ -14,7 +14,7 @@ FUSE the copy lands in the action's own overlay.
 
 Unmarked trees are not copied (REAPI does not promise writable inputs, and copying a
 Bazel tree, or a BuildStream script's whole sysroot, would cost more than staging it).
-Where the stager puts an overlay over the inputs (``Stager.private_inputs``: cached
+Where the stager puts an overlay over the inputs (``StagedInput.private_inputs``: cached
 staging, hardlink staging under a bound) they are the action's own already, through an
 idmapped lower layer (:mod:`.idmapped_mounts`): ``touch`` and ``chmod`` work and overlayfs
 keeps the change private. What a copy still adds below a ``false`` marking is the mode:

@@ -29,7 +29,7 @@ BuildStream's local sandbox lets a build do it. Showing them as the action's wou
 either per-root file inodes (the daemon shares one inode per blob across roots, so it
 cannot report a per-action owner) or an idmapped mount of the FUSE mount (refused unless
 the daemon asks for ``FUSE_ALLOW_IDMAP``, which pyfuse3 does not): a daemon change, left
-out; ``private_inputs`` stays false.
+out; its ``StagedInput.private_inputs`` stays false.
 
 Nothing of the tree is read before the command but its root Directory: a directory is
 read when first looked up, a blob fetched when first opened. Missing inputs are found the

@@ -30,7 +30,7 @@ from reapi_worker.storage.directory.cas import CasDirectory
 from reapi_worker.storage.fuse import FuseMount, FuseStager
 from reapi_worker.storage.local_cas import LocalCAS
 from reapi_worker.storage.parsed_trees import ParsedTrees
-from reapi_worker.storage.staging import HardlinkStager, Stager, TreeRemover
+from reapi_worker.storage.staging import HardlinkStager, Owner, Stager, TreeRemover
 from reapi_worker.storage.tree_cache import TreeCache
 from reapi_worker.worker.executor import Executor, ExecutorConfig, Outcome
 from reapi_worker.worker.platform_properties import PlatformPolicy
@@ -76,6 +76,15 @@ class Farm:
     @property
     def cache_dir(self) -> str:
         return os.path.join(self.top, "cache")
+
+    def private_inputs(self) -> bool:
+        """Whether this farm's stager makes inputs the action's own (StagedInput.private_inputs),
+        asked of an empty root staged and closed at once."""
+        root = CasDirectory.from_digest(self.cache, self.cache.write(serialize(re_pb2.Directory())))
+        with self.stager.stage(root, os.path.join(self.build_root, "private-inputs-probe"), [], Owner(65534, 65534)) as staged:
+            private = staged.private_inputs
+        self.remover.drain()
+        return private
 
     def upload_tree(self, files: dict[str, bytes | tuple[bytes, bool] | str]) -> Digest:
         """Store a tree given as {path: bytes | (bytes, executable) | "->target"}."""

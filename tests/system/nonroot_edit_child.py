@@ -44,6 +44,5 @@ with LocalCAS(os.path.join(work, "cache"), max_bytes=1 << 26) as cache:
         "code": outcome.status.code, "message": outcome.status.message, "exit": outcome.result.exit_code,
         "stdout": cache.read(Digest.from_proto(outcome.result.stdout_digest)).decode(),
         "files": files, "blob": cache.read(Digest.of_bytes(b"grown\n")).decode(),
-        "private_inputs": stager.private_inputs,
     }))
     remover.drain()

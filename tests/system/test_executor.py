@@ -264,7 +264,7 @@ def test_an_action_s_change_to_a_hardlinked_input_never_reaches_the_cache(farm):
     outcome = farm.run(_sh("chmod u+w input; echo corrupted >> input; cat input"), {"input": content})
     # Where the stager makes inputs the action's own (an idmapped overlay) the change is
     # its own view's; elsewhere it is refused (tests/system/test_inputs_edited_in_place.py).
-    seen = content + b"corrupted\n" if farm.stager.private_inputs else content
+    seen = content + b"corrupted\n" if farm.private_inputs() else content
     assert farm.text(outcome.result.stdout_digest) == seen.decode()
     assert farm.cache.read(digest) == content
     with open(farm.cache.path(digest), "rb") as cached:

@@ -9,7 +9,7 @@ real stagers: what BuildStream's local sandbox lets a build do to its dependenci
   (it still matches its digest); the next action sees the original; two paths that are one
   blob are two files; a ``true``-marked subtree still refuses.
 * Where it does not (FUSE staging; hardlink staging without a bound, which has no overlay),
-  the edits are refused as before: the stager's ``private_inputs`` says so, and the README's
+  the edits are refused as before: the staged input's ``private_inputs`` says so, and the README's
   staging section. A worker that is not root has no overlay but stages copies owned by
   the sandbox's uid (its own), which the action may edit.
 * Input files keep the CAS's modes (0444/0555): writing one needs ``chmod u+w`` first,
@@ -155,9 +155,9 @@ def test_an_action_edits_unmarked_inputs_in_place_where_its_stager_makes_them_it
     assert "\n".join(lines[2:]) + "\n" == (ORIGINAL + b"grown\n" + TWIN + TWIN).decode()
 
 
-def test_the_stager_says_whether_inputs_are_the_actions_own(config):
+def test_the_staged_input_says_whether_inputs_are_the_actions_own(config):
     farm, private = config
-    assert farm.stager.private_inputs is private
+    assert farm.private_inputs() is private
 
 
 NOBODY_WORKER = 60555  # an unprivileged uid playing a worker that is not root
@@ -186,4 +186,3 @@ def test_a_worker_that_is_not_root_stages_copies_its_actions_may_edit():
     assert (seen["code"], seen["exit"], seen["stdout"]) == (code_pb2.OK, 0, "edited\n"), seen
     assert seen["files"] == {"dep/grown": "grown\nmore\n", "dep/input": "original\n"}
     assert seen["blob"] == "grown\n"  # the copy changed, never the cache
-    assert seen["private_inputs"] is False  # no overlay: not through the stager, by copying
