@@ -40,11 +40,13 @@ from typing import Any, Concatenate, ParamSpec, TypeVar
 import pyfuse3
 import trio
 
-from reapi_worker.protos.errors import Internal, MissingBlobs, ReapiError, Unavailable
+from reapi_worker.protos.errors import Internal, ReapiError, Unavailable
 
-from ..content import LocalContent
 from ..digests import Digest
 from ..directory.cas import CasDirectory
+from .blobs import fetch_and_open as _fetch_and_open
+from .blobs import is_local as _is_local
+from .blobs import open_local as _open_local
 from .inodes import ROOT_INODE, ActionRoot, DirInode, FileInode, InodeTable, LinkInode, NotLoaded
 from .open_files import QuotaExceeded, opener_of
 
@@ -311,41 +313,6 @@ class InputFileSystem(pyfuse3.Operations):
         with self.table.lock:
             for root in self.table.roots():
                 root.fail(error)
-
-
-def _is_local(store: LocalContent, digest: Digest) -> bool:
-    """Whether the blob is in the local cache; never asks a remote."""
-    try:
-        store.path(digest)
-        return True
-    except MissingBlobs:
-        return False
-
-
-def _open_local(store: LocalContent, digest: Digest) -> int | None:
-    """A descriptor of the blob's cache file, or None if it is not local. Once open, the
-    bytes stay readable even if the cache evicts the file.
-
-    Opens the cache's object path directly and checks the size, as LocalCAS's own reads
-    do: ``path()`` would first take the cache's shared counter lock, on every open.
-    """
-    try:
-        fd = os.open(store.object_path(digest), os.O_RDONLY | os.O_CLOEXEC)
-        if os.fstat(fd).st_size == digest.size_bytes:
-            return fd
-        os.close(fd)  # being written or truncated: let the store decide
-        return os.open(store.path(digest), os.O_RDONLY | os.O_CLOEXEC)
-    except (MissingBlobs, FileNotFoundError):
-        return None
-
-
-def _fetch_and_open(store: LocalContent, digest: Digest) -> int:
-    with store.pinned([digest]):  # not evicted between arriving and being opened
-        store.fetch([digest])
-        try:
-            return os.open(store.path(digest), os.O_RDONLY | os.O_CLOEXEC)
-        except OSError as err:
-            raise Internal(f"opening cached blob {digest}: {err.strerror}") from None
 
 
 class _Ticket:
