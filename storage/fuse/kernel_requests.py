@@ -52,7 +52,9 @@ _VALID = int(CACHE_SECONDS)
 _ATTR_OUT_HEAD = fuse.ATTR_OUT_HEAD.pack(_VALID, 0, 0)
 _NEGATIVE_ENTRY = fuse.ENTRY_OUT_HEAD.pack(0, 0, _VALID, 0, 0, 0) + bytes(fuse.ATTR.size)
 _STATFS = fuse.KSTATFS.pack(0, 0, 0, 0, 0, 4096, 255, 4096, 0)
-_DEFERRED = object()  # the handler answers later, from a thread
+_DEFERRED = object()
+_DT_REG, _DT_DIR, _DT_LNK = stat.S_IFREG >> 12, stat.S_IFDIR >> 12, stat.S_IFLNK >> 12
+_PADDING = bytes(8)  # the handler answers later, from a thread
 
 
 class FuseError(Exception):
@@ -232,11 +234,13 @@ class KernelRequests:
                     break
                 inode = self.table.lookup(fh, names[index])  # counts a lookup of a file: sent below
                 assert inode is not None
-                attr = self._attr(inode, inode.ino)
-                kind = (struct.unpack_from("<I", attr, 60)[0] >> 12) & 0xF
-                dirent = fuse.DIRENT_HEAD.pack(inode.ino, index + 1, len(name), kind) + name
-                entry = fuse.ENTRY_OUT_HEAD.pack(inode.ino, 0, _VALID, _VALID, 0, 0) + attr if plus else b""
-                parts.append(entry + dirent + bytes(step - len(entry) - len(dirent)))
+                kind = _DT_REG if type(inode) is FileInode else _DT_DIR if type(inode) is DirInode else _DT_LNK
+                if plus:
+                    parts.append(fuse.ENTRY_OUT_HEAD.pack(inode.ino, 0, _VALID, _VALID, 0, 0))
+                    parts.append(self._attr(inode, inode.ino))
+                parts.append(fuse.DIRENT_HEAD.pack(inode.ino, index + 1, len(name), kind))
+                parts.append(name)
+                parts.append(_PADDING[:(8 - len(name)) % 8])
                 used += step
         return b"".join(parts)
 
@@ -255,13 +259,13 @@ class KernelRequests:
         flags, _ = fuse.OPEN_IN.unpack_from(body)
         if flags & _WRITE_FLAGS:
             raise FuseError(errno.EROFS)
-        with self.table.lock:
-            file = self._known(ino)
-        if type(file) is not FileInode:
-            raise FuseError(errno.EISDIR if type(file) is DirInode else errno.EINVAL)
-        opener = opener_of(pid)
+        # Who opens matters only for a quota (a /proc lookup per open otherwise).
+        opener = opener_of(pid) if self.table.open_files.per_action is not None else None
         try:
             with self.table.lock:
+                file = self._known(ino)
+                if type(file) is not FileInode:
+                    raise FuseError(errno.EISDIR if type(file) is DirInode else errno.EINVAL)
                 handle = self.table.share_handle(file, opener)
                 if handle is not None:
                     return self._opened(handle)
