@@ -111,7 +111,9 @@ def open_executor(cfg: WorkerConfig) -> Iterator[ExecutorGraph]:
             link = identities.protects_hardlinks
             with make_stager(
                 cfg.staging, store, remover, part.path, link=link,
-                open_files_per_action=bounds.limits.open_files,
+                open_files_per_action=bounds.limits.open_files, fuse_backend=cfg.fuse_backend,
+                # The BoundedStager's overlay goes on top of the FUSE stager's (FuseMount).
+                stacked_overlays=2 if cfg.build_dir_bytes is not None else 1,
                 tree_cache_dir=os.path.join(cfg.cache_dir, "trees"), tree_cache_bytes=cfg.tree_cache_bytes,
             ) as stager:
                 stager = _bounded(stager, cfg, part.path)
@@ -181,6 +183,8 @@ def make_stager(
     *,
     link: bool = True,
     open_files_per_action: int | None = None,
+    fuse_backend: str = "auto",
+    stacked_overlays: int = 1,
     tree_cache_dir: str | None = None,
     tree_cache_bytes: int = 4 << 30,
 ) -> Iterator[Stager]:
@@ -197,7 +201,8 @@ def make_stager(
     ``auto``: a root the directory cache holds, or staged before, is staged from it; any
     other is staged lazily (FUSE) or through the directory cache, per action by
     :class:`StagingRule` (:class:`PreferCached`).
-    ``open_files_per_action``: the FUSE mount's quota of inputs one action holds open.
+    ``open_files_per_action``: the FUSE mount's quota of inputs one action holds open;
+    ``fuse_backend``, ``stacked_overlays``: what serves it (:class:`FuseMount`).
     FUSE and cached staging need root (``/dev/fuse``, overlay and idmapped mounts). Raises
     InvalidArgument for an unknown name or a non-root worker, Internal if a mount cannot
     be made.
@@ -219,7 +224,9 @@ def make_stager(
             if staging == "cached":
                 yield cached
                 return
-        mount = stack.enter_context(FuseMount(os.path.join(build_root, ".fuse"), open_files_per_action=open_files_per_action))
+        mount = stack.enter_context(FuseMount(
+            os.path.join(build_root, ".fuse"), open_files_per_action=open_files_per_action, backend=fuse_backend,
+            stacked_overlays=stacked_overlays))
         facts = TreeFacts()
         lazy = FuseStager(store, remover, mount, build_root, facts=facts)
         if staging == "fuse":

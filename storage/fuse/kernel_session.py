@@ -10,8 +10,10 @@ a read-only file system needs is small (:mod:`.protocol`); the request handlers 
 Stack depth: the mount is the lower layer of each action's overlayfs, which adds one to
 the depth of the file systems below it, and the kernel allows 2 in all
 (FILESYSTEM_MAX_STACK_DEPTH). The depth answered in INIT becomes this mount's own, so it
-must be 1; backing files must then live on a file system of depth 0 (not an overlay),
-else BACKING_OPEN fails (ELOOP) and that blob is served by READ requests instead.
+must be 1 — and passthrough is impossible when two overlays are stacked on the mount (a
+bounded build directory, storage/bounded_staging.py: 0 is left for it). Backing files must
+then live on a file system of depth 0 (not an overlay), else BACKING_OPEN fails (ELOOP)
+and that blob is served by READ requests instead.
 
 Threads: :meth:`serve` runs the loop in the caller's thread; replies may be written from
 any thread (each is one ``write``, which the kernel takes whole). :meth:`stop` ends the
@@ -45,8 +47,6 @@ MS_RDONLY = 1
 #: larger request (a huge SETXATTR) is refused by the kernel itself (E2BIG).
 BUFFER_BYTES = 64 * 1024 + 4096
 MAX_WRITE = 4096  # nothing is written through the mount; the kernel's minimum
-#: See the module docstring: this mount sits under an overlay.
-MAX_STACK_DEPTH = 1
 _WANTED_FLAGS = (fuse.ASYNC_READ | fuse.DO_READDIRPLUS | fuse.PARALLEL_DIROPS | fuse.CACHE_SYMLINKS
                  | fuse.INIT_EXT | fuse.PASSTHROUGH)
 
@@ -55,8 +55,10 @@ class KernelSession:
     """A FUSE mount at ``mount_dir`` and its connection (module docstring). Construct,
     :meth:`mount`, then :meth:`serve` in a thread; :meth:`stop` and :meth:`close` after."""
 
-    def __init__(self, mount_dir: str) -> None:
+    def __init__(self, mount_dir: str, max_stack_depth: int = 1) -> None:
         self.mount_dir = mount_dir
+        # See the module docstring: 2 minus the overlays stacked on the mount; 0 for none.
+        self.max_stack_depth = max_stack_depth
         self.fd = -1
         self.passthrough = False  # INIT agreed on it and a BACKING_OPEN worked
         self.kernel_minor = 0
@@ -121,11 +123,13 @@ class KernelSession:
             raise Internal(f"the kernel speaks FUSE {major}.{minor}; 7.31 or later is needed")
         offered = flags | (flags2 << 32 if flags & fuse.INIT_EXT else 0)
         agreed = offered & _WANTED_FLAGS
+        if self.max_stack_depth < 1:
+            agreed &= ~fuse.PASSTHROUGH
         self.kernel_minor = minor
         self.passthrough = bool(agreed & fuse.PASSTHROUGH)
         self.reply(unique, 0, fuse.INIT_OUT.pack(
             fuse.KERNEL_VERSION, min(minor, fuse.KERNEL_MINOR), max_readahead, agreed & 0xFFFFFFFF,
-            16, 12, MAX_WRITE, 1, 0, 0, agreed >> 32, MAX_STACK_DEPTH if self.passthrough else 0))
+            16, 12, MAX_WRITE, 1, 0, 0, agreed >> 32, self.max_stack_depth if self.passthrough else 0))
 
     # -- serving ----------------------------------------------------------------------
 

@@ -79,6 +79,10 @@ class FuseMount:
     ``open_files_per_action``: how many inputs one action may hold open through the mount
     (EMFILE past it, see :mod:`.open_files`); ``None`` for no quota. ``backend``: one of
     :data:`BACKENDS`; :attr:`backend_in_use` says which one serves after :meth:`open`.
+    ``stacked_overlays``: how many overlayfs are mounted on top of each root (1: the
+    stager's; 2 under a BoundedStager), since the kernel stacks at most two file systems
+    and passthrough makes this mount count as one: with 2, ``auto`` means pyfuse3 and
+    ``kernel`` serves without passthrough.
     """
 
     def __init__(
@@ -91,10 +95,12 @@ class FuseMount:
         stop_timeout: float = 10.0,
         open_files_per_action: int | None = None,
         backend: str = "auto",
+        stacked_overlays: int = 1,
     ) -> None:
         if backend not in BACKENDS:
             raise InvalidArgument(f"FUSE backend {backend!r} is none of {', '.join(BACKENDS)}")
         self.backend = backend
+        self._stacked_overlays = stacked_overlays
         self.backend_in_use: str | None = None
         self._requests: KernelRequests | None = None
         self.mount_dir = kernel_mounts.check_mountable_path(os.path.abspath(mount_dir), "FUSE mount directory")
@@ -257,7 +263,7 @@ class FuseMount:
         """Serve through /dev/fuse directly; False (nothing mounted) if ``auto`` finds
         passthrough unavailable. The probe registers the directory's lock file as a backing
         file: on the build root's file system, like the cache usually is."""
-        kernel = KernelSession(self.mount_dir)
+        kernel = KernelSession(self.mount_dir, max_stack_depth=2 - self._stacked_overlays)
         try:
             kernel.mount(self._start_timeout, probe_fd=self._lock_fd)
         except Internal as error:

@@ -31,12 +31,12 @@ from reapi_worker.worker.health import HealthMonitor, HealthRecordingExecutor, S
 
 def require_staging(staging: str) -> None:
     require_tool("bwrap")
-    if staging == "fuse":
+    if staging.startswith("fuse"):
         require_tool("fusermount3")
         require(os.geteuid() == 0 and os.path.exists("/dev/fuse"), "FUSE staging needs root and /dev/fuse")
 
 
-@pytest.fixture(params=STAGINGS)
+@pytest.fixture(params=(*STAGINGS, "fuse-pyfuse3"))  # "fuse": the worker's choice (auto)
 def staging(request) -> str:
     require_staging(request.param)
     return request.param
