@@ -448,4 +448,4 @@ def _with_deadline(work: Callable[[], T], timeout: float) -> T:
         if isinstance(error, OSError):
             raise Internal(str(error))
         raise error
-    return value  # type: ignore[no-any-return]
+    return value

@@ -62,6 +62,7 @@ class KernelSession:
         self.fd = -1
         self.passthrough = False  # INIT agreed on it and a BACKING_OPEN worked
         self.kernel_minor = 0
+        self.backing_ids: set[int] = set()  # registered and not closed yet (tests, leaks)
         self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         self._stopping = False
         self._closed = False
@@ -187,14 +188,17 @@ class KernelSession:
     def backing_open(self, fd: int) -> int | None:
         """Register ``fd`` as a backing file; its id, or None if the kernel refuses."""
         try:
-            return fcntl.ioctl(self.fd, fuse.BACKING_OPEN, bytearray(fuse.BACKING_MAP.pack(fd, 0, 0)))
+            backing = fcntl.ioctl(self.fd, fuse.BACKING_OPEN, bytearray(fuse.BACKING_MAP.pack(fd, 0, 0)))
         except OSError as error:
             log.debug("FUSE passthrough refused for a blob: %s", error)
             return None
+        self.backing_ids.add(backing)
+        return backing
 
     def backing_close(self, backing: int) -> None:
         """Drop a backing id; after :meth:`close` there is nothing to drop (closing the
         connection dropped them all)."""
+        self.backing_ids.discard(backing)
         if self._closed:
             return
         try:

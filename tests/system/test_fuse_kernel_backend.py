@@ -1,0 +1,182 @@
+"""The /dev/fuse backend on real mounts: passthrough really used, backing ids released,
+the fallbacks, and requests the kernel passes on from hostile callers.
+
+Each test opens its own FuseMount (one per process at a time: the shared one of
+executor_fixtures is closed first).
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import mmap
+import os
+import shutil
+import struct
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+
+import pytest
+
+import executor_fixtures
+from conftest import require, require_tool
+
+from reapi_worker.storage.directory.cas import CasDirectory
+from reapi_worker.storage.fuse import FuseMount, FuseStager, kernel_mounts
+from reapi_worker.storage.fuse import protocol as fuse
+from reapi_worker.storage.local_cas import LocalCAS
+from reapi_worker.storage.staging import TreeRemover
+
+
+class Rig:
+    """A FuseMount of its own with a FuseStager, over a cache holding a small tree."""
+
+    def __init__(self, backend: str, stacked_overlays: int = 1) -> None:
+        self.top = tempfile.mkdtemp(prefix="reapi-worker-kernel-fuse-", dir="/tmp")
+        os.chmod(self.top, 0o755)
+        self.cache = LocalCAS(os.path.join(self.top, "cache"), max_bytes=1 << 30)
+        tree = CasDirectory.empty(self.cache)
+        tree.mkdir("d")
+        for i in range(20):
+            tree.write_bytes(f"d/f{i}", b"%d\n" % i * 1000)
+        tree.write_bytes("same-1", b"same blob\n")
+        tree.write_bytes("same-2", b"same blob\n")
+        tree.symlink("link", "d/f1")
+        self.tree = tree.digest()
+        self.mount = FuseMount(os.path.join(self.top, "fuse"), backend=backend, stacked_overlays=stacked_overlays)
+        self.mount.open()
+        self.remover = TreeRemover(os.path.join(self.top, "builds", ".trash"))
+        self.stager = FuseStager(self.cache, self.remover, self.mount, os.path.join(self.top, "builds"))
+        self.staged: list = []
+
+    def stage(self, name: str = "action"):  # type: ignore[no-untyped-def]
+        staged = self.stager.stage(CasDirectory.from_digest(self.cache, self.tree), os.path.join(self.top, "builds", name))
+        self.staged.append(staged)
+        return staged
+
+    def reads(self) -> int:
+        return self.mount.request_counts().get(fuse.READ, 0)
+
+    def close(self) -> None:
+        for staged in self.staged:
+            staged.close()  # idempotent
+        self.mount.close()
+        self.remover.drain()
+        self.cache.close()
+        assert kernel_mounts.mounts_under(self.top) == []
+        shutil.rmtree(self.top, ignore_errors=True)
+
+
+@pytest.fixture
+def rigs() -> Iterator:
+    require_tool("fusermount3")
+    require(os.geteuid() == 0 and os.path.exists("/dev/fuse"), "FUSE needs root and /dev/fuse")
+    executor_fixtures._close_shared_mount()  # one FUSE mount per process at a time
+    made: list[Rig] = []
+
+    def make(backend: str = "kernel", stacked_overlays: int = 1) -> Rig:
+        made.append(Rig(backend, stacked_overlays))
+        return made[-1]
+
+    yield make
+    for rig in made:
+        rig.close()
+
+
+def released(kernel) -> bool:  # type: ignore[no-untyped-def]
+    """Whether every backing id is closed, waiting (bounded) for the RELEASE requests the
+    kernel sends after close(2) has returned."""
+    deadline = time.monotonic() + 10
+    while kernel.backing_ids and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return kernel.backing_ids == set()
+
+
+def read_all(path: str) -> dict[str, bytes]:
+    found = {}
+    for directory, _, files in os.walk(path):
+        for name in files:
+            with open(os.path.join(directory, name), "rb") as stream:
+                found[os.path.relpath(os.path.join(directory, name), path)] = stream.read()
+    return found
+
+
+def test_reads_go_to_the_backing_files_not_to_the_daemon(rigs):
+    rig = rigs("kernel")
+    assert rig.mount.backend_in_use == "kernel"
+    staged = rig.stage()
+    contents = read_all(staged.path)
+    assert contents["d/f7"] == b"7\n" * 1000 and contents["same-2"] == b"same blob\n" and len(contents) == 23  # with the link
+    with open(os.path.join(staged.path, "d", "f3"), "rb") as stream:  # mmap too
+        with mmap.mmap(stream.fileno(), 0, prot=mmap.PROT_READ) as mapped:
+            assert mapped[:4] == b"3\n3\n"
+    counts = rig.mount.request_counts()
+    assert counts.get(fuse.OPEN, 0) >= 22 and rig.reads() == 0
+    staged.close()
+    assert released(rig.mount._session.kernel)  # every backing id closed with its blob
+    assert rig.mount.open_files() == 0 and rig.mount.open_descriptors() == 0
+
+
+def test_a_blob_held_open_keeps_one_backing_id_shared_by_its_opens(rigs):
+    rig = rigs("kernel")
+    staged = rig.stage()
+    kernel = rig.mount._session.kernel
+    with open(os.path.join(staged.path, "same-1"), "rb") as one, open(os.path.join(staged.path, "same-2"), "rb") as two:
+        assert one.read() == two.read() == b"same blob\n"
+        assert len(kernel.backing_ids) == 1 and rig.mount.open_descriptors() == 1
+    assert released(kernel)
+    staged.close()
+
+
+def test_under_two_stacked_overlays_the_kernel_backend_serves_reads_itself(rigs):
+    rig = rigs("kernel", stacked_overlays=2)
+    assert rig.mount.backend_in_use == "kernel" and not rig.mount._session.kernel.passthrough
+    staged = rig.stage()
+    assert read_all(staged.path)["d/f19"] == b"19\n" * 1000
+    assert rig.reads() > 0
+    staged.close()
+
+
+def test_auto_takes_the_kernel_backend_when_passthrough_works(rigs):
+    rig = rigs("auto")  # this host: Linux 6.9+, cache and build root on tmpfs or ext4
+    assert rig.mount.backend_in_use == "kernel" and rig.mount._session.kernel.passthrough
+
+
+def test_auto_under_two_overlays_is_pyfuse3(rigs):
+    rig = rigs("auto", stacked_overlays=2)
+    assert rig.mount.backend_in_use == "pyfuse3"
+    staged = rig.stage()
+    assert read_all(staged.path)["d/f2"] == b"2\n" * 1000
+    staged.close()
+
+
+def test_requests_hostile_callers_can_make_get_errors_and_the_mount_lives_on(rigs):
+    rig = rigs("kernel")
+    staged = rig.stage()
+    lower = os.path.join(rig.mount.path_of(staged._root), "d", "f1")
+    with pytest.raises(OSError) as caught:
+        os.open(lower, os.O_WRONLY)
+    assert caught.value.errno == errno.EROFS
+    for call in (lambda: os.getxattr(lower, "user.x"), lambda: os.setxattr(lower, "user.x", b"1"),
+                 lambda: os.listxattr(lower), lambda: os.mkdir(lower + ".d"), lambda: os.unlink(lower),
+                 lambda: os.readlink(lower), lambda: os.truncate(lower, 0), lambda: os.chmod(lower, 0o777),
+                 lambda: os.lstat(os.path.join(os.path.dirname(lower), "x" * 300))):
+        with pytest.raises(OSError):
+            call()
+    fd = os.open(lower, os.O_RDONLY)
+    try:
+        with pytest.raises(OSError):
+            fcntl.ioctl(fd, 0x80086601, struct.pack("<q", 0))  # FS_IOC_GETFLAGS
+        fcntl.flock(fd, fcntl.LOCK_EX)  # local locks: the kernel's business
+        assert os.pread(fd, 2, 0) == b"1\n" and os.lseek(fd, 0, os.SEEK_END) == 2000
+    finally:
+        os.close(fd)
+    # Through the overlay: writes go to the upper layer, never to the daemon.
+    with open(os.path.join(staged.path, "d", "f1"), "ab") as stream:
+        stream.write(b"more")
+    assert open(os.path.join(staged.path, "d", "f1"), "rb").read().endswith(b"1\nmore")
+    assert rig.mount.alive and read_all(staged.path)["d/f5"] == b"5\n" * 1000
+    assert subprocess.run(["find", staged.path, "-type", "f"], capture_output=True, check=True).stdout.count(b"\n") == 22
+    staged.close()
