@@ -47,6 +47,8 @@ MS_RDONLY = 1
 #: larger request (a huge SETXATTR) is refused by the kernel itself (E2BIG).
 BUFFER_BYTES = 64 * 1024 + 4096
 MAX_WRITE = 4096  # nothing is written through the mount; the kernel's minimum
+_OUT_HEADER_PACK = fuse.OUT_HEADER.pack
+_OUT_HEADER_SIZE = fuse.OUT_HEADER.size
 _WANTED_FLAGS = (fuse.ASYNC_READ | fuse.DO_READDIRPLUS | fuse.PARALLEL_DIROPS | fuse.CACHE_SYMLINKS
                  | fuse.INIT_EXT | fuse.PASSTHROUGH)
 
@@ -159,14 +161,13 @@ class KernelSession:
             if not handle(view[:length]):
                 return
 
-    def reply(self, unique: int, error: int, *payload: bytes) -> None:
+    def reply(self, unique: int, error: int, payload: bytes = b"") -> None:
         """Answer request ``unique``: ``error`` is 0 or a negative errno."""
-        size = fuse.OUT_HEADER.size + sum(len(part) for part in payload)
         try:
             with self._write_lock:  # never to a closed (and maybe reused) descriptor number
                 if self._closed:
                     return
-                os.writev(self.fd, [fuse.OUT_HEADER.pack(size, error, unique), *payload])
+                os.writev(self.fd, (_OUT_HEADER_PACK(_OUT_HEADER_SIZE + len(payload), error, unique), payload))
         except OSError as failure:
             # ENOENT: the request was interrupted or aborted meanwhile; ENODEV: unmounted.
             if failure.errno not in (errno.ENOENT, errno.ENODEV, errno.EBADF):

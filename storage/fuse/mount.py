@@ -247,7 +247,7 @@ class FuseMount:
     def request_counts(self) -> dict[int, int]:
         """Requests served so far by FUSE opcode (the kernel backend; empty for pyfuse3)."""
         requests = self._requests
-        return {} if requests is None else dict(requests.counts)
+        return {} if requests is None else requests.counts()
 
     def _start(self) -> None:
         self._table = InodeTable(self._open_files_per_action)
