@@ -162,12 +162,15 @@ class KernelRequests:
     # -- name space -----------------------------------------------------------------------
 
     def _lookup(self, unique: int, parent: int, pid: int, body: memoryview) -> Any:
-        text = os.fsdecode(_name(body))
+        return self._lookup_name(unique, parent, os.fsdecode(_name(body)))
+
+    def _lookup_name(self, unique: int, parent: int, text: str) -> Any:
+        # A retry gets the name, never ``body``: the loop reuses its buffer meanwhile.
         try:
             with self.table.lock:
                 inode = self.table.lookup(parent, text)
         except NotLoaded as pending:
-            return self._after_load(pending, unique, lambda: self._lookup(unique, parent, pid, body))
+            return self._after_load(pending, unique, lambda: self._lookup_name(unique, parent, text))
         except KeyError:
             raise FuseError(errno.ESTALE) from None
         except NotADirectoryError:
@@ -208,7 +211,7 @@ class KernelRequests:
             raise FuseError(errno.ENOTDIR)
         if directory is not None and directory.node.loaded_entries() is None:
             pending = NotLoaded(directory.node, directory.root)
-            return self._after_load(pending, unique, lambda: self._opendir(unique, ino, pid, body))
+            return self._after_load(pending, unique, lambda: self._opendir(unique, ino, pid, memoryview(b"")))
         # The handle is the inode; the listing never changes, so the kernel may keep it.
         return fuse.OPEN_OUT.pack(ino, fuse.FOPEN_KEEP_CACHE | fuse.FOPEN_CACHE_DIR, 0)
 

@@ -11,10 +11,13 @@ from __future__ import annotations
 import errno
 import os
 import struct
+import threading
+import time
 
 import pytest
 
 from reapi_worker.storage.directory.cas import CasDirectory
+from reapi_worker.storage.fuse import kernel_requests
 from reapi_worker.storage.fuse import protocol as fuse
 from reapi_worker.storage.fuse.inodes import ROOT_INODE, ActionRoot, InodeTable
 from reapi_worker.storage.fuse.kernel_requests import KernelRequests
@@ -227,3 +230,50 @@ def test_a_bug_in_a_handler_is_eio_recorded_on_the_roots(rig, monkeypatch):
     monkeypatch.setattr(rig.requests, "_attr", broken)
     assert rig.ask(fuse.GETATTR, root, bytes(16))[0] == -errno.EIO
     assert "injected" in str(rig.root.failure)
+
+
+def _wait_for_reply(rig: Rig, count: int) -> tuple[int, int, bytes]:
+    deadline = time.monotonic() + 10
+    while len(rig.session.replies) < count and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert len(rig.session.replies) == count
+    return rig.session.replies[-1]
+
+
+def test_a_directory_loaded_in_a_thread_answers_later_for_the_name_asked(rig, monkeypatch):
+    """Not in the local cache: loaded in a thread, answered from it — for the name the
+    request carried, though the loop reuses its buffer meanwhile."""
+    root = rig.lookup(ROOT_INODE, "tok")
+    d = rig.lookup(root, "d")
+    may_load = threading.Event()
+    real_deadline = kernel_requests._with_deadline
+
+    def held(work, timeout):  # type: ignore[no-untyped-def]
+        assert may_load.wait(10)
+        return real_deadline(work, timeout)
+
+    monkeypatch.setattr(kernel_requests, "is_local", lambda store, digest: False)
+    monkeypatch.setattr(kernel_requests, "_with_deadline", held)
+    before = len(rig.session.replies)
+    buffer = bytearray(fuse.IN_HEADER.pack(fuse.IN_HEADER.size + 2, fuse.LOOKUP, 555, d, 0, 0, 0, 0, 0) + b"f\0")
+    assert rig.requests.handle(memoryview(buffer))
+    assert len(rig.session.replies) == before  # deferred
+    buffer[fuse.IN_HEADER.size] = ord("x")  # the loop's next request lands in the same buffer
+    may_load.set()
+    unique, error, payload = _wait_for_reply(rig, before + 1)
+    ino = fuse.ENTRY_OUT_HEAD.unpack_from(payload)[0]
+    assert (unique, error) == (555, 0) and ino != 0 and fuse.ATTR.unpack_from(payload, 40)[1] == 5  # "f"
+
+
+def test_a_directory_missing_everywhere_is_eio_and_recorded_as_missing(tmp_path):
+    rig = Rig(tmp_path)
+    root = rig.lookup(ROOT_INODE, "tok")
+    d_digest = rig.root.tree.entries()["d"].digest()
+    os.unlink(rig.cache.object_path(d_digest))  # the cache lost it; no remote to ask
+    d = rig.lookup(root, "d")
+    before = len(rig.session.replies)
+    rig.send(fuse.LOOKUP, d, b"f\0")
+    unique, error, _ = _wait_for_reply(rig, before + 1)
+    assert error == -errno.EIO
+    assert d_digest in getattr(rig.root.failure, "digests", ())
+    rig.cache.close()
