@@ -39,11 +39,14 @@ class Rig:
         self.cache = LocalCAS(os.path.join(self.top, "cache"), max_bytes=1 << 30)
         tree = CasDirectory.empty(self.cache)
         tree.mkdir("d")
+        tree.mkdir("bin")
         for i in range(20):
             tree.write_bytes(f"d/f{i}", b"%d\n" % i * 1000)
         tree.write_bytes("same-1", b"same blob\n")
         tree.write_bytes("same-2", b"same blob\n")
         tree.symlink("link", "d/f1")
+        with open("/bin/true", "rb") as binary:
+            tree.write_bytes("bin/true", binary.read(), executable=True)  # an ELF: exec maps it
         self.tree = tree.digest()
         self.mount = FuseMount(os.path.join(self.top, "fuse"), backend=backend, stacked_overlays=stacked_overlays)
         self.mount.open()
@@ -108,12 +111,13 @@ def test_reads_go_to_the_backing_files_not_to_the_daemon(rigs):
     assert rig.mount.backend_in_use == "kernel"
     staged = rig.stage()
     contents = read_all(staged.path)
-    assert contents["d/f7"] == b"7\n" * 1000 and contents["same-2"] == b"same blob\n" and len(contents) == 23  # with the link
+    assert contents["d/f7"] == b"7\n" * 1000 and contents["same-2"] == b"same blob\n" and len(contents) == 24  # with the link
     with open(os.path.join(staged.path, "d", "f3"), "rb") as stream:  # mmap too
         with mmap.mmap(stream.fileno(), 0, prot=mmap.PROT_READ) as mapped:
             assert mapped[:4] == b"3\n3\n"
+    subprocess.run([os.path.join(staged.path, "bin", "true")], check=True)  # exec: mmap passthrough
     counts = rig.mount.request_counts()
-    assert counts.get(fuse.OPEN, 0) >= 22 and rig.reads() == 0
+    assert counts.get(fuse.OPEN, 0) >= 23 and rig.reads() == 0
     staged.close()
     assert released(rig.mount._session.kernel)  # every backing id closed with its blob
     assert rig.mount.open_files() == 0 and rig.mount.open_descriptors() == 0
@@ -178,5 +182,5 @@ def test_requests_hostile_callers_can_make_get_errors_and_the_mount_lives_on(rig
         stream.write(b"more")
     assert open(os.path.join(staged.path, "d", "f1"), "rb").read().endswith(b"1\nmore")
     assert rig.mount.alive and read_all(staged.path)["d/f5"] == b"5\n" * 1000
-    assert subprocess.run(["find", staged.path, "-type", "f"], capture_output=True, check=True).stdout.count(b"\n") == 22
+    assert subprocess.run(["find", staged.path, "-type", "f"], capture_output=True, check=True).stdout.count(b"\n") == 23
     staged.close()
