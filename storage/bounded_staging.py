@@ -49,6 +49,7 @@ import os
 import stat
 from collections.abc import Iterable
 
+from reapi_worker.host import format_bytes
 from reapi_worker.protos.errors import BoundExceeded, Internal, ReapiError
 
 from .digests import Digest
@@ -60,13 +61,6 @@ from .staging import Owner, StagedInput, Stager
 log = logging.getLogger(__name__)
 
 _PAGE = os.sysconf("SC_PAGE_SIZE")
-
-
-def format_bytes(size: int) -> str:
-    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if size >= scale:
-            return f"{size / scale:.4g} {unit}"
-    return f"{size} bytes"
 
 
 class BoundedStager(Stager):
@@ -148,7 +142,7 @@ class _BoundedInput(StagedInput):
         if st.f_bavail * st.f_frsize < _PAGE or st.f_favail == 0:
             used = (st.f_blocks - st.f_bavail) * st.f_frsize
             raise BoundExceeded(
-                f"the action went past its build directory bound of {format_bytes(self._bound)} "
+                f"the action went past its build directory bound of {format_bytes(self._bound, exact=True)} "
                 f"(build_dir_size: files it wrote, stdout and stderr; {format_bytes(used)} used, "
                 f"{st.f_files - st.f_favail} inodes)"
             )

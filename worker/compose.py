@@ -28,6 +28,7 @@ it. Nothing else copies it.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import tempfile
 from collections.abc import Iterator
@@ -53,6 +54,7 @@ from reapi_worker.storage.content import LocalContent
 from reapi_worker.storage.fetch_through import FetchThroughStore
 from reapi_worker.storage.free_space_guard import FreeSpaceGuard
 from reapi_worker.storage.fuse import FuseMount, FuseStager
+from reapi_worker.storage.idmapped_overlay_probe import idmapped_overlay_refusal
 from reapi_worker.storage.local_cas import LocalCAS
 from reapi_worker.storage.parsed_trees import ParsedTrees
 from reapi_worker.storage.remote_cas import RemoteCAS, RemoteOptions
@@ -68,6 +70,9 @@ from .executor import Executor, ExecutorConfig
 from .health import HealthConfig, HealthMonitor, HealthRecordingExecutor, standard_checks
 from .metrics import InstrumentedExecutor, MetricsServer, WorkerMetrics
 from .session import BotIdentity, SessionClient
+
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -203,6 +208,9 @@ def make_stager(
     :class:`StagingRule` (:class:`PreferCached`).
     ``open_files_per_action``: the FUSE mount's quota of inputs one action holds open;
     ``fuse_backend``, ``stacked_overlays``: what serves it (:class:`FuseMount`).
+    The directory cache needs overlays over idmapped mounts, probed once here
+    (:mod:`~reapi_worker.storage.idmapped_overlay_probe`): where the kernel refuses them,
+    ``cached`` is refused with its reason and ``auto`` chooses between hardlinks and FUSE.
     FUSE and cached staging need root (``/dev/fuse``, overlay and idmapped mounts). Raises
     InvalidArgument for an unknown name or a non-root worker, Internal if a mount cannot
     be made.
@@ -216,14 +224,22 @@ def make_stager(
         raise InvalidArgument(f"staging {staging!r} mounts file systems and needs a worker running as root")
     with contextlib.ExitStack() as stack:
         cached = None
+        refusal = None
         if staging in ("cached", "auto"):
             if tree_cache_dir is None:
                 raise InvalidArgument(f"staging {staging!r} needs a directory for its tree cache")
-            tree_cache = stack.enter_context(open_tree_cache(tree_cache_dir, tree_cache_bytes))
-            cached = stack.enter_context(CachedTreeStager(store, remover, tree_cache, build_root))
-            if staging == "cached":
-                yield cached
-                return
+            refusal = idmapped_overlay_refusal(build_root)
+            if refusal is not None and staging == "cached":
+                raise InvalidArgument(
+                    "staging 'cached' shows cached trees through overlays over idmapped mounts "
+                    f"(Linux >= 5.19), which this host refuses: {refusal}"
+                )
+            if refusal is None:
+                tree_cache = stack.enter_context(open_tree_cache(tree_cache_dir, tree_cache_bytes))
+                cached = stack.enter_context(CachedTreeStager(store, remover, tree_cache, build_root))
+                if staging == "cached":
+                    yield cached
+                    return
         mount = stack.enter_context(FuseMount(
             os.path.join(build_root, ".fuse"), open_files_per_action=open_files_per_action, backend=fuse_backend,
             stacked_overlays=stacked_overlays))
@@ -232,7 +248,11 @@ def make_stager(
         if staging == "fuse":
             yield lazy
             return
-        assert cached is not None
+        if cached is None:
+            log.warning("staging 'auto' without the directory cache, which needs overlays over idmapped "
+                        "mounts: %s; roots are hard-linked or FUSE-mounted by size", refusal)
+            yield AutoStager(HardlinkStager(store, remover, link=link, parsed=ParsedTrees()), lazy, StagingRule(), facts)
+            return
         yield PreferCached(cached, AutoStager(cached, lazy, StagingRule(), facts))
 
 

@@ -40,6 +40,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from reapi_worker.host import format_bytes
 from reapi_worker.protos.errors import InvalidArgument
 from reapi_worker.sandbox.errors import SandboxSetupError
 from reapi_worker.sandbox.host_etc import DEFAULT_HOST_ETC, check_etc_names
@@ -88,16 +89,6 @@ def parse_size(text: str) -> int:
     if size <= 0:
         raise InvalidArgument(f"invalid size {text!r}: must be positive")
     return size
-
-
-def format_bytes(count: int) -> str:
-    """``2147483648`` -> ``"2.0 GiB"``: sizes as people read them, in reasons and logs."""
-    value = float(count)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if value < 1024 or unit == "TiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    raise AssertionError("unreachable")
 
 
 @dataclass(frozen=True, slots=True)
