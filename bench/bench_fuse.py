@@ -13,7 +13,8 @@ For trees of 1k/10k/50k distinct ~2 KiB files (bench_staging.py's shape), run af
 * the same for ``read all`` (every input opened and read through the mount).
 
 Each row is measured per FUSE backend (``--backends``, storage/fuse/mount.py: ``pyfuse3``
-through libfuse, ``kernel`` speaking /dev/fuse with passthrough reads), one mount at a time,
+through libfuse, ``kernel`` speaking /dev/fuse with passthrough reads, ``kernel-read`` the
+same without passthrough, as under a bounded build directory), one mount at a time,
 each with its own floor measured in the same runs. It also prints the requests the daemon
 answered during one action, by type (for pyfuse3 only with ``--count-pyfuse3``, which
 wraps its handlers and so slows that run).
@@ -78,7 +79,9 @@ def main() -> None:
         CasDirectory.from_digest(cache, root).export_files(os.path.join(work, f"src-{files}"))
     try:
         for backend in args.backends.split(","):
-            mount = FuseMount(os.path.join(work, "fuse"), backend=backend).open()
+            # "kernel-read": the kernel backend without passthrough (as under a BoundedStager).
+            mount = FuseMount(os.path.join(work, "fuse"), backend=backend.partition("-")[0],
+                              stacked_overlays=2 if backend == "kernel-read" else 1).open()
             try:
                 print(f"  backend {backend}: {mount.backend_in_use} serves", file=sys.stderr, flush=True)
                 os.makedirs(os.path.join(work, backend), mode=0o755)  # a build root per backend
@@ -92,11 +95,11 @@ def main() -> None:
         cache.close()
         shutil.rmtree(work, ignore_errors=True)
     print(f"Whole action on {SHM}, warm cache, median of {args.runs} runs, ms; ratio to the floor of the same runs")
-    print(f"{'files':>6} {'workload':9} {'backend':8} {'what':24} {'median':>9} {'min':>9} {'max':>9} {'/floor':>7}")
+    print(f"{'files':>6} {'workload':9} {'backend':11} {'what':24} {'median':>9} {'min':>9} {'max':>9} {'/floor':>7}")
     for (files, workload, backend, what), values in sorted(times.items()):
         floor_median = statistics.median(times[(files, workload, backend, FLOOR)])
         median = statistics.median(values)
-        print(f"{files:>6} {workload:9} {backend:8} {what:24} {median:9.1f} {min(values):9.1f} {max(values):9.1f} "
+        print(f"{files:>6} {workload:9} {backend:11} {what:24} {median:9.1f} {min(values):9.1f} {max(values):9.1f} "
               f"{median / floor_median:6.2f}x")
     for (files, workload, backend), counts in sorted(requests.items()):
         named = ", ".join(f"{name} {n}" for name, n in sorted(counts.items(), key=lambda c: -c[1]))
@@ -128,7 +131,7 @@ def count_pyfuse3_requests(counts: dict[str, int]) -> None:
 
 def served(mount: FuseMount, pyfuse3_counts: dict[str, int]) -> dict[str, int]:
     """Requests the mount's daemon answered so far, by name."""
-    if mount.backend_in_use == "kernel":
+    if mount.backend_in_use == "kernel":  # also kernel-read
         return {OPCODE_NAMES.get(op, str(op)): n for op, n in mount.request_counts().items()}
     return {name.upper(): n for name, n in pyfuse3_counts.items()}
 
