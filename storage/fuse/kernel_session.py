@@ -103,11 +103,13 @@ class KernelSession:
     def _answer_init(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         buffer = bytearray(BUFFER_BYTES)
+        poller = select.poll()  # not select(): a busy worker's descriptors pass FD_SETSIZE
+        poller.register(self.fd, select.POLLIN)
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise Internal(f"the kernel sent no FUSE INIT for {self.mount_dir} within {timeout:g} s")
-            select.select([self.fd], [], [], remaining)
+            poller.poll(remaining * 1000)
             try:
                 length = os.readv(self.fd, [buffer])
             except (BlockingIOError, InterruptedError):
