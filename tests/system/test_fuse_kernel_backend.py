@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import gc
 import mmap
 import os
 import shutil
@@ -22,12 +23,17 @@ import pytest
 
 import executor_fixtures
 from conftest import require, require_tool
+from fakes.cas_server import FakeCasServer
 
+from reapi_worker.protos import code_pb2, re_pb2
+from reapi_worker.storage.digests import Digest, serialize
 from reapi_worker.storage.directory.cas import CasDirectory
 from reapi_worker.storage.fuse import FuseMount, FuseStager, kernel_mounts
 from reapi_worker.storage.fuse import protocol as fuse
 from reapi_worker.storage.local_cas import LocalCAS
 from reapi_worker.storage.staging import TreeRemover
+from reapi_worker.worker.compose import open_executor
+from reapi_worker.worker.config import load_config
 
 
 class Rig:
@@ -184,3 +190,33 @@ def test_requests_hostile_callers_can_make_get_errors_and_the_mount_lives_on(rig
     assert rig.mount.alive and read_all(staged.path)["d/f5"] == b"5\n" * 1000
     assert subprocess.run(["find", staged.path, "-type", "f"], capture_output=True, check=True).stdout.count(b"\n") == 23
     staged.close()
+
+
+@pytest.mark.parametrize("build_dir_size, backend", [("off", "kernel"), ("64M", "pyfuse3")])
+def test_the_worker_picks_the_backend_its_overlays_allow_and_actions_read_inputs(build_dir_size, backend):
+    """Through the composition root: a bounded build directory stacks a second overlay, so
+    auto must not take passthrough there (the overlay mount would fail: too deep)."""
+    require_tool("bwrap")
+    require(os.geteuid() == 0 and os.path.exists("/dev/fuse"), "FUSE needs root and /dev/fuse")
+    executor_fixtures._close_shared_mount()  # one FUSE mount per process at a time
+    top = tempfile.mkdtemp(prefix="reapi-worker-test-", dir="/tmp")
+    os.chmod(top, 0o755)
+    try:
+        with FakeCasServer() as cas:
+            cfg = load_config(None, {
+                "remote": f"grpc://{cas.address}", "cache_dir": os.path.join(top, "cache"),
+                "build_root": os.path.join(top, "builds"), "staging": "fuse", "build_dir_size": build_dir_size,
+            })
+            blob = cas.put(b"input bytes\n")
+            root = cas.put(serialize(re_pb2.Directory(files=[re_pb2.FileNode(name="in", digest=blob.to_proto())])))
+            command = re_pb2.Command(arguments=["/bin/cat", "in"])
+            action = re_pb2.Action(command_digest=cas.put(serialize(command)).to_proto(),
+                                   input_root_digest=root.to_proto(), do_not_cache=True)
+            with open_executor(cfg) as graph:
+                outcome = graph.executor.execute(cas.put(serialize(action)), action)
+                assert outcome.status.code == code_pb2.OK, outcome.status
+                assert graph.cache.read(Digest.from_proto(outcome.result.stdout_digest)) == b"input bytes\n"
+                mounts = [m for m in gc.get_objects() if isinstance(m, FuseMount) and m.mount_dir.startswith(top)]
+                assert [m.backend_in_use for m in mounts] == [backend]
+    finally:
+        shutil.rmtree(top, ignore_errors=True)
