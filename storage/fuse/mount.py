@@ -19,8 +19,11 @@ Lifecycle and who cleans up:
 
 * :meth:`FuseMount.open` takes ``<mount_dir>.lock`` (``flock``: one live worker per mount
   directory; the kernel drops it when a worker dies, even by ``kill -9``), lazily unmounts
-  whatever a dead worker left mounted there, mounts, and starts the FUSE thread (trio +
-  pyfuse3), waiting at most ``start_timeout`` for it.
+  whatever a dead worker left mounted there, mounts, and starts the FUSE thread, waiting
+  at most ``start_timeout`` for it. What serves (``backend``, :data:`BACKENDS`): the
+  /dev/fuse protocol spoken here with passthrough reads (:mod:`.kernel_session`: OPEN and
+  RELEASE per file reach Python, reads do not), or trio + pyfuse3 (OPEN, READ, RELEASE
+  per file); ``auto`` probes passthrough at each mount (INIT and a BACKING_OPEN).
 * :meth:`FuseMount.close` (the owner — the composition root — calls it) stops the thread
   and unmounts; idempotent.
 * If the FUSE thread dies (a pyfuse3 or kernel error, the connection aborted), it unmounts
