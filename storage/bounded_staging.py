@@ -38,8 +38,11 @@ Measured here (30 runs, /dev/shm, median): tmpfs + overlay mounted in 0.06 ms, b
 unmounted in 0.2 ms; and removal is free (the unmount drops every file the action made).
 Deleting lower is the wrapped stager's business, as before.
 
-Overlay options as in storage/fuse/kernel_mounts.py; an overlay of FUSE staging's overlay
-is two layers deep, the kernel's limit, so nothing may be stacked on this one.
+Overlay options as in storage/fuse/kernel_mounts.py. A wrapped stager that gives a
+read-only view (FUSE: :attr:`~.staging.StagedInput.read_only_view`) gets this overlay
+straight on it, and the directories the action needs are made here, in the tmpfs: FUSE
+with kernel passthrough counts as one file system in the kernel's stack of at most two,
+so an overlay over FUSE staging's own overlay would be refused.
 """
 
 from __future__ import annotations
@@ -56,7 +59,7 @@ from .digests import Digest
 from .directory.cas import CasDirectory
 from .fuse import kernel_mounts
 from .paths import RelPath
-from .staging import Owner, StagedInput, Stager
+from .staging import Owner, StagedInput, Stager, make_dirs
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +91,9 @@ class BoundedStager(Stager):
             bounded.lower = self._inner.stage(root, os.path.join(build_dir, "lower"), directories, owner)
             try:
                 bounded.mount()
+                if bounded.lower.read_only_view:  # the directories are ours to make
+                    for parts in directories:
+                        make_dirs(bounded.path, parts, owner)
             except OSError as error:
                 raise Internal(f"staging input root into {build_dir}: {error}") from error
             except ReapiError as error:

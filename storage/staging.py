@@ -67,6 +67,11 @@ class StagedInput(abc.ABC):
     #: A directory for the action's other writes (its stdout and stderr), on the same
     #: bounded space as its writable layer; None when the stager bounds nothing.
     scratch_dir: str | None = None
+    #: True when ``path`` is a read-only view of the tree alone, without the ``directories``
+    #: the stager was asked for: whoever asked must put a writable layer over it and make
+    #: them there (:class:`~.bounded_staging.BoundedStager` does). A FUSE view is one,
+    #: so that a bounded build directory is one overlay over FUSE, not two.
+    read_only_view: bool = False
 
     @abc.abstractmethod
     def close(self) -> None: ...

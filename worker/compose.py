@@ -117,8 +117,8 @@ def open_executor(cfg: WorkerConfig) -> Iterator[ExecutorGraph]:
             with make_stager(
                 cfg.staging, store, remover, part.path, link=link,
                 open_files_per_action=bounds.limits.open_files, fuse_backend=cfg.fuse_backend,
-                # The BoundedStager's overlay goes on top of the FUSE stager's (FuseMount).
-                stacked_overlays=2 if cfg.build_dir_bytes is not None else 1,
+                # A BoundedStager's overlay is the one writable layer over FUSE views.
+                writable_layer_above=cfg.build_dir_bytes is not None,
                 tree_cache_dir=os.path.join(cfg.cache_dir, "trees"), tree_cache_bytes=cfg.tree_cache_bytes,
             ) as stager:
                 stager = _bounded(stager, cfg, part.path)
@@ -189,7 +189,7 @@ def make_stager(
     link: bool = True,
     open_files_per_action: int | None = None,
     fuse_backend: str = "auto",
-    stacked_overlays: int = 1,
+    writable_layer_above: bool = False,
     tree_cache_dir: str | None = None,
     tree_cache_bytes: int = 4 << 30,
 ) -> Iterator[Stager]:
@@ -207,7 +207,9 @@ def make_stager(
     other is staged lazily (FUSE) or through the directory cache, per action by
     :class:`StagingRule` (:class:`PreferCached`).
     ``open_files_per_action``: the FUSE mount's quota of inputs one action holds open;
-    ``fuse_backend``, ``stacked_overlays``: what serves it (:class:`FuseMount`).
+    ``fuse_backend``: what serves it (:class:`FuseMount`). ``writable_layer_above``: the
+    caller puts a writable overlay over each staged root (a :class:`BoundedStager`), so
+    FUSE staging gives bare read-only views, one overlay deep (``FuseStager(overlay=False)``).
     The directory cache needs overlays over idmapped mounts, probed once here
     (:mod:`~reapi_worker.storage.idmapped_overlay_probe`): where the kernel refuses them,
     ``cached`` is refused with its reason and ``auto`` chooses between hardlinks and FUSE.
@@ -241,10 +243,9 @@ def make_stager(
                     yield cached
                     return
         mount = stack.enter_context(FuseMount(
-            os.path.join(build_root, ".fuse"), open_files_per_action=open_files_per_action, backend=fuse_backend,
-            stacked_overlays=stacked_overlays))
+            os.path.join(build_root, ".fuse"), open_files_per_action=open_files_per_action, backend=fuse_backend))
         facts = TreeFacts()
-        lazy = FuseStager(store, remover, mount, build_root, facts=facts)
+        lazy = FuseStager(store, remover, mount, build_root, facts=facts, overlay=not writable_layer_above)
         if staging == "fuse":
             yield lazy
             return

@@ -49,7 +49,7 @@ _shared_mount: FuseMount | None = None
 
 def shared_fuse_mount(backend: str | None = None, stacked_overlays: int = 1) -> FuseMount:
     """The process's FUSE mount for tests (one per process), serving with ``backend``
-    (default :data:`fuse_backend`) under ``stacked_overlays`` (2 under a BoundedStager):
+    (default :data:`fuse_backend`) under ``stacked_overlays`` (see FuseMount):
     opened on first use, reopened when asked for another, closed at exit."""
     global _shared_mount, _shared_overlays, _atexit_registered
     wanted = backend or fuse_backend
@@ -192,8 +192,10 @@ def make_farm(
     if staging == "hardlink":
         stager = HardlinkStager(source, remover, parsed=ParsedTrees())
     elif staging in ("fuse", "fuse-pyfuse3", "fuse-kernel"):
-        mount = shared_fuse_mount(staging.partition("-")[2] or None, 2 if bound_bytes is not None else 1)
-        stager = FuseStager(source, remover, mount, os.path.join(top, "builds"), fetch_timeout=fetch_timeout)
+        mount = shared_fuse_mount(staging.partition("-")[2] or None)
+        # Under a bound, as a worker does: bare FUSE views, the bound's overlay on them.
+        stager = FuseStager(source, remover, mount, os.path.join(top, "builds"), fetch_timeout=fetch_timeout,
+                            overlay=bound_bytes is None)
     elif staging == "cached":
         stager = CachedTreeStager(source, remover, TreeCache(os.path.join(cache_dir, "trees"), tree_cache_bytes),
                                   os.path.join(top, "builds"))

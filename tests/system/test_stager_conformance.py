@@ -82,8 +82,9 @@ def rig(request) -> Iterator[Rig]:
         elif not kind.startswith("hardlink"):
             facts = TreeFacts()
             # "fuse" (and auto) on pyfuse3, "fuse-kernel" on the /dev/fuse backend.
-            mount = shared_fuse_mount("kernel" if kind == "fuse-kernel" else "pyfuse3", 2 if wrapper == "bound" else 1)
-            lazy = FuseStager(cache, remover, mount, build_root, facts=facts)
+            # Under a bound, as a worker does: bare FUSE views, the bound's overlay on them.
+            mount = shared_fuse_mount("kernel" if kind == "fuse-kernel" else "pyfuse3")
+            lazy = FuseStager(cache, remover, mount, build_root, facts=facts, overlay=wrapper != "bound")
             stager = lazy
             if kind.startswith("auto"):
                 rule = StagingRule(lazy_min_files=0 if kind == "auto-lazy" else 1_000_000)
