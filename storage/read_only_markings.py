@@ -136,8 +136,8 @@ def read_only_markings(root: CasDirectory, memo: MarkingsMemo | None = None) -> 
 
 
 #: A node read in this walk: its own value of the property (None: unmarked) and its
-#: subdirectories (name, key) sorted by name.
-_Read = tuple[str | None, list[tuple[str, _Key]]]
+#: subdirectories (name, node, key) sorted by name.
+_Read = tuple[str | None, list[tuple[str, _Node, _Key]]]
 
 
 def _read_unknown_nodes(
@@ -146,6 +146,8 @@ def _read_unknown_nodes(
     """The subtrees of ``root`` the memo knows (their markings), and every other node (read
     shallowly, its value checked), each once."""
     store = root.store
+    local = store if isinstance(store, LocalContent) else None  # asked once: an ABC check is slow
+    memo_get = memo._get
     known: dict[_Key, Markings] = {}
     read: dict[_Key, _Read] = {}
     # Depth first without recursion (a tree can be deeper than Python's stack).
@@ -154,18 +156,17 @@ def _read_unknown_nodes(
         node, key, where = stack.pop()
         if key in read or key in known:
             continue  # the same subtree at two places
-        markings = memo._get(key)
+        markings = memo_get(key)
         if markings is not None:
             known[key] = markings
             continue
-        own, children = _visit(node, where, store)
+        own, children = read[key] = _visit(node, where, store, local)
         if own is not None and own not in _VALUES:
             raise InvalidArgument(
                 f"input root directory {join(where) or '.'!r}: node property "
                 f"{READ_ONLY_PROPERTY}={own!r}, expected 'true' or 'false'"
             )
-        read[key] = (own, [(name, child_key) for name, _, child_key in children])
-        stack.extend((child, child_key, where + (name,)) for name, child, child_key in children)
+        stack.extend([(child, child_key, where + (name,)) for name, child, child_key in children])
     return known, read
 
 
@@ -181,19 +182,22 @@ def _combine(root_key: _Key, known: dict[_Key, Markings], read: dict[_Key, _Read
         own, children = read[key]
         if not children_done:
             stack.append((key, True))
-            stack.extend((child_key, False) for _, child_key in children)
+            stack.extend([(child_key, False) for _, _, child_key in children])
             continue
         markings: list[tuple[RelPath, bool]] = [] if own is None else [((), _VALUES[own])]
-        for name, child_key in children:
+        for name, _, child_key in children:
             markings.extend(((name,) + path, read_only) for path, read_only in found[child_key])
         found[key] = tuple(markings)
     return found
 
 
-def _visit(node: _Node, where: RelPath, store: ContentStore) -> tuple[str | None, list[tuple[str, _Node, _Key]]]:
-    """A node's own marking (None: unmarked) and its subdirectories sorted by name."""
+def _visit(node: _Node, where: RelPath, store: ContentStore, local: LocalContent | None) -> _Read:
+    """A node's own marking (None: unmarked) and its subdirectories sorted by name.
+    ``local``: ``store`` if its blobs are files (:func:`_read_directory`)."""
     children: list[tuple[str, _Node, _Key]] = []
-    if isinstance(node, CasDirectory):
+    if isinstance(node, Digest):  # (a plain class: a fast check, unlike CasDirectory's ABC)
+        digest = node
+    else:
         entries = node.loaded_entries()
         if entries is not None:
             for name, entry in sorted(entries.items()):
@@ -202,9 +206,7 @@ def _visit(node: _Node, where: RelPath, store: ContentStore) -> tuple[str | None
                     children.append((name, entry, (digest.hash, digest.size_bytes)))
             return node.node_properties().get(READ_ONLY_PROPERTY), children
         digest = node.digest()
-    else:
-        digest = node
-    data = _read_directory(store, digest, where)
+    data = _read_directory(store, local, digest, where)
     try:
         proto = re_pb2.Directory.FromString(data)
     except DecodeError as err:
@@ -230,17 +232,17 @@ def _by_name(child: tuple[str, _Node, _Key]) -> str:
     return child[0]
 
 
-def _read_directory(store: ContentStore, digest: Digest, where: RelPath) -> bytes:
+def _read_directory(store: ContentStore, local: LocalContent | None, digest: Digest, where: RelPath) -> bytes:
     """The Directory blob's bytes: straight from the local cache's file when it is there
     whole (module docstring: why), else through ``store.read`` — a miss (fetched from the
     remote, or MissingBlobs), an evicted or odd file, any OSError."""
-    if isinstance(store, LocalContent):
+    if local is not None:
         # ``object_path`` is formatting only; ``digest`` was checked (64 hex digits), so
         # the path stays in the cache. A blob evicted meanwhile is either read whole from
         # its open descriptor or not found; a file of another size is not trusted.
         data = None
         try:
-            fd = os.open(store.object_path(digest), os.O_RDONLY | os.O_CLOEXEC)
+            fd = os.open(local.object_path(digest), os.O_RDONLY | os.O_CLOEXEC)
         except OSError:
             pass
         else:
