@@ -65,6 +65,7 @@ READ_ONLY_PROPERTY = "SubtreeReadOnly"
 Markings = tuple[tuple[RelPath, bool], ...]
 
 _VALUES = {"true": True, "false": False}
+_PROPERTY_BYTES = READ_ONLY_PROPERTY.encode()
 
 
 #: A Directory digest as ``(hash, size_bytes)``: the walk's and the memo's key. A tuple,
@@ -95,12 +96,20 @@ class MarkingsMemo:
                 self._known.move_to_end(key)
             return markings
 
+    def _get_known(self, keys: list[_Key]) -> dict[_Key, Markings]:
+        """Those of ``keys`` remembered, with their markings, under one lock (a node's
+        children at once)."""
+        known = self._known
+        with self._lock:
+            found = {key: known[key] for key in keys if key in known}
+            for key in found:
+                known.move_to_end(key)
+        return found
+
     def _put_all(self, found: dict[_Key, Markings]) -> None:
         """Remember every subtree of ``found`` (a walk's new nodes) under one lock."""
         with self._lock:
-            for key, markings in found.items():
-                self._known[key] = markings
-                self._known.move_to_end(key)
+            self._known.update(found)  # (new keys go last: most recently used)
             while len(self._known) > self._max:
                 self._known.popitem(last=False)
 
@@ -147,26 +156,26 @@ def _read_unknown_nodes(
     shallowly, its value checked), each once."""
     store = root.store
     local = store if isinstance(store, LocalContent) else None  # asked once: an ABC check is slow
-    memo_get = memo._get
-    known: dict[_Key, Markings] = {}
     read: dict[_Key, _Read] = {}
-    # Depth first without recursion (a tree can be deeper than Python's stack).
-    stack: list[tuple[_Node, _Key, RelPath]] = [(root, root_key, ())]
+    known = memo._get_known([root_key])
+    # Depth first without recursion (a tree can be deeper than Python's stack). A node is
+    # pushed if the memo did not know it when its parent was read; the memo is asked about
+    # a node's children together, under one lock.
+    stack: list[tuple[_Node, _Key, RelPath]] = [] if known else [(root, root_key, ())]
     while stack:
         node, key, where = stack.pop()
-        if key in read or key in known:
+        if key in read:
             continue  # the same subtree at two places
-        markings = memo_get(key)
-        if markings is not None:
-            known[key] = markings
-            continue
         own, children = read[key] = _visit(node, where, store, local)
         if own is not None and own not in _VALUES:
             raise InvalidArgument(
                 f"input root directory {join(where) or '.'!r}: node property "
                 f"{READ_ONLY_PROPERTY}={own!r}, expected 'true' or 'false'"
             )
-        stack.extend([(child, child_key, where + (name,)) for name, child, child_key in children])
+        if children:
+            known.update(memo._get_known([child_key for _, _, child_key in children if child_key not in known]))
+            stack.extend([(child, child_key, where + (name,)) for name, child, child_key in children
+                          if child_key not in known])
     return known, read
 
 
@@ -212,10 +221,11 @@ def _visit(node: _Node, where: RelPath, store: ContentStore, local: LocalContent
     except DecodeError as err:
         raise InvalidArgument(f"Directory {digest} at {join(where) or '.'!r} is not a Directory proto: {err}") from None
     own = None
-    for prop in proto.node_properties.properties:
-        if prop.name == READ_ONLY_PROPERTY:
-            own = prop.value
-            break
+    if _PROPERTY_BYTES in data:  # (a name is stored as its bytes: absent, no need to look)
+        for prop in proto.node_properties.properties:
+            if prop.name == READ_ONLY_PROPERTY:
+                own = prop.value
+                break
     for sub in proto.directories:
         name, sub_digest = sub.name, sub.digest
         try:
@@ -224,12 +234,8 @@ def _visit(node: _Node, where: RelPath, store: ContentStore, local: LocalContent
         except InvalidArgument as err:
             raise InvalidArgument(f"Directory {digest} at {join(where) or '.'!r}: entry {name!r}: {err}") from None
         children.append((name, child, (child.hash, child.size_bytes)))
-    children.sort(key=_by_name)
+    children.sort()  # (names are unique in a valid Directory: digests compared only in a hostile one)
     return own, children
-
-
-def _by_name(child: tuple[str, _Node, _Key]) -> str:
-    return child[0]
 
 
 def _read_directory(store: ContentStore, local: LocalContent | None, digest: Digest, where: RelPath) -> bytes:
