@@ -136,6 +136,23 @@ def test_a_known_subtree_with_a_marking_is_reported_at_each_new_place():
     )
 
 
+def test_the_propertys_name_elsewhere_in_a_directory_is_no_marking():
+    """The byte check that skips the property scan is only a shortcut: the name as a file
+    name, or as another property's value, marks nothing; another property beside it does
+    not hide it."""
+    store = MemoryStore()
+    decoy = re_pb2.Directory(files=[re_pb2.FileNode(name="SubtreeReadOnly", digest=store.write(b"x").to_proto())])
+    decoy.node_properties.properties.add(name="Other", value="SubtreeReadOnly")
+    marked = re_pb2.Directory()
+    marked.node_properties.properties.add(name="Before", value="x")
+    marked.node_properties.properties.add(name="SubtreeReadOnly", value="false")
+    root = store.write(serialize(re_pb2.Directory(directories=[
+        re_pb2.DirectoryNode(name="decoy", digest=store.write(serialize(decoy)).to_proto()),
+        re_pb2.DirectoryNode(name="marked", digest=store.write(serialize(marked)).to_proto()),
+    ])))
+    assert read_only_markings(CasDirectory.from_digest(store, root)) == ((("marked",), False),)
+
+
 def test_a_directory_blob_that_is_not_a_directory_proto_is_invalid_argument_naming_it():
     store = MemoryStore()
     junk = store.write(b"\xff\xff\xff not a proto")
