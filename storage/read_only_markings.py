@@ -36,7 +36,7 @@ lock, an ``utime`` to record the use; open+read+close alone is 20), the proto pa
 the rest the walk's own Python (a :class:`Digest` hashes in Python, ~10 times a node).
 So:
 
-* :func:`_read_directory` opens the cache's file itself when the store's blobs are files:
+* :func:`_read_file` opens the cache's file itself when the store's blobs are files:
   its size checked against the digest, any doubt (absent, evicted, another size, any
   OSError) sent to ``store.read``, which fetches, translates and raises MissingBlobs as
   before. Lost: LRU advice only — a Directory read by this walk alone is not marked used,
@@ -180,7 +180,13 @@ def _read_unknown_nodes(
         node, key, where = stack.pop()
         if key in read:
             continue  # the same subtree at two places
-        own, children = read[key] = _visit(node, where, store, local)
+        if isinstance(node, Digest):  # (a plain class: a fast check, unlike CasDirectory's ABC)
+            data = _read_file(local, node) if local is not None else None
+            if data is None:
+                data = _read_through(store, node, where)
+            own, children = read[key] = _parse(data, node, where)
+        else:
+            own, children = read[key] = _visit_loaded(node, where, store)
         if own is not None and own not in _VALUES:
             raise InvalidArgument(
                 f"input root directory {join(where) or '.'!r}: node property "
@@ -214,22 +220,24 @@ def _combine(root_key: _Key, known: dict[_Key, Markings], read: dict[_Key, _Read
     return found
 
 
-def _visit(node: _Node, where: RelPath, store: ContentStore, local: LocalContent | None) -> _Read:
-    """A node's own marking (None: unmarked) and its subdirectories sorted by name.
-    ``local``: ``store`` if its blobs are files (:func:`_read_directory`)."""
-    children: list[tuple[str, _Node, _Key]] = []
-    if isinstance(node, Digest):  # (a plain class: a fast check, unlike CasDirectory's ABC)
-        digest = node
-    else:
-        entries = node.loaded_entries()
-        if entries is not None:
-            for name, entry in sorted(entries.items()):
-                if isinstance(entry, CasDirectory):
-                    digest = entry.digest()
-                    children.append((name, entry, (digest.hash, digest.size_bytes)))
-            return node.node_properties().get(READ_ONLY_PROPERTY), children
+def _visit_loaded(node: CasDirectory, where: RelPath, store: ContentStore) -> _Read:
+    """What :func:`_parse` gives, for a node given as a CasDirectory: from its entries if
+    it is loaded (the root, the paths the mount points were checked along), else read."""
+    entries = node.loaded_entries()
+    if entries is None:
         digest = node.digest()
-    data = _read_directory(store, local, digest, where)
+        return _parse(_read_through(store, digest, where), digest, where)
+    children: list[tuple[str, _Node, _Key]] = []
+    for name, entry in sorted(entries.items()):
+        if isinstance(entry, CasDirectory):
+            digest = entry.digest()
+            children.append((name, entry, (digest.hash, digest.size_bytes)))
+    return node.node_properties().get(READ_ONLY_PROPERTY), children
+
+
+def _parse(data: bytes, digest: Digest, where: RelPath) -> _Read:
+    """A Directory blob's own marking (None: unmarked) and its subdirectories sorted by
+    name; InvalidArgument if it is not a Directory proto or names a subdirectory badly."""
     try:
         proto = re_pb2.Directory.FromString(data)
     except DecodeError as err:
@@ -240,6 +248,7 @@ def _visit(node: _Node, where: RelPath, store: ContentStore, local: LocalContent
             if prop.name == READ_ONLY_PROPERTY:
                 own = prop.value
                 break
+    children: list[tuple[str, _Node, _Key]] = []
     for sub in proto.directories:
         name, sub_digest = sub.name, sub.digest
         try:
@@ -252,28 +261,29 @@ def _visit(node: _Node, where: RelPath, store: ContentStore, local: LocalContent
     return own, children
 
 
-def _read_directory(store: ContentStore, local: LocalContent | None, digest: Digest, where: RelPath) -> bytes:
-    """The Directory blob's bytes: straight from the local cache's file when it is there
-    whole (module docstring: why), else through ``store.read`` — a miss (fetched from the
-    remote, or MissingBlobs), an evicted or odd file, any OSError."""
-    if local is not None:
-        # ``object_path`` is formatting only; ``digest`` was checked (64 hex digits), so
-        # the path stays in the cache. A blob evicted meanwhile is either read whole from
-        # its open descriptor or not found; a file of another size is not trusted.
-        data = None
-        try:
-            fd = os.open(local.object_path(digest), os.O_RDONLY | os.O_CLOEXEC)
-        except OSError:
-            pass
-        else:
-            try:
-                data = os.read(fd, digest.size_bytes + 1)
-            except OSError:
-                pass
-            finally:
-                os.close(fd)
-        if data is not None and len(data) == digest.size_bytes:
-            return data
+def _read_file(local: LocalContent, digest: Digest) -> bytes | None:
+    """The Directory blob's bytes straight from the local cache's file (module docstring:
+    why), or None when in any doubt — absent, evicted, another size, any OSError — for
+    :func:`_read_through` to decide."""
+    # ``object_path`` is formatting only; ``digest`` was checked (64 hex digits), so the
+    # path stays in the cache. A blob evicted meanwhile is either read whole from its open
+    # descriptor or not found; a file of another size is not trusted.
+    try:
+        fd = os.open(local.object_path(digest), os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        data = os.read(fd, digest.size_bytes + 1)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    return data if len(data) == digest.size_bytes else None
+
+
+def _read_through(store: ContentStore, digest: Digest, where: RelPath) -> bytes:
+    """The Directory blob's bytes from ``store.read``: fetched from the remote on a miss,
+    or MissingBlobs naming it and where it is."""
     try:
         return store.read(digest)
     except ReapiError as err:
