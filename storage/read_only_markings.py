@@ -22,9 +22,9 @@ Why a node not loaded yet is read shallowly — its proto parsed for its own pro
 its subdirectories, no file entry built — rather than loaded: the walk needs nothing
 else, and a lazy stager (FUSE) must not pay before the command for every file of a tree
 it may never open. Measured here (warm cache, /dev/shm, trees never seen): loading every
-node costs 48 ms for 10k files, 398 ms for 50k; the shallow read 11 and 79 ms (since cut: below). A
-hardlink stager then loads every node once more for the export (the shallow reads are
-the extra). The shallow read checks what the markings' paths are made of (each
+node costs 48 ms for 10k files, 398 ms for 50k; the shallow read 11 and 79 ms (since
+cut, below). A hardlink stager then loads every node once more for the export (the
+shallow reads are the extra). The shallow read checks what the markings' paths are made of (each
 subdirectory's name and digest) and that the node is a Directory proto; the rest of a
 node is checked when it is loaded.
 
@@ -98,17 +98,13 @@ class MarkingsMemo:
         self._known: collections.OrderedDict[_Key, Markings] = collections.OrderedDict()
 
     def get(self, digest: Digest) -> Markings | None:
-        return self._get((digest.hash, digest.size_bytes))
+        key = (digest.hash, digest.size_bytes)
+        return self._get_known([key]).get(key)
 
     def put(self, digest: Digest, markings: Markings) -> None:
         self._put_all({(digest.hash, digest.size_bytes): markings})
 
-    def _get(self, key: _Key) -> Markings | None:
-        with self._lock:
-            markings = self._known.get(key)
-            if markings is not None:
-                self._known.move_to_end(key)
-            return markings
+    # By key, for this module's walk:
 
     def _get_known(self, keys: list[_Key]) -> dict[_Key, Markings]:
         """Those of ``keys`` remembered, with their markings, under one lock (a node's

@@ -61,7 +61,8 @@ def test_directories_the_cache_lacks_are_fetched_from_the_remote_and_kept(store:
 
 def test_a_directory_neither_holds_is_missing_blobs_naming_it(store: FetchThroughStore) -> None:
     gone = store_marked_tree(MemoryStore(), {"x": b"never uploaded", MARK: "true"})
-    root = store.write(serialize(re_pb2.Directory(directories=[re_pb2.DirectoryNode(name="s", digest=gone.to_proto())])))
+    root = store.write(serialize(re_pb2.Directory(
+        directories=[re_pb2.DirectoryNode(name="s", digest=gone.to_proto())])))
     with pytest.raises(MissingBlobs) as raised:
         read_only_markings(CasDirectory.from_digest(store, root))
     assert raised.value.digests == [gone]

@@ -156,7 +156,8 @@ def test_the_propertys_name_elsewhere_in_a_directory_is_no_marking():
 def test_a_directory_blob_that_is_not_a_directory_proto_is_invalid_argument_naming_it():
     store = MemoryStore()
     junk = store.write(b"\xff\xff\xff not a proto")
-    root = store.write(serialize(re_pb2.Directory(directories=[re_pb2.DirectoryNode(name="a", digest=junk.to_proto())])))
+    root = store.write(serialize(re_pb2.Directory(
+        directories=[re_pb2.DirectoryNode(name="a", digest=junk.to_proto())])))
     with pytest.raises(InvalidArgument, match=r"at 'a' is not a Directory proto"):
         read_only_markings(CasDirectory.from_digest(store, root))
 
