@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 
 import pytest
 
@@ -203,6 +204,27 @@ def _marked_directory(value: str) -> re_pb2.Directory:
     directory = re_pb2.Directory()
     directory.node_properties.properties.add(name="SubtreeReadOnly", value=value)
     return directory
+
+
+def test_walks_in_several_threads_sharing_one_memo_agree_with_a_walk_alone():
+    """Actions run concurrently and share the executor's memo: walks of trees that share
+    subtrees, at once, each give what a walk with a memo of its own gives."""
+    store, shared = MemoryStore(), MarkingsMemo(max_entries=40)  # small: evictions meanwhile
+    specs = [_big_tree((f"p{i}", "d1"), "true" if i % 2 else "false") for i in range(8)]
+    roots = [store_marked_tree(store, spec) for spec in specs]
+    expected = [read_only_markings(CasDirectory.from_digest(store, root)) for root in roots]
+    results: list[list] = [[] for _ in roots]
+
+    def walk(index: int) -> None:
+        for _ in range(5):
+            results[index].append(read_only_markings(CasDirectory.from_digest(store, roots[index]), shared))
+
+    threads = [threading.Thread(target=walk, args=(i,)) for i in range(len(roots))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert results == [[markings] * 5 for markings in expected]
 
 
 def test_the_memo_forgets_the_least_recently_used():
