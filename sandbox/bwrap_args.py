@@ -22,7 +22,8 @@ Choices, and why:
   bubblewrap then *adds* ``PWD`` (it always does, after ``chdir``). In HOST_TOOLS mode the
   command is therefore started through the host's ``env -u PWD --`` (a 0.5 ms exec that
   replaces itself with the command, keeping execvp's PATH rules and the shell's 127/126
-  exit codes). In CHROOT mode nothing of the host can be relied on inside the root, so
+  exit codes) — unless the client's ``PWD`` is the working directory itself, bubblewrap's
+  value. In CHROOT mode nothing of the host can be relied on inside the root, so
   bubblewrap's ``PWD`` (the sandbox working directory — deterministic, not worker data)
   stays; documented as the one difference. ``env`` would take an ``arguments[0]``
   containing ``=`` for an assignment, so such a command is also run without it.
@@ -208,11 +209,17 @@ def _covered(path: str, request: SandboxRequest) -> bool:
 
 
 def uses_env_shim(request: SandboxRequest, layout: HostLayout) -> bool:
-    """Whether :func:`bwrap_arguments` starts the command through :data:`ENV_SHIM`."""
+    """Whether :func:`bwrap_arguments` starts the command through :data:`ENV_SHIM`.
+
+    Not when the client's own ``PWD`` is exactly the working directory: that is the value
+    bubblewrap sets, so the environment is already exact and the exec (~0.5-1 ms of a
+    sandbox start, ``bench/bench_sandbox.py``) would change nothing.
+    """
     return (
         request.root_mode is RootMode.HOST_TOOLS
         and layout.env_shim is not None
         and "=" not in request.arguments[0]
+        and request.environment.get("PWD") != request.sandbox_working_directory
     )
 
 
