@@ -85,22 +85,23 @@ def scan_etc(allow: re.Pattern[str], etc: str = "/etc") -> tuple[EtcEntry, ...]:
     """The allowed entries of the directory ``etc``, sorted by name. Entries that are neither
     a file, a directory nor a symlink (sockets, fifos, devices) are never shown."""
     try:
-        names = sorted(os.listdir(etc))
+        # One descriptor for the directory: each lstat then resolves one name, not a path.
+        fd = os.open(etc, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except FileNotFoundError:
         return ()
-    entries = []
-    for name in names:
-        if not allow.match(name):
-            continue
-        host = os.path.join(etc, name)
-        try:
-            st = os.lstat(host)
-            target = os.readlink(host) if stat.S_ISLNK(st.st_mode) else None
-        except FileNotFoundError:
-            continue  # removed while we looked
-        if target is not None or stat.S_ISDIR(st.st_mode) or stat.S_ISREG(st.st_mode):
-            entries.append(EtcEntry(name, target, stat.S_ISDIR(st.st_mode), st.st_dev, st.st_ino))
-    return tuple(entries)
+    try:
+        entries = []
+        for name in sorted(filter(allow.match, os.listdir(fd))):
+            try:
+                st = os.lstat(name, dir_fd=fd)
+                target = os.readlink(name, dir_fd=fd) if stat.S_ISLNK(st.st_mode) else None
+            except FileNotFoundError:
+                continue  # removed while we looked
+            if target is not None or stat.S_ISDIR(st.st_mode) or stat.S_ISREG(st.st_mode):
+                entries.append(EtcEntry(name, target, stat.S_ISDIR(st.st_mode), st.st_dev, st.st_ino))
+        return tuple(entries)
+    finally:
+        os.close(fd)
 
 
 def allowed_etc_entries(allow: Iterable[str], root: str = "/") -> list[tuple[str, str | None]]:
