@@ -95,7 +95,8 @@ class BubblewrapRunner(Runner):
       should have refused the action before it got here).
     * ``etc_view`` — show ``/etc`` through the process's prepared view (:mod:`.etc_view`):
       one bind per sandbox instead of one per entry. Needs root; a worker that is not root
-      (or ``False``) binds the entries one by one, as the layout lists them.
+      (or ``False``, or one that cannot make the view: logged) binds the entries one by one,
+      as the layout lists them.
 
     Makes the worker process a child subreaper (:mod:`.reaper`). Raises SandboxSetupError
     when bubblewrap or setpriv is missing or ``run_as`` is not possible. Thread-safe.
@@ -129,7 +130,12 @@ class BubblewrapRunner(Runner):
         self.nat = nat
         self.etc_view: EtcView | None = None
         if etc_view and os.geteuid() == 0 and self.layout.etc_allow:
-            self.etc_view = shared_etc_view(self.layout.etc_allow, self.layout.etc_dir)
+            try:
+                self.etc_view = shared_etc_view(self.layout.etc_allow, self.layout.etc_dir)
+            except SandboxSetupError as e:
+                # Only slower without it (the same entries, bound one by one): not a reason
+                # to refuse to start.
+                log.warning("binding /etc entry by entry: %s", e)
         become_child_subreaper()
 
     def _drop_to(self, target: RunAs | None) -> tuple[str, ...]:

@@ -219,9 +219,11 @@ def _add(entry: EtcEntry, etc: str, view: str) -> None:
         os.close(fd)
 
 
-def shared_etc_view(allow: tuple[str, ...], etc: str = "/etc", base: str = DEFAULT_BASE) -> EtcView:
+def shared_etc_view(allow: tuple[str, ...], etc: str = "/etc", base: str | None = None) -> EtcView:
     """The one view of this process for ``allow`` (made on first use, closed at exit), so
-    that every runner of a process — the worker's, a test's — shares its mounts."""
+    that every runner of a process — the worker's, a test's — shares its mounts. ``base``:
+    :data:`DEFAULT_BASE` unless given."""
+    base = DEFAULT_BASE if base is None else base
     key = (base, tuple(allow), etc)
     with _shared_lock:
         view = _shared.get(key)

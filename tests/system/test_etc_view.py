@@ -206,3 +206,16 @@ def test_attack_the_sandboxs_mountinfo_names_no_worker_path_for_etc(runner, base
     assert fields[3] == "/"  # the view's own tmpfs, shown from its root
     assert fields[fields.index("-") + 2] == TMPFS_SOURCE
     assert "ro" in fields[5].split(",")
+
+
+def test_a_runner_that_cannot_make_the_view_binds_the_entries_one_by_one(etc, base, monkeypatch):
+    require_tool("bwrap")
+    (base / "not-a-dir").write_text("")
+    monkeypatch.setattr("reapi_worker.sandbox.etc_view.DEFAULT_BASE", str(base / "not-a-dir" / "views"))
+    layout = dataclasses.replace(HostLayout.probe(), etc_allow=ALLOW, etc_dir=str(etc))
+    runner = BubblewrapRunner(layout=layout)
+    assert runner.etc_view is None
+    # The layout's entries (the host's, as probed), each bound on its own.
+    code, output = run(runner, base, "ls -A /etc")
+    assert code == 0, output
+    assert output.split() == sorted(e.path.removeprefix("/etc/") for e in layout.entries if e.path.startswith("/etc/"))
