@@ -103,12 +103,19 @@ class EtcView:
                 _swept.add(base)
                 sweep_dead_views(base)
             token, self._owner_fd = _become_owner(os.path.join(base, _OWNERS))
-            self._owner = os.path.join(base, _OWNERS, token)
-            self.path = os.path.join(base, token)
+        except OSError as e:
+            raise SandboxSetupError(f"cannot set up the sandbox's /etc view under {base}: {e}") from e
+        self._owner = os.path.join(base, _OWNERS, token)
+        self.path = os.path.join(base, token)
+        try:
             os.mkdir(self.path, 0o711)
             _mount(self.path, self.path, None, MS_BIND)
             _mount(None, self.path, None, MS_PRIVATE)
         except OSError as e:
+            self._closed = True
+            if _detach_all_under(self.path) and _remove_dirs(self.path):
+                os.unlink(self._owner)
+            os.close(self._owner_fd)
             raise SandboxSetupError(f"cannot set up the sandbox's /etc view under {base}: {e}") from e
 
     @contextlib.contextmanager
