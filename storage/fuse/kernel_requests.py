@@ -137,9 +137,9 @@ class KernelRequests:
     def _attr(self, inode: Inode | None, ino: int) -> bytes:
         if type(inode) is FileInode:
             size = inode.digest.size_bytes
-            mode, uid, gid = stat.S_IFREG | (0o555 if inode.executable else 0o444), self._uid, self._gid
+            mode, uid, gid = stat.S_IFREG | (0o555 if inode.executable else 0o444), inode.uid, inode.gid
         elif type(inode) is LinkInode:
-            size, mode, uid, gid = len(inode.target), stat.S_IFLNK | 0o777, self._uid, self._gid
+            size, mode, uid, gid = len(inode.target), stat.S_IFLNK | 0o777, inode.root.dir_uid, inode.root.dir_gid
         elif type(inode) is DirInode:
             size, mode, uid, gid = 0, stat.S_IFDIR | 0o755, inode.root.dir_uid, inode.root.dir_gid
         else:  # the mount's top directory: root only (overlayfs reads below as its mounter)

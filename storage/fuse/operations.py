@@ -87,8 +87,8 @@ def _handler(
 
 class InputFileSystem(pyfuse3.Operations):
     """Serves the roots in ``table`` (see the module docstring). ``uid``/``gid`` own the
-    files (the cache's owner: an unmapped uid inside the sandbox, so actions cannot chmod
-    them); each root's directories are owned by the uid the sandbox runs as."""
+    mount's top directory; each root's directories, files and symlinks are owned by the
+    uid the sandbox runs as (:mod:`.inodes`: why files too)."""
 
     # No "." / ".." lookups: the kernel resolves ".." itself (no NFS export here).
     supports_dot_lookup = False
@@ -116,11 +116,11 @@ class InputFileSystem(pyfuse3.Operations):
             attrs.st_mode = stat.S_IFREG | (0o555 if inode.executable else 0o444)
             attrs.st_size = inode.digest.size_bytes
             attrs.st_blocks = (inode.digest.size_bytes + 511) // 512
-            attrs.st_uid, attrs.st_gid = self._uid, self._gid
+            attrs.st_uid, attrs.st_gid = inode.uid, inode.gid
         elif type(inode) is LinkInode:
             attrs.st_mode = stat.S_IFLNK | 0o777
             attrs.st_size = len(inode.target)
-            attrs.st_uid, attrs.st_gid = self._uid, self._gid
+            attrs.st_uid, attrs.st_gid = inode.root.dir_uid, inode.root.dir_gid
         elif type(inode) is DirInode:
             attrs.st_mode = stat.S_IFDIR | 0o755
             attrs.st_uid, attrs.st_gid = inode.root.dir_uid, inode.root.dir_gid

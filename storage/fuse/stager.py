@@ -17,11 +17,12 @@ unaware of any of this — it binds ``path`` like any staged directory, in both 
 and leaves the merged view in place after the command for output capture, which reads it
 like any other tree. Mounting and unmounting an overlay costs ~0.2 ms.
 
-What the action sees: inputs with their bits and symlinks, owned by the cache's owner (an
-unmapped uid in the sandbox, so it cannot chmod or write them), directories owned by the
-sandbox's uid (so it can create, replace and delete entries, all in its upper layer). No
-write ever reaches the CAS: the FUSE mount is read-only and overlayfs copies a file up
-before changing it.
+What the action sees: inputs with their bits and symlinks, everything owned by the
+sandbox's uid — so it can create, replace and delete entries, and ``chmod``, ``touch`` or
+(given a write bit) rewrite input files in place, as in a local build's staged tree; all of
+it lands in the upper layer. No write ever reaches the CAS: the FUSE mount is read-only and
+overlayfs copies a file up before changing it. (A ``SubtreeReadOnly`` subtree is
+remounted read-only above all this by the sandbox.)
 
 Nothing of the tree is read before the command but its root Directory: a directory is
 read when first looked up, a blob fetched when first opened. Missing inputs are found the
