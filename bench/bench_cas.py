@@ -6,7 +6,10 @@ Rows (medians of --runs; a fresh LocalCAS on /dev/shm for every run, so every fe
 * ``floor: raw ByteStream read`` — the same blobs read by a bare ByteStream loop that only
   counts bytes: what the server (and gRPC) can give at best, measured in the same run;
 * ``10k-file tree: fetch + stage`` — GetTree, batched reads of 10,000 ~2 KiB blobs, then
-  hardlink staging, from a cold cache.
+  hardlink staging, from a cold cache;
+* ``floor: raw GetTree + BatchReadBlobs`` — the same tree and blobs asked of the server by
+  bare calls that keep nothing (batches as full and as many at once as the worker's), in
+  the same run: what is left above it is the worker's own cost.
 
 Needs a BuildGrid: deploy/buildgrid/start.sh prints its address (default 127.0.0.1:50051).
 Usage: python bench/bench_cas.py [--remote HOST:PORT] [--runs N]. Never asserts.
@@ -15,6 +18,7 @@ Usage: python bench/bench_cas.py [--remote HOST:PORT] [--runs N]. Never asserts.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import os
 import shutil
 import statistics
@@ -23,10 +27,10 @@ import time
 
 import grpc
 
-from reapi_worker.protos import bytestream_pb2, bytestream_pb2_grpc
+from reapi_worker.protos import bytestream_pb2, bytestream_pb2_grpc, re_grpc, re_pb2
 from reapi_worker.storage.channels import ConnectionOptions, open_channel
 from reapi_worker.storage.digests import Digest
-from reapi_worker.storage.directory.cas import CasDirectory
+from reapi_worker.storage.directory.cas import CasDirectory, FileEntry
 from reapi_worker.storage.fetch_through import FetchThroughStore
 from reapi_worker.storage.local_cas import LocalCAS
 from reapi_worker.storage.remote_cas import RemoteCAS, RemoteOptions
@@ -51,6 +55,7 @@ def main() -> None:
             tree.mkdir(path.rpartition("/")[0])
         tree.write_bytes(path, os.urandom(1024).hex().encode())
     root = tree.digest()
+    files = _file_digests(tree)
     rows: dict[str, list[float]] = {}
     for _ in range(args.runs):
         rows.setdefault("floor: raw ByteStream read 3 x 100 MiB (MB/s)", []).append(
@@ -67,6 +72,8 @@ def main() -> None:
 
             rows.setdefault("cold fetch + stage 10k-file tree (ms)", []).append(_timed(fetch_and_stage) * 1000)
             shutil.rmtree(dest)
+        rows.setdefault("floor: raw GetTree + BatchReadBlobs 10k (ms)", []).append(
+            _timed(lambda: _raw_tree_read(channel, root, files, RemoteOptions())) * 1000)
     channel.close()
     print(f"{'what':<50} {'median':>9} {'min':>9} {'max':>9}   (runs={args.runs})")
     for name, values in rows.items():
@@ -94,6 +101,41 @@ def _raw_read(channel: grpc.Channel, digests: list[Digest]) -> None:
         for response in stub.Read(bytestream_pb2.ReadRequest(resource_name=f"blobs/{digest.hash}/{digest.size_bytes}")):
             received += len(response.data)
         assert received == digest.size_bytes
+
+
+def _file_digests(tree: CasDirectory) -> list[Digest]:
+    found: list[Digest] = []
+    stack = [tree]
+    while stack:
+        node = stack.pop()
+        for entry in node.entries().values():
+            if isinstance(entry, CasDirectory):
+                stack.append(entry)
+            elif type(entry) is FileEntry:
+                found.append(entry.digest)
+    return found
+
+
+def _raw_tree_read(channel: grpc.Channel, root: Digest, files: list[Digest], options: RemoteOptions) -> None:
+    cas = re_grpc.ContentAddressableStorageStub(channel)
+    for _ in cas.GetTree(re_pb2.GetTreeRequest(root_digest=root.to_proto())):
+        pass
+    limit = options.max_request_bytes - 64 * 1024  # room for the reply's framing
+    batches: list[list[Digest]] = [[]]
+    size = 0
+    for digest in files:
+        if size + digest.size_bytes + 256 > limit:
+            batches.append([])
+            size = 0
+        batches[-1].append(digest)
+        size += digest.size_bytes + 256
+
+    def read(batch: list[Digest]) -> int:
+        reply = cas.BatchReadBlobs(re_pb2.BatchReadBlobsRequest(digests=[d.to_proto() for d in batch]))
+        return sum(len(response.data) for response in reply.responses)
+
+    with concurrent.futures.ThreadPoolExecutor(options.parallelism) as pool:
+        assert sum(pool.map(read, batches)) == sum(d.size_bytes for d in files)
 
 
 def _timed(function) -> float:  # type: ignore[no-untyped-def]

@@ -12,10 +12,18 @@ For trees of 1k/10k/50k distinct ~2 KiB files (bench_staging.py's shape), run af
   of its Directories (storage/fuse/stager.py);
 * the same for ``read all`` (every input opened and read through the mount).
 
+Each row is measured per FUSE backend (``--backends``, storage/fuse/mount.py: ``pyfuse3``
+through libfuse, ``kernel`` speaking /dev/fuse with passthrough reads, ``kernel-read`` the
+same without passthrough, as under a bounded build directory), one mount at a time,
+each with its own floor measured in the same runs. It also prints the requests the daemon
+answered during one action, by type (for pyfuse3 only with ``--count-pyfuse3``, which
+wraps its handlers and so slows that run).
+
 Everything on /dev/shm (docs/measured.md: ext4 churn). Prints medians of ``--runs`` and the
 ratio to the floor; never asserts. Needs root (bubblewrap as another uid, FUSE, overlays).
 
 Usage: python bench/bench_fuse.py [--sizes 1000,10000,50000] [--runs 5] [--read-all-sizes 10000]
+                                  [--backends pyfuse3,kernel] [--count-pyfuse3]
 """
 
 from __future__ import annotations
@@ -34,7 +42,8 @@ from bench_staging import SHM, WORKLOADS, Bench, action, build_tree, timed  # no
 
 from reapi_worker.sandbox.bubblewrap import BubblewrapRunner  # noqa: E402
 from reapi_worker.storage.directory.cas import CasDirectory  # noqa: E402
-from reapi_worker.storage.fuse import FuseMount  # noqa: E402
+from reapi_worker.storage.digests import Digest  # noqa: E402
+from reapi_worker.storage.fuse import FuseMount, protocol  # noqa: E402
 from reapi_worker.storage.local_cas import LocalCAS  # noqa: E402
 from reapi_worker.storage.tree_facts import TreeFacts  # noqa: E402
 
@@ -52,49 +61,109 @@ def main() -> None:
     parser.add_argument("--sizes", default="1000,10000,50000")
     parser.add_argument("--read-all-sizes", default="10000")
     parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--backends", default="pyfuse3,kernel")
+    parser.add_argument("--count-pyfuse3", action="store_true", help="count pyfuse3's requests (slower)")
     args = parser.parse_args()
+    pyfuse3_counts: dict[str, int] = {}
+    if args.count_pyfuse3:
+        count_pyfuse3_requests(pyfuse3_counts)
     sizes = [int(s) for s in args.sizes.split(",")]
     read_all = {int(s) for s in args.read_all_sizes.split(",") if s}
     work = tempfile.mkdtemp(prefix="bench-fuse-", dir=SHM)
     os.chmod(work, 0o755)
-    times: dict[tuple[int, str, str], list[float]] = {}
-    mount = FuseMount(os.path.join(work, "fuse")).open()
+    times: dict[tuple[int, str, str, str], list[float]] = {}
+    requests: dict[tuple[int, str, str], dict[str, int]] = {}
     cache = LocalCAS(os.path.join(work, "cache"), max_bytes=1 << 33)
+    roots = {files: build_tree(cache, files) for files in sizes}
+    for files, root in roots.items():
+        CasDirectory.from_digest(cache, root).export_files(os.path.join(work, f"src-{files}"))
     try:
-        bench = Bench(work, mount, None, BubblewrapRunner())  # type: ignore[arg-type]  # no remote: warm cache
-        for files in sizes:
-            root = build_tree(cache, files)
-            source = os.path.join(work, f"src-{files}")
-            CasDirectory.from_digest(cache, root).export_files(source)
-            workloads = ["true"] + (["read all"] if files in read_all else [])
-            actions = {name: action(cache, root, WORKLOADS[name]) for name in workloads}
-            bench.execute(cache, bench.stager("fuse", cache, TreeFacts()), actions["true"])  # page cache, imports
-            for run in range(args.runs):
-                for workload in workloads:
-                    copy = os.path.join(work, "cp-al")
-                    command = WORKLOADS[workload]
-
-                    def floor() -> None:
-                        subprocess.run(["cp", "-al", source, copy], check=True)
-                        subprocess.run(bwrap_over(copy, command), check=True)
-
-                    times.setdefault((files, workload, "floor: cp -al + bwrap"), []).append(timed(floor))
-                    shutil.rmtree(copy)
-                    stager = bench.stager("fuse", cache, TreeFacts())  # never seen: fresh facts and executor
-                    times.setdefault((files, workload, "fuse, new tree"), []).append(
-                        bench.execute(cache, stager, actions[workload]))
-                print(f"  {files} files: run {run + 1}/{args.runs} done", file=sys.stderr, flush=True)
+        for backend in args.backends.split(","):
+            # "kernel-read": the kernel backend without passthrough (as under a BoundedStager).
+            mount = FuseMount(os.path.join(work, "fuse"), backend=backend.partition("-")[0],
+                              stacked_overlays=2 if backend == "kernel-read" else 1).open()
+            try:
+                print(f"  backend {backend}: {mount.backend_in_use} serves", file=sys.stderr, flush=True)
+                os.makedirs(os.path.join(work, backend), mode=0o755)  # a build root per backend
+                bench = Bench(os.path.join(work, backend), mount, None, BubblewrapRunner())  # type: ignore[arg-type]
+                for files in sizes:
+                    measure(args.runs, bench, cache, files, roots[files], files in read_all, work, backend, times,
+                            requests, pyfuse3_counts)
+            finally:
+                mount.close()
     finally:
         cache.close()
-        mount.close()
         shutil.rmtree(work, ignore_errors=True)
-    print(f"Whole action on {SHM}, warm cache, median of {args.runs} runs, ms; ratio to the same-run floor")
-    print(f"{'files':>6} {'workload':9} {'what':24} {'median':>9} {'min':>9} {'max':>9} {'/floor':>7}")
-    for (files, workload, what), values in sorted(times.items()):
-        floor_median = statistics.median(times[(files, workload, "floor: cp -al + bwrap")])
+    print(f"Whole action on {SHM}, warm cache, median of {args.runs} runs, ms; ratio to the floor of the same runs")
+    print(f"{'files':>6} {'workload':9} {'backend':11} {'what':24} {'median':>9} {'min':>9} {'max':>9} {'/floor':>7}")
+    for (files, workload, backend, what), values in sorted(times.items()):
+        floor_median = statistics.median(times[(files, workload, backend, FLOOR)])
         median = statistics.median(values)
-        print(f"{files:>6} {workload:9} {what:24} {median:9.1f} {min(values):9.1f} {max(values):9.1f} "
+        print(f"{files:>6} {workload:9} {backend:11} {what:24} {median:9.1f} {min(values):9.1f} {max(values):9.1f} "
               f"{median / floor_median:6.2f}x")
+    for (files, workload, backend), counts in sorted(requests.items()):
+        named = ", ".join(f"{name} {n}" for name, n in sorted(counts.items(), key=lambda c: -c[1]))
+        print(f"{backend}, {files} files, {workload}: requests answered in one action: {named}")
+
+
+FLOOR = "floor: cp -al + bwrap"
+OPCODE_NAMES = {getattr(protocol, name): name for name in (
+    "LOOKUP", "FORGET", "GETATTR", "READLINK", "OPEN", "READ", "STATFS", "RELEASE", "GETXATTR", "LISTXATTR",
+    "FLUSH", "OPENDIR", "READDIR", "RELEASEDIR", "INTERRUPT", "BATCH_FORGET", "READDIRPLUS", "ACCESS", "STATX")}
+PYFUSE3_COUNTED = ("lookup", "forget", "getattr", "readlink", "open", "read", "statfs", "release", "getxattr",
+                   "listxattr", "flush", "opendir", "readdir", "releasedir", "access")
+
+
+def count_pyfuse3_requests(counts: dict[str, int]) -> None:
+    """Count pyfuse3's handler calls by name (``--count-pyfuse3``: each call pays a wrapper,
+    so the timings of that run are not the ones to quote)."""
+    from reapi_worker.storage.fuse.operations import InputFileSystem
+
+    for name in PYFUSE3_COUNTED:
+        method = getattr(InputFileSystem, name)
+
+        def counted(self, *args, _method=method, _name=name):  # type: ignore[no-untyped-def]
+            counts[_name] = counts.get(_name, 0) + 1
+            return _method(self, *args)
+
+        setattr(InputFileSystem, name, counted)
+
+
+def served(mount: FuseMount, pyfuse3_counts: dict[str, int]) -> dict[str, int]:
+    """Requests the mount's daemon answered so far, by name."""
+    if mount.backend_in_use == "kernel":  # also kernel-read
+        return {OPCODE_NAMES.get(op, str(op)): n for op, n in mount.request_counts().items()}
+    return {name.upper(): n for name, n in pyfuse3_counts.items()}
+
+
+def measure(runs: int, bench: Bench, cache: LocalCAS, files: int, root: Digest, read_all: bool, work: str,
+            backend: str, times: dict[tuple[int, str, str, str], list[float]],
+            requests: dict[tuple[int, str, str], dict[str, int]], pyfuse3_counts: dict[str, int]) -> None:
+    """``runs`` runs of each workload on ``files`` files: the floor, then the action."""
+    source = os.path.join(work, f"src-{files}")
+    workloads = ["true"] + (["read all"] if read_all else [])
+    actions = {name: action(cache, root, WORKLOADS[name]) for name in workloads}
+    bench.execute(cache, bench.stager("fuse", cache, TreeFacts()), actions["true"])  # page cache, imports
+    for run in range(runs):
+        for workload in workloads:
+            copy = os.path.join(work, "cp-al")
+            command = WORKLOADS[workload]
+
+            def floor() -> None:
+                subprocess.run(["cp", "-al", source, copy], check=True)
+                subprocess.run(bwrap_over(copy, command), check=True)
+
+            times.setdefault((files, workload, backend, FLOOR), []).append(timed(floor))
+            shutil.rmtree(copy)
+            stager = bench.stager("fuse", cache, TreeFacts())  # never seen: fresh facts and executor
+            before = served(bench.mount, pyfuse3_counts)
+            times.setdefault((files, workload, backend, "fuse, new tree"), []).append(
+                bench.execute(cache, stager, actions[workload]))
+            after = served(bench.mount, pyfuse3_counts)
+            if after:
+                requests[(files, workload, backend)] = {
+                    name: n - before.get(name, 0) for name, n in after.items() if n > before.get(name, 0)}
+        print(f"  {backend}, {files} files: run {run + 1}/{runs} done", file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":

@@ -7,12 +7,18 @@ the cgroup lock waits an RCU grace period only when it was idle):
 * ``bwrap true (root)`` — the floor: ``bwrap --unshare-all ... /bin/true`` as root;
 * ``setpriv+bwrap true`` — the same dropped to uid 65534, as the runner does it;
 * ``setpriv+bwrap, the runner's options`` — bubblewrap with exactly the options the runner
-  gives it for this request (HOST_TOOLS: ~30 read-only binds of /etc entries, a sized /tmp,
-  the ``env -u PWD`` shim) but none of its control descriptors: what the runner adds beyond
-  this row is its own Python and its confinement;
+  gives it for this request (HOST_TOOLS: ``/etc`` as one bind of the runner's prepared view,
+  :mod:`reapi_worker.sandbox.etc_view`; a sized /tmp; the ``env -u PWD`` shim) but none of
+  its control descriptors: what the runner adds beyond this row is its own Python and its
+  confinement;
+* ``..., no env shim`` — the same without the shim (what a client that sends
+  ``PWD`` = its working directory gets): the shim's exec;
+* ``..., /etc entry by entry (before)`` — the same options with ``/etc``'s ~30 allowed
+  entries bound one by one, as before the view: the same-run baseline of the view;
 * ``runner, cgroup`` — the runner with this host's cgroup controller and the default bounds
   (memory, pids, /tmp size, open files): the process joins from the worker while bubblewrap
   waits for its options;
+* ``runner, cgroup, /etc entry by entry (before)`` — the same runner without the view;
 * ``runner, cgroup, shell join (before)`` — the same with the join done the old way, by a
   ``/bin/sh`` prefix writing its own pid, kept here as the same-run baseline;
 * ``runner, rlimit`` / ``runner, no limits`` — the rlimit fallback, and no confinement at all.
@@ -103,6 +109,8 @@ def main() -> None:
     controller = choose_resource_controller()
     runners = {
         f"runner, {controller.kind}": (BubblewrapRunner(controller=controller), BOUNDS),
+        f"runner, {controller.kind}, /etc entry by entry (before)":
+            (BubblewrapRunner(controller=controller, etc_view=False), BOUNDS),
         f"runner, {controller.kind}, shell join (before)":
             (BubblewrapRunner(controller=_ShellJoinController(controller)), BOUNDS),
         "runner, rlimit": (BubblewrapRunner(controller=RlimitController()), BOUNDS),
@@ -116,15 +124,26 @@ def main() -> None:
         return lambda: runner.run(request)
 
     plain = next(iter(runners.values()))[0]
-    same = bwrap_arguments(SandboxRequest(arguments=("/bin/true",), environment={}, input_root=str(root),
-                                          stdout_path=str(base / "out"), stderr_path=str(base / "err"), limits=BOUNDS),
-                           plain.layout, ControlFds(-1, -1, -1))
-    options = [o for i, o in enumerate(same.options) if not (o.endswith("-fd") or same.options[i - 1].endswith("-fd"))]
+    assert plain.etc_view is not None, "the bench runs as root: the runner has its /etc view"
+    request = SandboxRequest(arguments=("/bin/true",), environment={}, input_root=str(root),
+                             stdout_path=str(base / "out"), stderr_path=str(base / "err"), limits=BOUNDS)
+
+    def without_fds(options: tuple[str, ...]) -> list[str]:
+        return [o for i, o in enumerate(options) if not (o.endswith("-fd") or options[i - 1].endswith("-fd"))]
+
+    with plain.etc_view.acquire() as etc_view:  # unchanged /etc: the same view every run
+        same = bwrap_arguments(request, plain.layout, ControlFds(-1, -1, -1), etc_view)
+    per_entry = bwrap_arguments(request, plain.layout, ControlFds(-1, -1, -1))
+    options, per_entry_options = without_fds(same.options), without_fds(per_entry.options)
     cases: dict[str, Callable[[], object]] = {
         "bwrap true (root)": lambda: subprocess.run(BWRAP, check=True),
         "setpriv+bwrap true": lambda: subprocess.run(SETPRIV + BWRAP, check=True),
         "setpriv+bwrap, the runner's options": lambda: subprocess.run(
             [*SETPRIV, "bwrap", *options, "--", *same.command], check=True),
+        "setpriv+bwrap, the runner's options, no env shim": lambda: subprocess.run(
+            [*SETPRIV, "bwrap", *options, "--", *request.arguments], check=True),
+        "setpriv+bwrap, /etc entry by entry (before)": lambda: subprocess.run(
+            [*SETPRIV, "bwrap", *per_entry_options, "--", *per_entry.command], check=True),
         **{name: run(runner, limits) for name, (runner, limits) in runners.items()},
     }
     times: dict[str, list[float]] = {name: [] for name in cases}
@@ -144,10 +163,10 @@ def main() -> None:
     floor = statistics.median(times["bwrap true (root)"])
     print(f"Sandbox start, /bin/true, median of {args.runs} interleaved runs, ms (pause {args.pause}s; "
           f"load {os.getloadavg()[0]:.2f})")
-    print(f"{'what':<44} {'median':>8} {'min':>8} {'max':>8} {'/bwrap':>7}")
+    print(f"{'what':<52} {'median':>8} {'min':>8} {'max':>8} {'/bwrap':>7}")
     for name, values in times.items():
         median = statistics.median(values)
-        print(f"{name:<44} {median:8.2f} {min(values):8.2f} {max(values):8.2f} {median / floor:6.2f}x")
+        print(f"{name:<52} {median:8.2f} {min(values):8.2f} {max(values):8.2f} {median / floor:6.2f}x")
 
 
 if __name__ == "__main__":

@@ -18,6 +18,8 @@ REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${REAPI_VENV:-$REPO/.venv}"
 log() { printf '[install] %s\n' "$*" >&2; }
 die() { printf '[install] ERROR: %s\n' "$*" >&2; exit 1; }
+# shellcheck source=lib/python.sh
+. "$REPO/deploy/lib/python.sh"
 
 # Debian package -> a file whose presence shows it is installed.
 declare -A PKG_MARKERS=(
@@ -51,15 +53,7 @@ if [ "${#missing[@]}" -gt 0 ]; then
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2
 fi
 
-PYTHON="${REAPI_PYTHON:-}"
-if [ -z "$PYTHON" ]; then
-  for candidate in python3.11 python3; do
-    if command -v "$candidate" >/dev/null &&
-      "$candidate" -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
-      PYTHON="$candidate"; break
-    fi
-  done
-fi
+PYTHON="$(find_python "${REAPI_PYTHON:-}")" || PYTHON=""
 [ -n "$PYTHON" ] || die "no Python >= 3.11 found"
 
 if [ ! -x "$VENV/bin/python" ]; then

@@ -1,5 +1,7 @@
 """Facts about the Linux host that more than one layer reads.
 
+Sizes are written one way by every layer (:mod:`.units`).
+
 Both ``reapi_worker.sandbox`` (where the cgroup hierarchies are mounted) and
 ``reapi_worker.storage.fuse`` (which mounts a worker that died left behind) read the
 kernel's mount table; neither may import the other, so the parser lives here, below both.
@@ -10,8 +12,10 @@ Public surface::
     MountEntry(mount_id, parent_id, root, mount_point, fstype, source, super_options)
     parse_mountinfo(text) -> list[MountEntry]
     read_mountinfo(path="/proc/self/mountinfo") -> list[MountEntry]
+    format_bytes(count, exact=False) -> str      (sizes in reasons and logs, every layer)
 """
 
 from .mountinfo import MountEntry, parse_mountinfo, read_mountinfo
+from .units import format_bytes
 
-__all__ = ["MountEntry", "parse_mountinfo", "read_mountinfo"]
+__all__ = ["MountEntry", "format_bytes", "parse_mountinfo", "read_mountinfo"]

@@ -29,7 +29,8 @@ Public surface::
     ResourceUsage(wall_seconds, user_cpu_seconds, system_cpu_seconds, peak_rss_bytes, cgroup)
     CgroupUsage(memory_peak_bytes, pids_peak, cpu_seconds, user_cpu_seconds, system_cpu_seconds)
     Runner.run(request, cancel: threading.Event | None = None) -> SandboxResult
-    BubblewrapRunner(bwrap_path="bwrap", *, run_as=None, controller=None, layout=None, nat=None)
+    BubblewrapRunner(bwrap_path="bwrap", *, run_as=None, controller=None, layout=None, nat=None,
+                     etc_view=True)                 /etc as one prepared read-only view (root)
     SlirpNat()                                           outbound network for network=on
     HostLayout.probe(etc_allow=DEFAULT_HOST_ETC)         what a HOST_TOOLS sandbox shows
     FakeRunner(respond)                                  for the executor's unit tests
@@ -44,9 +45,9 @@ Public surface::
     bwrap_arguments(request, layout, fds) -> BwrapArguments   the pure argument builder
 
 The security argument (hardlinked inputs and uid 0) is in :mod:`.identity`; one host uid
-per action in :mod:`.uid_pool`; the network
-boundary in :mod:`.network`; the /etc allow-list in :mod:`.host_etc`; why no zombie outlives
-an action in :mod:`.reaper`; the sandbox's shape in :mod:`.bwrap_args`; one run step by step
+per action in :mod:`.uid_pool`; the network boundary in :mod:`.network`; the /etc
+allow-list in :mod:`.host_etc`, shown through one prepared view (:mod:`.etc_view`); why no
+zombie outlives an action in :mod:`.reaper`; the sandbox's shape in :mod:`.bwrap_args`; one run step by step
 in :mod:`.bubblewrap`; limits in :mod:`.limits` and :mod:`.cgroups`; how each bound is
 enforced and seen in :mod:`.bounds`.
 """

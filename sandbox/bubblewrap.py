@@ -2,7 +2,8 @@
 
 One run, step by step (each step's *why* is in the code):
 
-1. The confinement (cgroup or rlimits) is created for the action's limits.
+1. HOST_TOOLS: the process's ``/etc`` view is checked against the host (:mod:`.etc_view`).
+   The confinement (cgroup or rlimits) is created for the action's limits.
 2. The output files are opened by the worker, so the sandbox needs no access to their paths;
    with a ``stream_bytes`` bound the command writes to pipes instead (:mod:`.streams`).
 3. The process is spawned as ``[join cgroup, set rlimits] [setpriv to the sandbox uid] bwrap
@@ -55,11 +56,12 @@ import time
 from .bounds import MAX_PIDS, STREAM_BYTES, TMP_BYTES, TmpfsWatch
 from .bwrap_args import ControlFds, HostLayout, bwrap_arguments
 from .errors import BubblewrapRefused, SandboxSetupError
+from .etc_view import EtcView, shared_etc_view
 from .identity import RunAs, effective_run_as, sandbox_can_protect_hardlinks, setpriv_prefix
 from .limits import Confinement, ResourceController
 from .network import SlirpNat
 from .reaper import become_child_subreaper, reap_if_child
-from .request import SandboxRequest
+from .request import RootMode, SandboxRequest
 from .result import SandboxResult
 from .runner import Runner
 from .streams import OutputStreams
@@ -91,6 +93,10 @@ class BubblewrapRunner(Runner):
     * ``nat`` — outbound connectivity for requests with ``network``; ``None`` = such a
       request is refused with SandboxSetupError (the operator forbids it, and the executor
       should have refused the action before it got here).
+    * ``etc_view`` — show ``/etc`` through the process's prepared view (:mod:`.etc_view`):
+      one bind per sandbox instead of one per entry. Needs root; a worker that is not root
+      (or ``False``, or one that cannot make the view: logged) binds the entries one by one,
+      as the layout lists them.
 
     Makes the worker process a child subreaper (:mod:`.reaper`). Raises SandboxSetupError
     when bubblewrap or setpriv is missing or ``run_as`` is not possible. Thread-safe.
@@ -105,6 +111,7 @@ class BubblewrapRunner(Runner):
         layout: HostLayout | None = None,
         setpriv_path: str = "setpriv",
         nat: SlirpNat | None = None,
+        etc_view: bool = True,
     ) -> None:
         found = shutil.which(bwrap_path)
         if found is None:
@@ -121,6 +128,14 @@ class BubblewrapRunner(Runner):
         self.layout = HostLayout.probe() if layout is None else layout
         self.protects_hardlinks = sandbox_can_protect_hardlinks(run_as)
         self.nat = nat
+        self.etc_view: EtcView | None = None
+        if etc_view and os.geteuid() == 0 and self.layout.etc_allow:
+            try:
+                self.etc_view = shared_etc_view(self.layout.etc_allow, self.layout.etc_dir)
+            except SandboxSetupError as e:
+                # Only slower without it (the same entries, bound one by one): not a reason
+                # to refuse to start.
+                log.warning("binding /etc entry by entry: %s", e)
         become_child_subreaper()
 
     def _drop_to(self, target: RunAs | None) -> tuple[str, ...]:
@@ -143,10 +158,18 @@ class BubblewrapRunner(Runner):
         if request.network and self.nat is None:
             raise SandboxSetupError("the request wants network, and this runner has no outbound NAT")
         started = time.monotonic()
+        if self.etc_view is None or request.root_mode is not RootMode.HOST_TOOLS:
+            return self._run(request, cancel, started, None)
+        with self.etc_view.acquire() as etc_view:  # held until bubblewrap has bound it, and more
+            return self._run(request, cancel, started, etc_view)
+
+    def _run(
+        self, request: SandboxRequest, cancel: threading.Event | None, started: float, etc_view: str | None
+    ) -> SandboxResult:
         confinement = self.controller.confine(request.limits)
         try:
             with _Descriptors() as fds, OutputStreams(request) as streams:
-                return self._run_confined(request, cancel, confinement, fds, streams, started)
+                return self._run_confined(request, cancel, confinement, fds, streams, started, etc_view)
         finally:
             try:
                 confinement.close()
@@ -165,6 +188,7 @@ class BubblewrapRunner(Runner):
         fds: "_Descriptors",
         streams: OutputStreams,
         started: float,
+        etc_view: str | None,
     ) -> SandboxResult:
         stdout_fd, stderr_fd = streams.child_fds
         # os.pipe() gives O_CLOEXEC descriptors, so a concurrent run's spawn cannot inherit them.
@@ -173,7 +197,7 @@ class BubblewrapRunner(Runner):
         block_r, block_w = fds.pipe()
         args_r, args_w = fds.pipe()
         child_ends = (info_w, status_w, block_r, args_r)
-        bwrap_args = bwrap_arguments(request, self.layout, ControlFds(info_w, status_w, block_r))
+        bwrap_args = bwrap_arguments(request, self.layout, ControlFds(info_w, status_w, block_r), etc_view)
         # A network request starts in a fresh namespace of the NAT's (as root, before the
         # uid switch), which bubblewrap then keeps.
         network_prefix = self.nat.spawn_prefix if request.network and self.nat is not None else ()

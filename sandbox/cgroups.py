@@ -183,11 +183,21 @@ def _write(path: Path, value: str) -> None:
 
 
 def _read(path: Path) -> str | None:
+    # Raw descriptors, not open(): a run reads ~10 of these files, and the io layers cost
+    # three times the read itself (11 µs against 3 µs here).
     try:
-        with open(path) as f:
-            return f.read()
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError:  # absent on this kernel, or the cgroup is gone
         return None
+    try:
+        chunks = []
+        while chunk := os.read(fd, 65536):
+            chunks.append(chunk)
+        return b"".join(chunks).decode()
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
 
 
 def _read_int(path: Path) -> int | None:
@@ -214,8 +224,9 @@ def _pids(procs: Path) -> list[int]:
     return [int(pid) for pid in (_read(procs) or "").split()]
 
 
-def _kill_until_empty(procs_files: list[Path], kill_file: Path | None = None) -> None:
-    """SIGKILL everything listed in the ``cgroup.procs`` files until they are empty.
+def _kill_until_empty(procs_files: list[Path], kill_file: Path | None = None) -> bool:
+    """SIGKILL everything listed in the ``cgroup.procs`` files until they are empty; whether
+    they are.
 
     Returns at once when nothing is left (the normal case: the pid namespace is already
     gone). Otherwise waits with a short backoff, up to :data:`KILL_GRACE_SECONDS`.
@@ -226,7 +237,7 @@ def _kill_until_empty(procs_files: list[Path], kill_file: Path | None = None) ->
     while True:
         pids = sorted({pid for procs in procs_files for pid in _pids(procs)})
         if not pids:
-            return
+            return True
         if kill_file is not None and not killed_via_file:
             try:
                 _write(kill_file, "1")  # cgroup.kill: atomic, race-free against forks
@@ -240,7 +251,7 @@ def _kill_until_empty(procs_files: list[Path], kill_file: Path | None = None) ->
                 except ProcessLookupError:
                     pass
         if time.monotonic() > deadline:
-            return
+            return False
         time.sleep(delay)
         delay = min(delay * 2, 0.05)
 
@@ -274,6 +285,7 @@ class CgroupV2Confinement(Confinement):
         self._remove_dir = remove_dir
         self._open_files = open_files
         self._closed = False
+        self._emptied = False  # see kill_all
 
     @property
     def spawn_prefix(self) -> tuple[str, ...]:
@@ -289,7 +301,12 @@ class CgroupV2Confinement(Confinement):
         return _pids_refused(self.path)
 
     def kill_all(self) -> None:
-        _kill_until_empty([self.path / "cgroup.procs"], kill_file=self.path / "cgroup.kill")
+        # Listed only until once found empty (the runner calls this after the run and
+        # ``close`` again): a process enters an action's cgroup only by the join, before
+        # the spawned process can fork, or as a child of a member; every call comes after
+        # the spawned process has joined or died, so an empty cgroup stays empty.
+        if not self._emptied:
+            self._emptied = _kill_until_empty([self.path / "cgroup.procs"], kill_file=self.path / "cgroup.kill")
 
     def oom_killed(self) -> bool:
         return (_read_key(self.path / "memory.events", "oom_kill") or 0) > 0
@@ -406,6 +423,7 @@ class CgroupV1Confinement(Confinement):
         self._remove_dir = remove_dir
         self._open_files = open_files
         self._closed = False
+        self._emptied = False  # see kill_all
 
     @property
     def spawn_prefix(self) -> tuple[str, ...]:
@@ -417,7 +435,9 @@ class CgroupV1Confinement(Confinement):
     def kill_all(self) -> None:
         # Every hierarchy holds every process of the action; one listing is enough, but a
         # second guards against a hierarchy that was joined and another that was not.
-        _kill_until_empty([d / "cgroup.procs" for d in self._unique])
+        # Listed only until once found empty: see CgroupV2Confinement.kill_all.
+        if not self._emptied:
+            self._emptied = _kill_until_empty([d / "cgroup.procs" for d in self._unique])
 
     def oom_killed(self) -> bool:
         memory = self.dirs.get("memory")

@@ -30,16 +30,16 @@ Layout of one action's build directory::
     <build_dir>/root         overlayfs: lower read-only below, space/upper taking every
                              change — StagedInput.path, what the sandbox binds
 
-Inputs the action owns: a wrapped stager whose inputs are not already the action's own
-and stages a plain tree (``Stager.plain_tree``: hardlink staging, files root's) stages it
-all root's (no owner), and the overlay's lower layer is an idmapped clone of it showing root as the
-action's uid (:mod:`.idmapped_mounts`). So the action may ``touch``, ``chmod`` and, once
-it has a write bit, rewrite an input file in place, as BuildStream's local sandbox lets a
-build: the kernel's permission check passes on the overlay's inode, overlayfs copies the
-file up into the tmpfs (counted against the bound) and the hardlinked CAS blob never
-changes. Mounting the clone costs ~0.1 ms. FUSE and cached staging bring their own
-overlay (which cannot be idmapped): their tree is used as it is, its inputs the action's
-(cached) or not (FUSE: see storage/fuse/stager.py).
+Inputs the action owns: a wrapped stager that stages a plain tree (``Stager.plain_tree``:
+hardlink staging, files root's) stages it all root's (no owner), and the overlay's lower
+layer is an idmapped clone of it showing root as the action's uid (:mod:`.idmapped_mounts`).
+So the action may ``touch``, ``chmod`` and, once it has a write bit, rewrite an input file
+in place, as BuildStream's local sandbox lets a build: the kernel's permission check passes
+on the overlay's inode, overlayfs copies the file up into the tmpfs (counted against the
+bound) and the hardlinked CAS blob never changes. Mounting the clone costs ~0.1 ms. Cached
+staging brings its own (idmapped) overlay and FUSE its read-only view; neither can be
+idmapped again (an overlay or a FUSE mount: EINVAL), so their tree is used as it is, its
+inputs the action's (cached) or not (FUSE: see storage/fuse/stager.py).
 
 Why tmpfs and not a quota on the cache's disk: hardlinked inputs must stay on the cache's
 file system, and a project quota (xfs, or ext4 with the ``project`` feature) can follow a
@@ -51,8 +51,11 @@ Measured here (30 runs, /dev/shm, median): tmpfs + overlay mounted in 0.06 ms, b
 unmounted in 0.2 ms; and removal is free (the unmount drops every file the action made).
 Deleting lower is the wrapped stager's business, as before.
 
-Overlay options as in storage/fuse/kernel_mounts.py; an overlay of FUSE staging's overlay
-is two layers deep, the kernel's limit, so nothing may be stacked on this one.
+Overlay options as in storage/fuse/kernel_mounts.py. A wrapped stager that gives a
+read-only view (FUSE: :attr:`~.staging.StagedInput.read_only_view`) gets this overlay
+straight on it, and the directories the action needs are made here, in the tmpfs: FUSE
+with kernel passthrough counts as one file system in the kernel's stack of at most two,
+so an overlay over FUSE staging's own overlay would be refused.
 """
 
 from __future__ import annotations
@@ -62,6 +65,7 @@ import os
 import stat
 from collections.abc import Iterable
 
+from reapi_worker.host import format_bytes
 from reapi_worker.protos.errors import BoundExceeded, Internal, ReapiError
 
 from .digests import Digest
@@ -69,18 +73,11 @@ from .directory.cas import CasDirectory
 from .fuse import kernel_mounts
 from .idmapped_mounts import OwnerMappings, attach_idmapped
 from .paths import RelPath
-from .staging import Owner, StagedInput, Stager
+from .staging import Owner, StagedInput, Stager, make_dirs
 
 log = logging.getLogger(__name__)
 
 _PAGE = os.sysconf("SC_PAGE_SIZE")
-
-
-def format_bytes(size: int) -> str:
-    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if size >= scale:
-            return f"{size / scale:.4g} {unit}"
-    return f"{size} bytes"
 
 
 class BoundedStager(Stager):
@@ -124,6 +121,9 @@ class BoundedStager(Stager):
                 userns = self._mappings.userns_fd(*ids)
             try:
                 bounded.mount(userns)
+                if bounded.lower.read_only_view:  # the directories are ours to make
+                    for parts in directories:
+                        make_dirs(bounded.path, parts, owner)
             except OSError as error:
                 raise Internal(f"staging input root into {build_dir}: {error}") from error
             except ReapiError as error:
@@ -190,7 +190,7 @@ class _BoundedInput(StagedInput):
         if st.f_bavail * st.f_frsize < _PAGE or st.f_favail == 0:
             used = (st.f_blocks - st.f_bavail) * st.f_frsize
             raise BoundExceeded(
-                f"the action went past its build directory bound of {format_bytes(self._bound)} "
+                f"the action went past its build directory bound of {format_bytes(self._bound, exact=True)} "
                 f"(build_dir_size: files it wrote, stdout and stderr; {format_bytes(used)} used, "
                 f"{st.f_files - st.f_favail} inodes)"
             )

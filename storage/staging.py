@@ -73,6 +73,11 @@ class StagedInput(abc.ABC):
     #: local sandbox lets a build. False for hardlink staging on its own (its files are the
     #: cache's inodes, which the action may replace but never change) and for FUSE's.
     private_inputs: bool = False
+    #: True when ``path`` is a read-only view of the tree alone, without the ``directories``
+    #: the stager was asked for: whoever asked must put a writable layer over it and make
+    #: them there (:class:`~.bounded_staging.BoundedStager` does). A FUSE view is one,
+    #: so that a bounded build directory is one overlay over FUSE, not two.
+    read_only_view: bool = False
 
     @abc.abstractmethod
     def close(self) -> None: ...

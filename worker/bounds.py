@@ -39,6 +39,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import BinaryIO
 
+from reapi_worker.host import format_bytes
 from reapi_worker.protos import status_pb2
 from reapi_worker.protos.errors import BoundExceeded, DeadlineExceeded, InvalidArgument
 from reapi_worker.sandbox.bounds import MAX_PIDS, STREAM_BYTES, TMP_BYTES
@@ -162,12 +163,7 @@ def _exhausted(message: str) -> status_pb2.Status:
 
 
 def _bytes(value: int | None) -> str:
-    if value is None:
-        return "an unknown size"
-    for unit in ("T", "G", "M", "K"):
-        if value >= _UNITS[unit] and value % _UNITS[unit] == 0:
-            return f"{value // _UNITS[unit]} {unit}iB"
-    return f"{value} bytes"
+    return "an unknown size" if value is None else format_bytes(value, exact=True)
 
 
 # -- the capture deadline ------------------------------------------------------------------

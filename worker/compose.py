@@ -28,6 +28,7 @@ it. Nothing else copies it.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import tempfile
 from collections.abc import Iterator
@@ -53,6 +54,7 @@ from reapi_worker.storage.content import LocalContent
 from reapi_worker.storage.fetch_through import FetchThroughStore
 from reapi_worker.storage.free_space_guard import FreeSpaceGuard
 from reapi_worker.storage.fuse import FuseMount, FuseStager
+from reapi_worker.storage.idmapped_overlay_probe import idmapped_overlay_refusal
 from reapi_worker.storage.local_cas import LocalCAS
 from reapi_worker.storage.parsed_trees import ParsedTrees
 from reapi_worker.storage.remote_cas import RemoteCAS, RemoteOptions
@@ -68,6 +70,9 @@ from .executor import Executor, ExecutorConfig
 from .health import HealthConfig, HealthMonitor, HealthRecordingExecutor, standard_checks
 from .metrics import InstrumentedExecutor, MetricsServer, WorkerMetrics
 from .session import BotIdentity, SessionClient
+
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,7 +116,9 @@ def open_executor(cfg: WorkerConfig) -> Iterator[ExecutorGraph]:
             link = identities.protects_hardlinks
             with make_stager(
                 cfg.staging, store, remover, part.path, link=link,
-                open_files_per_action=bounds.limits.open_files,
+                open_files_per_action=bounds.limits.open_files, fuse_backend=cfg.fuse_backend,
+                # A BoundedStager's overlay is the one writable layer over FUSE views.
+                writable_layer_above=cfg.build_dir_bytes is not None,
                 tree_cache_dir=os.path.join(cfg.cache_dir, "trees"), tree_cache_bytes=cfg.tree_cache_bytes,
             ) as stager:
                 stager = _bounded(stager, cfg, part.path)
@@ -181,6 +188,8 @@ def make_stager(
     *,
     link: bool = True,
     open_files_per_action: int | None = None,
+    fuse_backend: str = "auto",
+    writable_layer_above: bool = False,
     tree_cache_dir: str | None = None,
     tree_cache_bytes: int = 4 << 30,
 ) -> Iterator[Stager]:
@@ -197,7 +206,13 @@ def make_stager(
     ``auto``: a root the directory cache holds, or staged before, is staged from it; any
     other is staged lazily (FUSE) or through the directory cache, per action by
     :class:`StagingRule` (:class:`PreferCached`).
-    ``open_files_per_action``: the FUSE mount's quota of inputs one action holds open.
+    ``open_files_per_action``: the FUSE mount's quota of inputs one action holds open;
+    ``fuse_backend``: what serves it (:class:`FuseMount`). ``writable_layer_above``: the
+    caller puts a writable overlay over each staged root (a :class:`BoundedStager`), so
+    FUSE staging gives bare read-only views, one overlay deep (``FuseStager(overlay=False)``).
+    The directory cache needs overlays over idmapped mounts, probed once here
+    (:mod:`~reapi_worker.storage.idmapped_overlay_probe`): where the kernel refuses them,
+    ``cached`` is refused with its reason and ``auto`` chooses between hardlinks and FUSE.
     FUSE and cached staging need root (``/dev/fuse``, overlay and idmapped mounts). Raises
     InvalidArgument for an unknown name or a non-root worker, Internal if a mount cannot
     be made.
@@ -211,21 +226,34 @@ def make_stager(
         raise InvalidArgument(f"staging {staging!r} mounts file systems and needs a worker running as root")
     with contextlib.ExitStack() as stack:
         cached = None
+        refusal = None
         if staging in ("cached", "auto"):
             if tree_cache_dir is None:
                 raise InvalidArgument(f"staging {staging!r} needs a directory for its tree cache")
-            tree_cache = stack.enter_context(open_tree_cache(tree_cache_dir, tree_cache_bytes))
-            cached = stack.enter_context(CachedTreeStager(store, remover, tree_cache, build_root))
-            if staging == "cached":
-                yield cached
-                return
-        mount = stack.enter_context(FuseMount(os.path.join(build_root, ".fuse"), open_files_per_action=open_files_per_action))
+            refusal = idmapped_overlay_refusal(build_root)
+            if refusal is not None and staging == "cached":
+                raise InvalidArgument(
+                    "staging 'cached' shows cached trees through overlays over idmapped mounts "
+                    f"(Linux >= 5.19), which this host refuses: {refusal}"
+                )
+            if refusal is None:
+                tree_cache = stack.enter_context(open_tree_cache(tree_cache_dir, tree_cache_bytes))
+                cached = stack.enter_context(CachedTreeStager(store, remover, tree_cache, build_root))
+                if staging == "cached":
+                    yield cached
+                    return
+        mount = stack.enter_context(FuseMount(
+            os.path.join(build_root, ".fuse"), open_files_per_action=open_files_per_action, backend=fuse_backend))
         facts = TreeFacts()
-        lazy = FuseStager(store, remover, mount, build_root, facts=facts)
+        lazy = FuseStager(store, remover, mount, build_root, facts=facts, overlay=not writable_layer_above)
         if staging == "fuse":
             yield lazy
             return
-        assert cached is not None
+        if cached is None:
+            log.warning("staging 'auto' without the directory cache, which needs overlays over idmapped "
+                        "mounts: %s; roots are hard-linked or FUSE-mounted by size", refusal)
+            yield AutoStager(HardlinkStager(store, remover, link=link, parsed=ParsedTrees()), lazy, StagingRule(), facts)
+            return
         yield PreferCached(cached, AutoStager(cached, lazy, StagingRule(), facts))
 
 

@@ -40,6 +40,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from reapi_worker.host import format_bytes
 from reapi_worker.protos.errors import InvalidArgument
 from reapi_worker.sandbox.errors import SandboxSetupError
 from reapi_worker.sandbox.host_etc import DEFAULT_HOST_ETC, check_etc_names
@@ -60,6 +61,7 @@ Platform = tuple[tuple[str, str], ...]
 
 #: The stagers ``staging`` may name (built by :func:`~.compose.make_stager`).
 STAGINGS = ("hardlink", "fuse", "auto", "cached")
+FUSE_BACKENDS = ("auto", "pyfuse3", "kernel")  # storage/fuse/mount.py BACKENDS
 #: The first uid of ``sandbox_uid_range = "auto"``: above the ids Debian gives to users
 #: (below 60000), to subordinate id ranges (useradd's 100000-600100000) and to containers
 #: (systemd's 524288-1879048191), below 2**31 (tools that read ids as signed numbers).
@@ -87,16 +89,6 @@ def parse_size(text: str) -> int:
     if size <= 0:
         raise InvalidArgument(f"invalid size {text!r}: must be positive")
     return size
-
-
-def format_bytes(count: int) -> str:
-    """``2147483648`` -> ``"2.0 GiB"``: sizes as people read them, in reasons and logs."""
-    value = float(count)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if value < 1024 or unit == "TiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    raise AssertionError("unreachable")
 
 
 @dataclass(frozen=True, slots=True)
@@ -305,6 +297,13 @@ class WorkerConfig:
         "cached (an overlay over trees kept by digest in the directory cache: a root seen before, or "
         "close to one, costs about nothing; needs root) or auto (cached for roots it holds or staged "
         "before, else chosen per action: FUSE for big input trees, cached for the others)",
+    )
+    fuse_backend: str = _setting(
+        "auto", group=EXECUTOR, kind="choice", choices=FUSE_BACKENDS, example='"pyfuse3"',
+        help="what serves the FUSE mount of fuse/auto staging: kernel (the worker speaks /dev/fuse itself "
+        "and the kernel reads inputs straight from the cache: FUSE passthrough, Linux 6.9+), pyfuse3 "
+        "(libfuse) or auto (kernel when a probe at start shows passthrough works, else pyfuse3; with "
+        "build_dir_size on, two overlays sit on the mount and passthrough cannot)",
     )
     tree_cache_size: str = _setting(
         "4G", group=EXECUTOR, kind="size", example='"20G"',

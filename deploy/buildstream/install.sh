@@ -16,6 +16,8 @@
 set -Eeuo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+# shellcheck source=../lib/python.sh
+. "$HERE/../lib/python.sh"
 VENV="${BST_VENV:-$HERE/.bst-venv}"
 SPEC="buildstream==2.8.1"
 log() { printf '[buildstream install] %s\n' "$*" >&2; }
@@ -26,15 +28,7 @@ if [ -x "$VENV/bin/bst" ] && [ "$(cat "$VENV/.bst-stamp" 2>/dev/null)" = "$SPEC"
   exit 0
 fi
 
-PYTHON="${BST_PYTHON:-}"
-if [ -z "$PYTHON" ]; then
-  for candidate in python3.11 python3; do
-    if command -v "$candidate" >/dev/null &&
-      "$candidate" -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
-      PYTHON="$candidate"; break
-    fi
-  done
-fi
+PYTHON="$(find_python "${BST_PYTHON:-}")" || PYTHON=""
 [ -n "$PYTHON" ] || die "no Python >= 3.11 found"
 
 if [ -e "$VENV" ]; then

@@ -8,9 +8,13 @@ Numbering, and why:
   never repeats. An action's tree is its own (no ``..`` confusion between trees that share
   a subtree, since a kernel directory inode has one parent), and all of its numbers are
   dropped at once when the root is removed.
-* Files get one number per *(store, digest, executable)*, shared by every root and path
-  that holds that blob. Contents are immutable, so sharing is safe, and it lets the kernel
-  page cache of a blob serve every action that reads it. A file inode lives while the
+* Files get one number per *(store, digest, executable, owner)*, shared by every root of
+  that owner and path that holds that blob. Contents are immutable, so sharing is safe,
+  and it lets the kernel page cache of a blob serve every action that reads it (with
+  passthrough the page cache is the backing file's, shared by all). The owner is the
+  root's (its ``dir_uid``/``dir_gid``, the action's uid): an input file is the action's
+  own, as in a local build's staged tree, so it may ``chmod``, ``touch`` or rewrite it —
+  the overlay above copies it up first, and the read-only mount never changes. A file inode lives while the
   kernel knows it (its lookup count, decremented by ``forget``), so its number is stable
   for as long as anything can observe it.
 
@@ -109,6 +113,8 @@ class FileInode:
     digest: Digest
     executable: bool
     fetch_timeout: float
+    uid: int
+    gid: int
     nlookup: int = 0
     roots: "weakref.WeakSet[ActionRoot]" = field(default_factory=weakref.WeakSet)
 
@@ -124,7 +130,7 @@ class InodeTable:
         self._next = itertools.count(ROOT_INODE + 1)
         self._inodes: dict[int, Inode] = {}
         self._roots: dict[str, ActionRoot] = {}
-        self._files: dict[tuple[LocalContent, Digest, bool], FileInode] = {}
+        self._files: dict[tuple[LocalContent, Digest, bool, int, int], FileInode] = {}
         self.open_files = OpenFiles(open_files_per_action)
         self._opened: dict[LocalContent, set[Digest]] = {}  # blobs read since last taken
 
@@ -206,7 +212,7 @@ class InodeTable:
         inode.nlookup -= count
         if inode.nlookup <= 0:
             del self._inodes[ino]
-            del self._files[(inode.store, inode.digest, inode.executable)]
+            del self._files[(inode.store, inode.digest, inode.executable, inode.uid, inode.gid)]
 
     def share_handle(self, file: FileInode, opener: Opener) -> int | None:
         """A handle on ``file``'s blob if a descriptor of it is open, else None (open one and
@@ -246,10 +252,11 @@ class InodeTable:
         self._opened.clear()
 
     def _file(self, entry: FileEntry, root: ActionRoot) -> FileInode:
-        key = (root.store, entry.digest, entry.executable)
+        key = (root.store, entry.digest, entry.executable, root.dir_uid, root.dir_gid)
         inode = self._files.get(key)
         if inode is None:
-            inode = FileInode(next(self._next), root.store, entry.digest, entry.executable, root.fetch_timeout)
+            inode = FileInode(next(self._next), root.store, entry.digest, entry.executable, root.fetch_timeout,
+                              root.dir_uid, root.dir_gid)
             self._files[key] = inode
             self._inodes[inode.ino] = inode
         inode.nlookup += 1

@@ -19,8 +19,11 @@ Lifecycle and who cleans up:
 
 * :meth:`FuseMount.open` takes ``<mount_dir>.lock`` (``flock``: one live worker per mount
   directory; the kernel drops it when a worker dies, even by ``kill -9``), lazily unmounts
-  whatever a dead worker left mounted there, mounts, and starts the FUSE thread (trio +
-  pyfuse3), waiting at most ``start_timeout`` for it.
+  whatever a dead worker left mounted there, mounts, and starts the FUSE thread, waiting
+  at most ``start_timeout`` for it. What serves (``backend``, :data:`BACKENDS`): the
+  /dev/fuse protocol spoken here with passthrough reads (:mod:`.kernel_session`: OPEN and
+  RELEASE per file reach Python, reads do not), or trio + pyfuse3 (OPEN, READ, RELEASE
+  per file); ``auto`` probes passthrough at each mount (INIT and a BACKING_OPEN).
 * :meth:`FuseMount.close` (the owner — the composition root — calls it) stops the thread
   and unmounts; idempotent.
 * If the FUSE thread dies (a pyfuse3 or kernel error, the connection aborted), it unmounts
@@ -40,17 +43,20 @@ import logging
 import os
 import queue
 import threading
+from collections.abc import Callable
 
 import pyfuse3
 import trio
 
-from reapi_worker.protos.errors import Internal, ReapiError
+from reapi_worker.protos.errors import Internal, InvalidArgument, ReapiError
 
 from ..content import LocalContent
 from ..digests import Digest
 from ..directory.cas import CasDirectory
 from . import kernel_mounts
 from .inodes import ROOT_INODE, ActionRoot, InodeTable
+from .kernel_requests import KernelRequests
+from .kernel_session import KernelSession
 from .operations import InputFileSystem
 
 log = logging.getLogger(__name__)
@@ -58,6 +64,11 @@ log = logging.getLogger(__name__)
 #: Mount options: the kernel checks permissions from our attributes (default_permissions),
 #: the sandbox's uid is not the mounter's (allow_other), nothing is ever written (ro).
 MOUNT_OPTIONS = frozenset({"default_permissions", "allow_other", "ro", "fsname=reapi-worker-inputs", "subtype=reapi"})
+
+#: Which code serves the mount: ``kernel`` speaks /dev/fuse itself with passthrough reads
+#: (:mod:`.kernel_session`), ``pyfuse3`` goes through libfuse; ``auto`` takes ``kernel``
+#: when a probe at mount time shows passthrough works, else ``pyfuse3``.
+BACKENDS = ("auto", "pyfuse3", "kernel")
 
 _process_lock = threading.Lock()
 _process_mount: "FuseMount | None" = None  # pyfuse3 allows one session per process
@@ -69,7 +80,12 @@ class FuseMount:
     ``uid``/``gid`` own the served files (default: this process's, the cache's owner).
     ``start_timeout``/``stop_timeout`` bound waiting for the FUSE thread.
     ``open_files_per_action``: how many inputs one action may hold open through the mount
-    (EMFILE past it, see :mod:`.open_files`); ``None`` for no quota.
+    (EMFILE past it, see :mod:`.open_files`); ``None`` for no quota. ``backend``: one of
+    :data:`BACKENDS`; :attr:`backend_in_use` says which one serves after :meth:`open`.
+    ``stacked_overlays``: how many overlayfs are mounted on top of each root (1: the
+    stager's; 2 under a BoundedStager), since the kernel stacks at most two file systems
+    and passthrough makes this mount count as one: with 2, ``auto`` means pyfuse3 and
+    ``kernel`` serves without passthrough.
     """
 
     def __init__(
@@ -81,7 +97,15 @@ class FuseMount:
         start_timeout: float = 10.0,
         stop_timeout: float = 10.0,
         open_files_per_action: int | None = None,
+        backend: str = "auto",
+        stacked_overlays: int = 1,
     ) -> None:
+        if backend not in BACKENDS:
+            raise InvalidArgument(f"FUSE backend {backend!r} is none of {', '.join(BACKENDS)}")
+        self.backend = backend
+        self._stacked_overlays = stacked_overlays
+        self.backend_in_use: str | None = None
+        self._requests: KernelRequests | None = None
         self.mount_dir = kernel_mounts.check_mountable_path(os.path.abspath(mount_dir), "FUSE mount directory")
         self._uid = os.geteuid() if uid is None else uid
         self._gid = os.getegid() if gid is None else gid
@@ -223,19 +247,60 @@ class FuseMount:
             os.close(self._lock_fd)  # drops the flock
             self._lock_fd = None
 
+    def request_counts(self) -> dict[int, int]:
+        """Requests served so far by FUSE opcode (the kernel backend; empty for pyfuse3)."""
+        requests = self._requests
+        return {} if requests is None else requests.counts()
+
     def _start(self) -> None:
         self._table = InodeTable(self._open_files_per_action)
-        self._fs = InputFileSystem(self._table, self._uid, self._gid)
         self.failure = None
         self._stopping = False
         self._token = None
+        self._requests = None
+        if self.backend != "pyfuse3" and self._start_kernel():
+            return
+        self._start_pyfuse3()
+
+    def _start_kernel(self) -> bool:
+        """Serve through /dev/fuse directly; False (nothing mounted) if ``auto`` finds
+        passthrough unavailable. The probe registers the directory's lock file as a backing
+        file: on the build root's file system, like the cache usually is."""
+        kernel = KernelSession(self.mount_dir, max_stack_depth=2 - self._stacked_overlays)
+        try:
+            kernel.mount(self._start_timeout, probe_fd=self._lock_fd)
+        except Internal as error:
+            kernel.close(self._stop_timeout)
+            if self.backend == "kernel":
+                raise
+            log.warning("the /dev/fuse backend did not start (%s); using pyfuse3", error)
+            return False
+        if self.backend == "auto" and not kernel.passthrough:
+            kernel.close(self._stop_timeout)
+            log.info("FUSE passthrough is not available here; using pyfuse3")
+            return False
+        requests = self._requests = KernelRequests(self._table, self._uid, self._gid, kernel)
+        self.backend_in_use = "kernel"
+        session = self._session = _Session(kernel)
+        ready = threading.Event()
+        ready.set()  # mounted and INIT answered already
+        self._thread = threading.Thread(
+            target=self._serve, args=(session, ready, lambda: kernel.serve(requests.handle)), name="fuse", daemon=True)
+        self._thread.start()
+        threading.Thread(target=_invalidate_loop, args=(session,), name="fuse-invalidate", daemon=True).start()
+        return True
+
+    def _start_pyfuse3(self) -> None:
+        self._fs = InputFileSystem(self._table, self._uid, self._gid)
+        self.backend_in_use = "pyfuse3"
         try:
             pyfuse3.init(self._fs, self.mount_dir, set(MOUNT_OPTIONS))
         except RuntimeError as error:
             raise Internal(f"mounting the input file system at {self.mount_dir}: {error}") from None
-        session = self._session = _Session()
+        session = self._session = _Session(None)
         ready = threading.Event()
-        self._thread = threading.Thread(target=self._serve, args=(session, ready), name="fuse", daemon=True)
+        self._thread = threading.Thread(
+            target=self._serve, args=(session, ready, lambda: trio.run(self._main, ready)), name="fuse", daemon=True)
         self._thread.start()
         threading.Thread(target=_invalidate_loop, args=(session,), name="fuse-invalidate", daemon=True).start()
         if not ready.wait(self._start_timeout):
@@ -243,10 +308,12 @@ class FuseMount:
             raise Internal(f"the input file system at {self.mount_dir} did not start within {self._start_timeout:g} s")
 
     def _stop(self) -> None:
-        thread, token = self._thread, self._token
+        thread, token, session = self._thread, self._token, self._session
         self._stopping = True
         if thread is not None and thread.is_alive():
-            if token is not None:
+            if session is not None and session.kernel is not None:
+                session.kernel.stop()
+            elif token is not None:
                 try:
                     token.run_sync_soon(_terminate)
                 except trio.RunFinishedError:
@@ -261,10 +328,10 @@ class FuseMount:
         self._thread = None
         kernel_mounts.detach_all_under(self.mount_dir)  # whatever is left, e.g. after a crash
 
-    def _serve(self, session: "_Session", ready: threading.Event) -> None:
-        """The FUSE thread: serve until terminated or broken, then unmount."""
+    def _serve(self, session: "_Session", ready: threading.Event, run: Callable[[], None]) -> None:
+        """The FUSE thread: serve (``run``) until terminated or broken, then unmount."""
         try:
-            trio.run(self._main, ready)
+            run()
             if not self._stopping:
                 self.failure = Internal("the input file system stopped: the kernel closed the connection")
         except BaseException as error:  # noqa: BLE001 - reported to every root below
@@ -287,13 +354,15 @@ class FuseMount:
 
 
 class _Session:
-    """One pyfuse3 session (mount) and the queue of roots whose kernel entries to drop.
+    """One session (mount) — ``kernel``'s, else pyfuse3's — and the queue of roots whose
+    kernel entries to drop.
 
     pyfuse3 frees its session in ``close``; a notification sent after that would use freed
     memory, so both happen under ``lock`` and ``open`` says which came first.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, kernel: KernelSession | None) -> None:
+        self.kernel = kernel
         self.lock = threading.Lock()
         self.open = True
         self.invalidations: queue.Queue[str | None] = queue.Queue()
@@ -306,7 +375,10 @@ class _Session:
             return
         try:
             self.open = False
-            pyfuse3.close(unmount=True)  # as root: a lazy unmount
+            if self.kernel is not None:
+                self.kernel.close(timeout)
+            else:
+                pyfuse3.close(unmount=True)  # as root: a lazy unmount
         except Exception:  # noqa: BLE001 - _stop detaches whatever is left
             log.exception("closing the FUSE session")
         finally:
@@ -321,7 +393,10 @@ def _invalidate_loop(session: _Session) -> None:
             if not session.open:
                 return
             try:
-                pyfuse3.invalidate_entry(ROOT_INODE, token.encode())
+                if session.kernel is not None:
+                    session.kernel.invalidate_entry(ROOT_INODE, token.encode())
+                else:
+                    pyfuse3.invalidate_entry(ROOT_INODE, token.encode())
             except OSError:
                 pass  # ENOENT: the kernel never looked the root up
 

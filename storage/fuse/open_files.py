@@ -28,7 +28,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections import Counter
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 
 #: Who opened a file: the inode number of the opener's pid namespace, or None (no quota).
@@ -53,6 +53,7 @@ def opener_of(pid: int) -> Opener:
 class _Blob:
     fd: int
     handles: int = 0
+    backing: int | None = None  # the kernel's passthrough id for fd (see ``close_backing``)
 
 
 class OpenFiles:
@@ -65,6 +66,9 @@ class OpenFiles:
         self._handles: dict[int, tuple[Hashable, Opener]] = {}
         self._held: Counter[Opener] = Counter()
         self._next_handle = 1
+        #: Closes a backing id registered with the kernel for a blob's descriptor (the
+        #: /dev/fuse backend's passthrough), called as the descriptor closes.
+        self.close_backing: Callable[[int], None] | None = None
 
     def check(self, opener: Opener) -> None:
         """Raise QuotaExceeded if ``opener`` may open nothing more."""
@@ -98,6 +102,16 @@ class OpenFiles:
         entry = self._handles.get(handle)
         return None if entry is None else self._blobs[entry[0]].fd
 
+    def backing(self, handle: int) -> int | None:
+        """The backing id recorded for ``handle``'s blob (None: none recorded yet)."""
+        entry = self._handles.get(handle)
+        return None if entry is None else self._blobs[entry[0]].backing
+
+    def set_backing(self, handle: int, backing: int) -> None:
+        """Record the backing id of ``handle``'s blob (a negative one: passthrough refused
+        for it): every handle on the blob shares it until the descriptor closes."""
+        self._blobs[self._handles[handle][0]].backing = backing
+
     def release(self, handle: int) -> None:
         """Drop ``handle``; the blob's descriptor is closed with its last handle."""
         entry = self._handles.pop(handle, None)
@@ -111,7 +125,7 @@ class OpenFiles:
         blob.handles -= 1
         if blob.handles == 0:
             del self._blobs[blob_key]
-            _close_quietly(blob.fd)
+            self._close(blob)
 
     @property
     def handles(self) -> int:
@@ -123,10 +137,15 @@ class OpenFiles:
 
     def close_all(self) -> None:
         for blob in self._blobs.values():
-            _close_quietly(blob.fd)
+            self._close(blob)
         self._blobs.clear()
         self._handles.clear()
         self._held.clear()
+
+    def _close(self, blob: _Blob) -> None:
+        if blob.backing is not None and blob.backing >= 0 and self.close_backing is not None:
+            self.close_backing(blob.backing)
+        _close_quietly(blob.fd)
 
     def _new_handle(self, blob: Hashable, opener: Opener) -> int:
         handle = self._next_handle

@@ -40,11 +40,13 @@ from typing import Any, Concatenate, ParamSpec, TypeVar
 import pyfuse3
 import trio
 
-from reapi_worker.protos.errors import Internal, MissingBlobs, ReapiError, Unavailable
+from reapi_worker.protos.errors import Internal, ReapiError, Unavailable
 
-from ..content import LocalContent
 from ..digests import Digest
 from ..directory.cas import CasDirectory
+from .blobs import fetch_and_open as _fetch_and_open
+from .blobs import is_local as _is_local
+from .blobs import open_local as _open_local
 from .inodes import ROOT_INODE, ActionRoot, DirInode, FileInode, InodeTable, LinkInode, NotLoaded
 from .open_files import QuotaExceeded, opener_of
 
@@ -85,8 +87,8 @@ def _handler(
 
 class InputFileSystem(pyfuse3.Operations):
     """Serves the roots in ``table`` (see the module docstring). ``uid``/``gid`` own the
-    files (the cache's owner: an unmapped uid inside the sandbox, so actions cannot chmod
-    them); each root's directories are owned by the uid the sandbox runs as."""
+    mount's top directory; each root's directories, files and symlinks are owned by the
+    uid the sandbox runs as (:mod:`.inodes`: why files too)."""
 
     # No "." / ".." lookups: the kernel resolves ".." itself (no NFS export here).
     supports_dot_lookup = False
@@ -114,11 +116,11 @@ class InputFileSystem(pyfuse3.Operations):
             attrs.st_mode = stat.S_IFREG | (0o555 if inode.executable else 0o444)
             attrs.st_size = inode.digest.size_bytes
             attrs.st_blocks = (inode.digest.size_bytes + 511) // 512
-            attrs.st_uid, attrs.st_gid = self._uid, self._gid
+            attrs.st_uid, attrs.st_gid = inode.uid, inode.gid
         elif type(inode) is LinkInode:
             attrs.st_mode = stat.S_IFLNK | 0o777
             attrs.st_size = len(inode.target)
-            attrs.st_uid, attrs.st_gid = self._uid, self._gid
+            attrs.st_uid, attrs.st_gid = inode.root.dir_uid, inode.root.dir_gid
         elif type(inode) is DirInode:
             attrs.st_mode = stat.S_IFDIR | 0o755
             attrs.st_uid, attrs.st_gid = inode.root.dir_uid, inode.root.dir_gid
@@ -311,41 +313,6 @@ class InputFileSystem(pyfuse3.Operations):
         with self.table.lock:
             for root in self.table.roots():
                 root.fail(error)
-
-
-def _is_local(store: LocalContent, digest: Digest) -> bool:
-    """Whether the blob is in the local cache; never asks a remote."""
-    try:
-        store.path(digest)
-        return True
-    except MissingBlobs:
-        return False
-
-
-def _open_local(store: LocalContent, digest: Digest) -> int | None:
-    """A descriptor of the blob's cache file, or None if it is not local. Once open, the
-    bytes stay readable even if the cache evicts the file.
-
-    Opens the cache's object path directly and checks the size, as LocalCAS's own reads
-    do: ``path()`` would first take the cache's shared counter lock, on every open.
-    """
-    try:
-        fd = os.open(store.object_path(digest), os.O_RDONLY | os.O_CLOEXEC)
-        if os.fstat(fd).st_size == digest.size_bytes:
-            return fd
-        os.close(fd)  # being written or truncated: let the store decide
-        return os.open(store.path(digest), os.O_RDONLY | os.O_CLOEXEC)
-    except (MissingBlobs, FileNotFoundError):
-        return None
-
-
-def _fetch_and_open(store: LocalContent, digest: Digest) -> int:
-    with store.pinned([digest]):  # not evicted between arriving and being opened
-        store.fetch([digest])
-        try:
-            return os.open(store.path(digest), os.O_RDONLY | os.O_CLOEXEC)
-        except OSError as err:
-            raise Internal(f"opening cached blob {digest}: {err.strerror}") from None
 
 
 class _Ticket:

@@ -17,11 +17,12 @@ unaware of any of this — it binds ``path`` like any staged directory, in both 
 and leaves the merged view in place after the command for output capture, which reads it
 like any other tree. Mounting and unmounting an overlay costs ~0.2 ms.
 
-What the action sees: inputs with their bits and symlinks, owned by the cache's owner (an
-unmapped uid in the sandbox, so it cannot chmod or write them), directories owned by the
-sandbox's uid (so it can create, replace and delete entries, all in its upper layer). No
-write ever reaches the CAS: the FUSE mount is read-only and overlayfs copies a file up
-before changing it.
+What the action sees: inputs with their bits and symlinks, everything owned by the
+sandbox's uid — so it can create, replace and delete entries, and ``chmod``, ``touch`` or
+(given a write bit) rewrite input files in place, as in a local build's staged tree; all of
+it lands in the upper layer. No write ever reaches the CAS: the FUSE mount is read-only and
+overlayfs copies a file up before changing it. (A ``SubtreeReadOnly`` subtree is
+remounted read-only above all this by the sandbox.)
 
 Unlike cached staging and bounded hardlink staging, the files are not the action's own:
 ``touch``, ``chmod`` or an in-place write of an input fails (EPERM/EACCES) where
@@ -88,6 +89,14 @@ class FuseStager(Stager):
     ``stage`` raises only what the root Directory shows (MissingBlobs, InvalidArgument for
     a hostile root); the rest of the tree reports through :meth:`StagedInput.check`.
 
+    ``overlay=False``: no overlay of its own; each staged input is the read-only FUSE view
+    itself (:attr:`~..staging.StagedInput.read_only_view`), for a wrapper that mounts the
+    one writable overlay (:class:`~..bounded_staging.BoundedStager`). Why: overlayfs
+    stacks at most two file systems, and a FUSE mount with kernel passthrough counts as
+    one, so FUSE + this stager's overlay + a bounded build directory's overlay would be one
+    too many — passthrough (reads that never reach the daemon) would be lost exactly where
+    it is wanted, under the default bounded build directories.
+
     Needs root (mounts). Thread-safe: one ``stage`` per action from any thread. The mount
     belongs to the caller, who closes it after the last staged input is closed.
     """
@@ -101,8 +110,10 @@ class FuseStager(Stager):
         *,
         fetch_timeout: float = 120.0,
         facts: TreeFacts | None = None,
+        overlay: bool = True,
     ) -> None:
         self._store = store
+        self._overlay = overlay
         self._remover = remover
         self._mount = mount
         self._fetch_timeout = fetch_timeout
@@ -126,10 +137,11 @@ class FuseStager(Stager):
         staged: _OverlayInput | None = None
         try:
             root.entries()  # the root alone: a hostile or absent one is refused before mounting
-            staged = _OverlayInput(build_dir, root, self._mount, self._remover)
+            staged = _OverlayInput(build_dir, root, self._mount, self._remover, self._overlay)
             staged.mount(self._store, dir_owner, self._fetch_timeout)
-            for parts in directories:
-                make_dirs(staged.path, parts, owner)
+            if not staged.read_only_view:
+                for parts in directories:
+                    make_dirs(staged.path, parts, owner)
         except BaseException as error:
             if staged is not None:
                 staged.close()
@@ -145,10 +157,13 @@ class _OverlayInput(StagedInput):
     """One action's overlay on its FUSE root. ``close`` unmounts the overlay, removes the
     root from the mount and hands the build directory to the remover."""
 
-    def __init__(self, build_dir: str, tree: CasDirectory, mount: FuseMount, remover: TreeRemover) -> None:
+    def __init__(
+        self, build_dir: str, tree: CasDirectory, mount: FuseMount, remover: TreeRemover, overlay: bool
+    ) -> None:
         self._build_dir = build_dir
-        self._upper = os.path.join(build_dir, "upper")
+        self._upper = os.path.join(build_dir, "upper") if overlay else None
         self.path = os.path.join(build_dir, "root")
+        self.read_only_view = not overlay
         self._tree = tree
         self._mount = mount
         self._remover = remover
@@ -157,11 +172,15 @@ class _OverlayInput(StagedInput):
         self._closed = False
 
     def mount(self, store: LocalContent, dir_owner: tuple[int, int], fetch_timeout: float) -> None:
-        work = os.path.join(self._build_dir, "work")
         # Private to the sandbox's uid, which must pass through it to the overlay: no other
         # uid reaches the inputs, the outputs, or anything the action left.
         os.mkdir(self._build_dir, 0o700)
         os.chown(self._build_dir, *dir_owner)
+        if self._upper is None:  # a read-only view: the wrapper's overlay goes straight on FUSE
+            self._root = self._mount.add_root(self._tree, store, dir_owner, fetch_timeout)
+            self.path = self._mount.path_of(self._root)
+            return
+        work = os.path.join(self._build_dir, "work")
         # The upper dir's root is the merged root's inode: the sandbox must own it, and
         # nobody else may enter it (it holds the outputs and every copied-up input).
         os.mkdir(self._upper, 0o700)
@@ -183,8 +202,9 @@ class _OverlayInput(StagedInput):
         merged view was looked up, so its parent is — and never the store."""
         if not parts or not stat.S_ISREG(st.st_mode):
             return None
-        if not kernel_mounts.untouched_in_overlay(self._upper, parts):
+        if self._upper is not None and not kernel_mounts.untouched_in_overlay(self._upper, parts):
             return None  # created or changed by the command: read it
+        # (A read-only view has no upper layer: its wrapper asked its own before asking here.)
         node = self._tree
         for name in parts[:-1]:
             entries = node.loaded_entries()

@@ -3,7 +3,9 @@
 ``make_farm(staging=...)`` builds the same executor with hardlink or FUSE staging, so one
 suite runs over both (``STAGINGS``). FUSE needs root (``/dev/fuse`` and overlay mounts),
 ``fusermount3`` and one FUSE mount per process: :func:`shared_fuse_mount` opens it once
-and every FUSE farm of the session uses it.
+and every FUSE farm of the session uses it — reopened when a test asks for the other
+backend (``FUSE_BACKENDS``; staging ``fuse-pyfuse3``/``fuse-kernel`` name one, plain
+``fuse`` takes :data:`fuse_backend`, which suites parametrize).
 """
 
 from __future__ import annotations
@@ -37,24 +39,42 @@ from reapi_worker.worker.platform_properties import PlatformPolicy
 
 STAGINGS = ("hardlink", "fuse", "cached")
 
+FUSE_BACKENDS = ("pyfuse3", "kernel")
+#: The backend of plain ``fuse`` staging (storage/fuse/mount.py; ``auto``: as a worker
+#: would choose). Suites that run on both set it per module.
+fuse_backend = "auto"
+
 _shared_mount: FuseMount | None = None
 
 
-def shared_fuse_mount() -> FuseMount:
-    """The process's FUSE mount for tests (pyfuse3: one per process), opened on first use
-    and closed at exit."""
-    global _shared_mount
+def shared_fuse_mount(backend: str | None = None, stacked_overlays: int = 1) -> FuseMount:
+    """The process's FUSE mount for tests (one per process), serving with ``backend``
+    (default :data:`fuse_backend`) under ``stacked_overlays`` (see FuseMount):
+    opened on first use, reopened when asked for another, closed at exit."""
+    global _shared_mount, _shared_overlays, _atexit_registered
+    wanted = backend or fuse_backend
+    if _shared_mount is not None and (_shared_mount.backend, _shared_overlays) != (wanted, stacked_overlays):
+        _close_shared_mount()
     if _shared_mount is None:
         top = tempfile.mkdtemp(prefix="reapi-worker-test-fuse-", dir="/tmp")
-        _shared_mount = FuseMount(os.path.join(top, "mnt")).open()
-
-        def close() -> None:
-            assert _shared_mount is not None
-            _shared_mount.close()
-            shutil.rmtree(top, ignore_errors=True)
-
-        atexit.register(close)
+        _shared_mount = FuseMount(os.path.join(top, "mnt"), backend=wanted, stacked_overlays=stacked_overlays).open()
+        _shared_overlays = stacked_overlays
+        if not _atexit_registered:
+            atexit.register(_close_shared_mount)
+            _atexit_registered = True
     return _shared_mount
+
+
+_atexit_registered = False
+_shared_overlays = 1
+
+
+def _close_shared_mount() -> None:
+    global _shared_mount
+    if _shared_mount is not None:
+        _shared_mount.close()
+        shutil.rmtree(os.path.dirname(_shared_mount.mount_dir), ignore_errors=True)
+        _shared_mount = None
 
 
 @dataclass
@@ -182,8 +202,11 @@ def make_farm(
     stager: Stager
     if staging == "hardlink":
         stager = HardlinkStager(source, remover, parsed=ParsedTrees())
-    elif staging == "fuse":
-        stager = FuseStager(source, remover, shared_fuse_mount(), os.path.join(top, "builds"), fetch_timeout=fetch_timeout)
+    elif staging in ("fuse", "fuse-pyfuse3", "fuse-kernel"):
+        mount = shared_fuse_mount(staging.partition("-")[2] or None)
+        # Under a bound, as a worker does: bare FUSE views, the bound's overlay on them.
+        stager = FuseStager(source, remover, mount, os.path.join(top, "builds"), fetch_timeout=fetch_timeout,
+                            overlay=bound_bytes is None)
     elif staging == "cached":
         stager = CachedTreeStager(source, remover, TreeCache(os.path.join(cache_dir, "trees"), tree_cache_bytes),
                                   os.path.join(top, "builds"))

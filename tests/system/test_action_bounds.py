@@ -17,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from conftest import require, require_tool
+import executor_fixtures
 from executor_fixtures import Farm, make_farm, shared_fuse_mount
 from fakes.cas_server import FakeCasServer
 
@@ -157,13 +158,16 @@ def require_fuse() -> None:
     require(os.geteuid() == 0 and os.path.exists("/dev/fuse"), "FUSE staging needs root and /dev/fuse")
 
 
-@pytest.fixture
-def fuse_quota():
+@pytest.fixture(params=executor_fixtures.FUSE_BACKENDS)
+def fuse_quota(request):
+    """The shared mount on each backend, with a quota of 40 open files per action."""
     require_fuse()
+    executor_fixtures.fuse_backend = request.param
     mount = shared_fuse_mount()
     mount.limit_open_files(40)
     yield mount
     mount.limit_open_files(None)
+    executor_fixtures.fuse_backend = "auto"
 
 
 HOLD_OPEN = """

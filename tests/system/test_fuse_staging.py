@@ -17,7 +17,8 @@ from collections.abc import Iterator
 import pytest
 
 from conftest import REPO, require, require_tool
-from executor_fixtures import Farm, make_farm, shared_fuse_mount
+import executor_fixtures
+from executor_fixtures import FUSE_BACKENDS, Farm, make_farm, shared_fuse_mount
 from fakes.cas_server import FakeCasServer
 
 from reapi_worker.protos import code_pb2, error_details_pb2, re_pb2
@@ -26,7 +27,7 @@ from reapi_worker.storage.content import MemoryStore
 from reapi_worker.storage.digests import Digest, serialize
 from reapi_worker.storage.directory.cas import CasDirectory
 from reapi_worker.storage.fetch_through import FetchThroughStore
-from reapi_worker.storage.fuse import kernel_mounts, operations
+from reapi_worker.storage.fuse import kernel_requests, kernel_mounts, operations
 from reapi_worker.storage.remote_cas import RemoteCAS, RemoteOptions
 from reapi_worker.storage.retry import RetryPolicy
 
@@ -35,6 +36,28 @@ def require_fuse() -> None:
     require_tool("bwrap")
     require_tool("fusermount3")
     require(os.geteuid() == 0 and os.path.exists("/dev/fuse"), "FUSE staging needs root and /dev/fuse")
+
+
+@pytest.fixture(autouse=True, scope="module", params=FUSE_BACKENDS)
+def backend(request) -> Iterator[str]:
+    """Every test here runs on each FUSE backend (storage/fuse/mount.py)."""
+    executor_fixtures.fuse_backend = request.param
+    yield request.param
+    executor_fixtures.fuse_backend = "auto"
+
+
+def patch_open_local(monkeypatch, replacement) -> None:  # type: ignore[no-untyped-def]
+    """Make both backends open cached blobs with ``replacement``."""
+    monkeypatch.setattr(operations, "_open_local", replacement)
+    monkeypatch.setattr(kernel_requests, "open_local", replacement)
+
+
+def end_serving_loop(mount) -> None:  # type: ignore[no-untyped-def]
+    """From a request handler: make the mount's serving thread end, as a crash would."""
+    if mount.backend_in_use == "kernel":
+        mount._session.kernel.stop()
+    else:
+        operations.pyfuse3.terminate()
 
 
 @pytest.fixture
@@ -199,7 +222,7 @@ def test_a_bug_in_the_file_system_fails_the_action_with_eio_and_the_mount_lives_
     def broken(store, digest):  # type: ignore[no-untyped-def]
         raise RuntimeError("injected bug")
 
-    monkeypatch.setattr(operations, "_open_local", broken)
+    patch_open_local(monkeypatch, broken)
     outcome = farm.run(["/bin/sh", "-c", "cat input; echo exit=$?"], {"input": b"x\n"})
     assert farm.text(outcome.result.stdout_digest) == "exit=1\n"
     assert outcome.status.code == code_pb2.INTERNAL
@@ -212,12 +235,13 @@ def test_a_bug_in_the_file_system_fails_the_action_with_eio_and_the_mount_lives_
 def test_a_file_system_thread_that_dies_mid_action_fails_it_and_the_next_action_remounts(farm, monkeypatch):
     mount = shared_fuse_mount()
     original = operations._open_local
+    assert mount.backend_in_use == executor_fixtures.fuse_backend
 
     def die_after_this_open(store, digest):  # type: ignore[no-untyped-def]
-        operations.pyfuse3.terminate()  # we are in the FUSE thread: end its loop
+        end_serving_loop(mount)  # we are in the FUSE thread: end its loop
         return original(store, digest)
 
-    monkeypatch.setattr(operations, "_open_local", die_after_this_open)
+    patch_open_local(monkeypatch, die_after_this_open)
     outcome = farm.run(["/bin/sh", "-c", "cat a; cat b/c; echo exit=$?"], {"a": b"a\n", "b/c": b"c\n"})
     monkeypatch.undo()
     assert outcome.status.code == code_pb2.INTERNAL, outcome.status
@@ -274,7 +298,7 @@ _HOLDER = textwrap.dedent('''
     tree.write_bytes("src/a", b"a")
     root = CasDirectory.from_digest(cache, tree.digest())
     remover = TreeRemover(os.path.join(top, "builds", ".trash"))
-    mount = FuseMount(os.path.join(top, "fuse")).open()
+    mount = FuseMount(os.path.join(top, "fuse"), backend=sys.argv[3]).open()
     stager = FuseStager(cache, remover, mount, os.path.join(top, "builds"))
     staged = stager.stage(root, os.path.join(top, "builds", "action"), [("out",)], Owner(65534, 65534))
     assert open(os.path.join(staged.path, "src", "a")).read() == "a"
@@ -288,11 +312,11 @@ _HOLDER = textwrap.dedent('''
 ''')
 
 
-def test_kill_9_of_a_worker_holding_a_mount_leaves_no_mount_after_restart(tmp_path):
+def test_kill_9_of_a_worker_holding_a_mount_leaves_no_mount_after_restart(tmp_path, backend):
     require_fuse()
     top = str(tmp_path)
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    holder = subprocess.Popen([sys.executable, "-c", _HOLDER, top, "hold"], stdout=subprocess.PIPE, text=True, env=env)
+    holder = subprocess.Popen([sys.executable, "-c", _HOLDER, top, "hold", backend], stdout=subprocess.PIPE, text=True, env=env)
     watchdog = threading.Timer(60, holder.kill)  # a hung holder ends the readline below
     watchdog.start()
     try:
@@ -307,7 +331,7 @@ def test_kill_9_of_a_worker_holding_a_mount_leaves_no_mount_after_restart(tmp_pa
             holder.kill()
             holder.wait(10)
     assert len(kernel_mounts.mounts_under(top)) == 2  # stale: nobody serves them any more
-    restart = subprocess.run([sys.executable, "-c", _HOLDER, top, "once"], capture_output=True, text=True,
+    restart = subprocess.run([sys.executable, "-c", _HOLDER, top, "once", backend], capture_output=True, text=True,
                              timeout=60, env=env)
     assert restart.stdout == "restarted\n", restart.stderr
     assert kernel_mounts.mounts_under(top) == []

@@ -118,6 +118,15 @@ def test_environment_is_exactly_the_requests(build, monkeypatch):
     assert sorted(build.stdout.splitlines()) == sorted(f"{k}={v}" for k, v in env.items())
 
 
+@pytest.mark.parametrize("pwd", [None, "/build/src", "/build/src/", "/elsewhere"])
+def test_pwd_is_exactly_the_clients_sent_or_not_with_or_without_the_env_shim(build, pwd):
+    (build.root / "src").mkdir()
+    prepare_build_dir(str(build.root), *build.runner.host_ids)
+    env = {"PATH": HOST_PATH, **({} if pwd is None else {"PWD": pwd})}
+    assert build.run("env", environment=env, working_directory="src").exit_code == 0, build.stderr
+    assert sorted(build.stdout.splitlines()) == sorted(f"{k}={v}" for k, v in env.items())
+
+
 def test_environment_is_exact_in_a_shell_too_except_what_the_shell_adds(build):
     build.run("sh", "-c", "env", environment={"PATH": HOST_PATH})
     assert "PATH=" + HOST_PATH in build.stdout.splitlines()

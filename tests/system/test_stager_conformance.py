@@ -36,8 +36,8 @@ from reapi_worker.storage.tree_facts import TreeFacts
 
 OWNER = Owner(NOBODY.uid, NOBODY.gid)
 STAGERS = (
-    "hardlink", "hardlink-parsed", "fuse", "auto-eager", "auto-lazy", "cached",
-    "hardlink+bound", "fuse+bound", "cached+bound", "hardlink+guard",
+    "hardlink", "hardlink-parsed", "fuse", "fuse-kernel", "auto-eager", "auto-lazy", "cached",
+    "hardlink+bound", "fuse+bound", "fuse-kernel+bound", "cached+bound", "hardlink+guard",
 )
 
 
@@ -81,7 +81,10 @@ def rig(request) -> Iterator[Rig]:
             stager = stack.enter_context(CachedTreeStager(cache, remover, trees, build_root))
         elif not kind.startswith("hardlink"):
             facts = TreeFacts()
-            lazy = FuseStager(cache, remover, shared_fuse_mount(), build_root, facts=facts)
+            # "fuse" (and auto) on pyfuse3, "fuse-kernel" on the /dev/fuse backend.
+            # Under a bound, as a worker does: bare FUSE views, the bound's overlay on them.
+            mount = shared_fuse_mount("kernel" if kind == "fuse-kernel" else "pyfuse3")
+            lazy = FuseStager(cache, remover, mount, build_root, facts=facts, overlay=wrapper != "bound")
             stager = lazy
             if kind.startswith("auto"):
                 rule = StagingRule(lazy_min_files=0 if kind == "auto-lazy" else 1_000_000)
@@ -90,7 +93,7 @@ def rig(request) -> Iterator[Rig]:
             stager = BoundedStager(stager, 16 << 20)
         elif wrapper == "guard":
             stager = FreeSpaceGuard(stager, reserve_bytes=0)
-        lazy = kind in ("fuse", "auto-lazy")
+        lazy = kind in ("fuse", "fuse-kernel", "auto-lazy")
         yield Rig(stager, cache, remover, build_root, os.path.join(top, "source"), lazy)
         remover.drain()
     shutil.rmtree(top, ignore_errors=True)

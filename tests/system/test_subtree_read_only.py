@@ -31,12 +31,12 @@ from reapi_worker.worker.health import HealthMonitor, HealthRecordingExecutor, S
 
 def require_staging(staging: str) -> None:
     require_tool("bwrap")
-    if staging == "fuse":
+    if staging.startswith("fuse"):
         require_tool("fusermount3")
         require(os.geteuid() == 0 and os.path.exists("/dev/fuse"), "FUSE staging needs root and /dev/fuse")
 
 
-@pytest.fixture(params=STAGINGS)
+@pytest.fixture(params=(*STAGINGS, "fuse-pyfuse3"))  # "fuse": the worker's choice (auto)
 def staging(request) -> str:
     require_staging(request.param)
     return request.param
@@ -166,6 +166,56 @@ def test_a_marking_other_than_true_or_false_is_invalid_argument_naming_the_direc
     outcome = run(farm, "true", {"a": {"b": {MARK: "yes"}}})
     assert outcome.status.code == code_pb2.INVALID_ARGUMENT
     assert "'a/b'" in outcome.status.message and "SubtreeReadOnly='yes'" in outcome.status.message
+
+
+def _wide_tree(marks: dict[tuple[str, ...], str] | None = None) -> dict:
+    """Sixty directories one level below twelve (and ``p11/d4/deep``), an input in each; ``marks`` puts a
+    marking on the directory at each path."""
+    tree: dict = {f"p{i}": {f"d{j}": {"input": b"%d-%d\n" % (i, j)} for j in range(5)} for i in range(12)}
+    tree["p11"]["d4"]["deep"] = {"input": b"deep\n"}
+    for path, value in (marks or {}).items():
+        node = tree
+        for name in path:
+            node = node.setdefault(name, {})
+        node[MARK] = value
+    return tree
+
+
+# Each attempt writes a new file into one directory of the wide tree.
+WIDE_ATTEMPTS = " ".join([
+    "t() { if ( eval \"$2\" ) 2>/dev/null; then echo $1:ok; else echo $1:refused; fi; };",
+    *(f"t {name} 'echo x > {path}/new';" for name, path in [
+        ("marked", "p11/d4/deep"), ("above-mark", "p11/d4"), ("beside", "p11/d3"),
+        ("shared-under-mark", "sys/d2"), ("shared-alone", "p5/d2"), ("other", "p0/d0"),
+    ]),
+])
+
+
+def test_a_marking_deep_in_a_wide_tree_is_enforced(farm):
+    """The walk's common case (no marking anywhere) takes a shortcut: a tree with a single
+    marking three levels down, in its last directory, must still be read-only there."""
+    tree = _wide_tree({("p11", "d4", "deep"): "true"})
+    tree["sys"] = {"d2": {}}
+    verdicts = _verdicts(farm, run(farm, WIDE_ATTEMPTS, tree))
+    assert verdicts["marked"] == "refused"
+    assert verdicts["above-mark"] == verdicts["beside"] == verdicts["other"] == verdicts["shared-alone"] == "ok"
+
+
+def test_a_tree_sharing_subtrees_with_an_unmarked_one_seen_before_is_enforced(farm):
+    """The executor remembers subtrees without markings: a later tree that puts one of them
+    under a read-only parent, and marks a new directory deep inside, is enforced on both,
+    while the same subtree stays writable where the new tree leaves it unmarked."""
+    unmarked = _wide_tree()
+    unmarked["sys"] = {"d2": {}}
+    assert set(_verdicts(farm, run(farm, WIDE_ATTEMPTS, unmarked)).values()) == {"ok"}
+    shared = unmarked["p5"]
+    tree = _wide_tree({("p11", "d4", "deep"): "true"})
+    tree["sys"] = {MARK: "true", **shared}  # p5's subtree, known unmarked, now under a marking
+    verdicts = _verdicts(farm, run(farm, WIDE_ATTEMPTS, tree))
+    assert verdicts == {
+        "marked": "refused", "above-mark": "ok", "beside": "ok",
+        "shared-under-mark": "refused", "shared-alone": "ok", "other": "ok",
+    }
 
 
 # -- chroot robustness -----------------------------------------------------------------------

@@ -10,7 +10,9 @@ from typing import Any, Protocol
 from reapi_worker.protos.errors import ReapiError
 from reapi_worker.storage.local_cas import CacheStats
 
-from ..config import Watermarks, format_bytes
+from reapi_worker.host import format_bytes
+
+from ..config import Watermarks
 from .report import CheckResult, DiskUsage, Level, StatVfs
 
 log = logging.getLogger("reapi_worker.health")

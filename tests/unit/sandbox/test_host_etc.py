@@ -8,7 +8,7 @@ import pytest
 
 from reapi_worker.sandbox import SandboxSetupError
 from reapi_worker.sandbox.bwrap_args import HostEntry, HostLayout
-from reapi_worker.sandbox.host_etc import DEFAULT_HOST_ETC, allowed_etc_entries, check_etc_names
+from reapi_worker.sandbox.host_etc import DEFAULT_HOST_ETC, allow_pattern, allowed_etc_entries, check_etc_names, scan_etc
 
 
 @pytest.fixture
@@ -53,3 +53,23 @@ def test_the_layout_shows_the_allowed_entries_after_the_top_level_ones(host):
     assert layout.entries == (
         HostEntry("/usr"), HostEntry("/etc/localtime", "/usr/share/zoneinfo/Etc/UTC"), HostEntry("/etc/passwd"),
     )
+
+
+def test_a_scan_tells_a_replaced_entry_from_one_rewritten_in_place(host):
+    allow = allow_pattern(DEFAULT_HOST_ETC)
+    before = scan_etc(allow, str(host / "etc"))
+    (host / "etc" / "passwd").write_text("rewritten in place\n")  # same inode: a bind shows it live
+    assert scan_etc(allow, str(host / "etc")) == before
+    fresh = host / "etc" / "group.new"
+    fresh.write_text("renamed over\n")
+    fresh.rename(host / "etc" / "group")  # a new inode: a bind of the old one would be stale
+    after = scan_etc(allow, str(host / "etc"))
+    assert [e.name for e in after] == [e.name for e in before]
+    assert [e.name for e in after if e not in before] == ["group"]
+
+
+def test_the_compiled_allow_list_matches_as_fnmatch_does():
+    allow = allow_pattern(["ld.so.*", "java-*", "passwd"])
+    assert [n for n in ("ld.so.cache", "ld.so", "java-17", "java", "passwd", "passwd-", "xpasswd") if allow.match(n)] == [
+        "ld.so.cache", "java-17", "passwd"]
+    assert not allow_pattern([]).match("passwd")

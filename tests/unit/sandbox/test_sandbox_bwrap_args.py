@@ -126,6 +126,18 @@ def test_a_pwd_sent_by_the_client_is_restored_exactly():
     assert args.command == ("/usr/bin/env", "-u", "PWD", "--", "PWD=/somewhere", "pwd")
 
 
+def test_a_client_pwd_equal_to_the_working_directory_needs_no_shim():
+    # bubblewrap sets PWD to the --chdir path: the very value the client sent.
+    exact = request("pwd", environment={"PWD": "/build/sub"}, working_directory="sub")
+    assert not uses_env_shim(exact, MERGED_USR)
+    assert bwrap_arguments(exact, MERGED_USR, FDS).command == ("pwd",)
+    assert pairs(bwrap_arguments(exact, MERGED_USR, FDS).options, "--chdir") == [("/build/sub",)]
+    # Anything else, a trailing slash included, still goes through env.
+    for pwd in ("/build/sub/", "/build", "/elsewhere"):
+        other = request("pwd", environment={"PWD": pwd}, working_directory="sub")
+        assert bwrap_arguments(other, MERGED_USR, FDS).command[:5] == ("/usr/bin/env", "-u", "PWD", "--", f"PWD={pwd}")
+
+
 def test_attack_a_command_named_like_an_assignment_is_not_swallowed_by_env():
     req = request("./FOO=bar")
     assert not uses_env_shim(req, MERGED_USR)

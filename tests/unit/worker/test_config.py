@@ -466,6 +466,7 @@ def test_the_dump_of_a_config_with_every_setting_changed_loads_back_equal(tmp_pa
         "max_action_timeout": 0.25,
         "sandbox_uid_range": "300000-300063",
         "staging": "auto",
+        "fuse_backend": "pyfuse3",
         "action_memory": "2G",
         "action_tmp_size": "unlimited",
         "action_pids": "100",
