@@ -37,9 +37,9 @@ So the action may ``touch``, ``chmod`` and, once it has a write bit, rewrite an 
 in place, as BuildStream's local sandbox lets a build: the kernel's permission check passes
 on the overlay's inode, overlayfs copies the file up into the tmpfs (counted against the
 bound) and the hardlinked CAS blob never changes. Mounting the clone costs ~0.1 ms. Cached
-staging brings its own (idmapped) overlay and FUSE its read-only view; neither can be
-idmapped again (an overlay or a FUSE mount: EINVAL), so their tree is used as it is, its
-inputs the action's (cached) or not (FUSE: see storage/fuse/stager.py).
+staging brings its own (idmapped) overlay and FUSE its read-only view, whose files its
+daemon shows as the action's; neither can be idmapped (an overlay or a FUSE mount:
+EINVAL), and neither needs to be: their tree is used as it is.
 
 Why tmpfs and not a quota on the cache's disk: hardlinked inputs must stay on the cache's
 file system, and a project quota (xfs, or ext4 with the ``project`` feature) can follow a

@@ -19,9 +19,9 @@ staging, hardlink staging under a bound) they are the action's own already, thro
 idmapped lower layer (:mod:`.idmapped_mounts`): ``touch`` and ``chmod`` work and overlayfs
 keeps the change private. What a copy still adds below a ``false`` marking is the mode:
 the CAS's inodes are 0444/0555, so an in-place write needs a ``chmod u+w`` first, which a
-copy (0644/0755, as BuildStream's local sandbox shows) does not. Elsewhere (FUSE staging,
-hardlink staging without an overlay) unmarked inputs stay unwritable: see the README's
-staging notes. A deeper ``true`` marking inside a writable subtree stays as staged: it is
+copy (0644/0755, as BuildStream's local sandbox shows) does not. FUSE staging's daemon
+shows input files as the action's own too (0444/0555). Elsewhere (hardlink staging
+without an overlay) unmarked inputs stay unwritable: see the README's staging notes. A deeper ``true`` marking inside a writable subtree stays as staged: it is
 read-only anyway.
 """
 

@@ -119,6 +119,16 @@ class FileInode:
     roots: "weakref.WeakSet[ActionRoot]" = field(default_factory=weakref.WeakSet)
 
 
+def file_links(inode: object) -> int:
+    """The link count to report for ``inode``: 2 for a file, 1 for anything else ("count
+    unknown", as btrfs; find copes). A file inode is shared by every path of its blob, and
+    overlayfs (index=off) shares one overlay inode between the paths of a lower inode whose
+    link count is 1: copying one path up for a write would then show the change at every
+    other path of the same blob (checked on 6.18). A count above 1 tells it the paths are
+    hardlinks, which a copy-up separates — two paths stay two files, as in a local build."""
+    return 2 if type(inode) is FileInode else 1
+
+
 Inode = DirInode | LinkInode | FileInode
 
 

@@ -36,7 +36,7 @@ from reapi_worker.protos.errors import Internal, ReapiError, Unavailable
 from ..directory.cas import CasDirectory
 from . import protocol as fuse
 from .blobs import fetch_and_open, is_local, open_local
-from .inodes import ROOT_INODE, ActionRoot, DirInode, FileInode, Inode, InodeTable, LinkInode, NotLoaded
+from .inodes import ROOT_INODE, ActionRoot, DirInode, FileInode, Inode, InodeTable, LinkInode, NotLoaded, file_links
 from .kernel_session import KernelSession
 from .open_files import QuotaExceeded, opener_of
 from .operations import CACHE_SECONDS, INPUT_MTIME_NS
@@ -145,7 +145,7 @@ class KernelRequests:
         else:  # the mount's top directory: root only (overlayfs reads below as its mounter)
             size, mode, uid, gid = 0, stat.S_IFDIR | 0o700, self._uid, self._gid
         return fuse.ATTR.pack(ino, size, (size + 511) // 512, _SECONDS, _SECONDS, _SECONDS, _NANOS, _NANOS, _NANOS,
-                              mode, 1, uid, gid, 0, 4096, 0)
+                              mode, file_links(inode), uid, gid, 0, 4096, 0)
 
     def _entry(self, inode: Inode) -> bytes:
         return fuse.ENTRY_OUT_HEAD.pack(inode.ino, 0, _VALID, _VALID, 0, 0) + self._attr(inode, inode.ino)

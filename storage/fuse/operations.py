@@ -47,7 +47,7 @@ from ..directory.cas import CasDirectory
 from .blobs import fetch_and_open as _fetch_and_open
 from .blobs import is_local as _is_local
 from .blobs import open_local as _open_local
-from .inodes import ROOT_INODE, ActionRoot, DirInode, FileInode, InodeTable, LinkInode, NotLoaded
+from .inodes import ROOT_INODE, ActionRoot, DirInode, FileInode, InodeTable, LinkInode, NotLoaded, file_links
 from .open_files import QuotaExceeded, opener_of
 
 log = logging.getLogger(__name__)
@@ -111,7 +111,7 @@ class InputFileSystem(pyfuse3.Operations):
         attrs.attr_timeout = CACHE_SECONDS
         attrs.st_atime_ns = attrs.st_mtime_ns = attrs.st_ctime_ns = INPUT_MTIME_NS
         attrs.st_blksize = 4096
-        attrs.st_nlink = 1  # for directories too: "count unknown", as btrfs; find copes
+        attrs.st_nlink = file_links(inode)
         if type(inode) is FileInode:
             attrs.st_mode = stat.S_IFREG | (0o555 if inode.executable else 0o444)
             attrs.st_size = inode.digest.size_bytes

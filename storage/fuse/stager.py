@@ -24,14 +24,6 @@ it lands in the upper layer. No write ever reaches the CAS: the FUSE mount is re
 overlayfs copies a file up before changing it. (A ``SubtreeReadOnly`` subtree is
 remounted read-only above all this by the sandbox.)
 
-Unlike cached staging and bounded hardlink staging, the files are not the action's own:
-``touch``, ``chmod`` or an in-place write of an input fails (EPERM/EACCES) where
-BuildStream's local sandbox lets a build do it. Showing them as the action's would need
-either per-root file inodes (the daemon shares one inode per blob across roots, so it
-cannot report a per-action owner) or an idmapped mount of the FUSE mount (refused unless
-the daemon asks for ``FUSE_ALLOW_IDMAP``, which pyfuse3 does not): a daemon change, left
-out; its ``StagedInput.private_inputs`` stays false.
-
 Nothing of the tree is read before the command but its root Directory: a directory is
 read when first looked up, a blob fetched when first opened. Missing inputs are found the
 same way, lazily — the trade-off against checking every blob present before the command
@@ -164,6 +156,9 @@ class _OverlayInput(StagedInput):
         self._upper = os.path.join(build_dir, "upper") if overlay else None
         self.path = os.path.join(build_dir, "root")
         self.read_only_view = not overlay
+        # Files are the action's own (module docstring); changes land in an overlay's
+        # upper layer, this one's or, for a read-only view, the BoundedStager's.
+        self.private_inputs = True
         self._tree = tree
         self._mount = mount
         self._remover = remover

@@ -217,9 +217,7 @@ def test_a_write_into_the_read_only_root_fails_remotely_as_it_fails_locally(farm
 @pytest.mark.parametrize("edit_staging", [
     "hardlink",  # under the default build_dir_size bound: an idmapped overlay (storage/bounded_staging.py)
     "cached",
-    pytest.param("fuse", marks=pytest.mark.xfail(
-        reason="FUSE staging does not make input files the action's own (storage/fuse/stager.py)", strict=True,
-    )),
+    "fuse",
 ])
 def test_a_script_editing_its_dependencies_files_in_place_builds_remotely_as_locally(farm, bst, edit_staging):
     """edit.bst: a script element (BuildStream sends its root unmarked: no SubtreeReadOnly)

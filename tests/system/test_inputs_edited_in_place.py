@@ -4,11 +4,12 @@ real stagers: what BuildStream's local sandbox lets a build do to its dependenci
 ``SubtreeReadOnly=true`` marks.
 
 * Where the stager shows inputs as the action's own (``private_inputs``: cached staging, and
-  hardlink staging under a ``build_dir_size`` bound — idmapped overlays), every edit goes
+  hardlink staging under a ``build_dir_size`` bound — idmapped overlays; FUSE staging, whose
+  daemon shows files as the action's), every edit goes
   through; what is captured reflects it; the cached blob keeps its bytes, mode and times
   (it still matches its digest); the next action sees the original; two paths that are one
   blob are two files; a ``true``-marked subtree still refuses.
-* Where it does not (FUSE staging; hardlink staging without a bound, which has no overlay),
+* Where it does not (hardlink staging without a bound, which has no overlay),
   the edits are refused as before: the staged input's ``private_inputs`` says so, and the README's
   staging section. A worker that is not root has no overlay but stages copies owned by
   the sandbox's uid (its own), which the action may edit.
@@ -43,7 +44,8 @@ CONFIGS = {
     "hardlink+bound": ("hardlink", True, True),
     "cached": ("cached", False, True),
     "cached+bound": ("cached", True, True),
-    "fuse": ("fuse", False, False),
+    "fuse": ("fuse", False, True),  # the daemon shows files as the action's (storage/fuse/inodes.py)
+    "fuse+bound": ("fuse", True, True),
     "hardlink": ("hardlink", False, False),
 }
 
