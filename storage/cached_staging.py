@@ -38,11 +38,11 @@ with a cached tree is reused only at the same path (the common case — the same
 or vendored tree in each action); elsewhere it is linked again.
 
 Ownership: in the cache, everything is root's — directories 0755, files the local CAS's
-blobs (hardlinks, 0444/0555). Each lower layer is attached through an idmapped mount that
+blobs (hardlinks, 0644/0755). Each lower layer is attached through an idmapped mount that
 shows root as the sandbox's uid/gid (:mod:`.idmapped_mounts`), so the action owns every
 entry of its view, as BuildStream's local sandbox shows a build its inputs: it may create,
-replace and delete entries anywhere, and ``touch``, ``chmod`` or (once a write bit is set:
-the blobs' modes are the CAS's, 0444/0555) rewrite an input file in place — while the
+replace and delete entries anywhere, and ``touch``, ``chmod``, append to or rewrite an
+input file in place — while the
 cache stays writable by root alone. Because overlayfs copies an entry up before any
 change, nothing the sandbox does — write, chmod, rename, unlink, link — reaches a cached
 tree or a CAS blob: unlike hardlink staging, this stager never needs to copy, and a later

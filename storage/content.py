@@ -107,9 +107,10 @@ class LocalContent(ContentStore):
     def path(self, digest: Digest, executable: bool = False) -> str:
         """Absolute path of a file holding exactly the blob's bytes.
 
-        Non-executable blobs are mode 0444, executable ones 0555, and the two variants
-        are different inodes (a hardlinked input must never change mode under another
-        action). Raises MissingBlobs if the blob is not local. The file must not be
+        Non-executable blobs are mode 0644, executable ones 0755 (as BuildStream's local
+        sandbox shows inputs; the owner, never a sandbox's uid, is what protects them), and
+        the two variants are different inodes (a hardlinked input must never change mode
+        under another action). Raises MissingBlobs if the blob is not local. The file must not be
         written to; link it or copy it.
         """
 

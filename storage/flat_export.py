@@ -7,7 +7,7 @@ root staged a hundred times was parsed a hundred times (~75 ms of a 10,000-file 
 much as the links themselves; ``bench/bench_tree_cache.py``, ``hardlink: seen``). A flat
 tree is parsed once per root, then this is a loop of mkdir and link.
 
-The same rules as that exporter: a file is a hardlink of the store's 0444/0555 inode where
+The same rules as that exporter: a file is a hardlink of the store's 0644/0755 inode where
 the stager allows links, a copy of exactly that mode where it does not or where a link is
 impossible (another file system, the inode's link limit, a file system that forbids
 links); directories are 0755, owned by ``dir_owner`` when given. Paths are joined as

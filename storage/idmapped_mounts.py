@@ -1,12 +1,12 @@
 """Idmapped mounts: a tree of root's shown as the action's own, without touching it.
 
 The directory cache (:mod:`.tree_cache`) keeps materialised trees owned by the worker
-(root): directories 0755, files the local CAS's blobs (hardlinks, 0444/0555). Under
+(root): directories 0755, files the local CAS's blobs (hardlinks, 0644/0755). Under
 ``build_dir_size`` the hardlink stager's tree is root's too (:mod:`.bounded_staging`).
 Nobody else may write them. An action's view of such a tree must nevertheless show every
 entry as the sandbox's uid's — an action may create, replace and delete entries anywhere in
-its input root, and, as BuildStream's local sandbox lets it, ``touch``, ``chmod`` and
-(given a write bit) rewrite its input files in place — and the sandbox's uid differs per
+its input root, and, as BuildStream's local sandbox lets it, ``touch``, ``chmod``,
+append to and rewrite its input files in place — and the sandbox's uid differs per
 action (uid pool). An idmapped mount of the tree (Linux >= 5.12; as an overlayfs lower
 layer >= 5.19) shows root as the sandbox's uid, per mount, for free: measured here, cloning
 the tree, idmapping the clone and attaching it cost ~0.1 ms, the same as an overlay mount.

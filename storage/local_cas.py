@@ -4,8 +4,9 @@ Several worker processes on one host may share a root; every rule below holds ac
 
 Layout under ``root``::
 
-    objects/<hh>/<hash>      a blob, mode 0444 (<hh> = the hash's first two hex digits)
-    objects/<hh>/<hash>.x    its executable variant, mode 0555: a separate inode
+    objects/<hh>/<hash>      a blob, mode 0644 (<hh> = the hash's first two hex digits)
+    objects/<hh>/<hash>.x    its executable variant, mode 0755: a separate inode
+    modes-2                  written once every blob has the modes above (see Modes)
     tmp/<token>.<n>          a file being written, linked into objects/ once complete
     pins/<token>.<n>         one per PinSet: "\\n"-separated pinned hashes (empty: spare)
     owners/<token>           flock(LOCK_EX)-held by one open LocalCAS for its whole life
@@ -59,9 +60,17 @@ Why it is built this way:
   it changes, so the per-action presence check of a warm tree costs one locked read.
 * **Verification.** Bytes are hashed once, when they enter (``write*``, ``insert*``); a
   mismatch is DataLoss and nothing is stored. Reads of a hit are not re-hashed: the file
-  was verified on entry, is mode 0444, owned by the worker and never opened for writing
-  again, and re-hashing would double the cost of every read. (A sandbox running as the
+  was verified on entry, is owned by the worker and never opened for writing again, and re-hashing would double the cost of every read. (A sandbox running as the
   cache's owner could still chmod a hardlinked input: see docs/measured.md's security trap.)
+
+* **Modes.** 0644/0755, the modes BuildStream's local sandbox shows a build its inputs: an
+  overlay stager shows the blobs as the action's own (storage/idmapped_mounts.py), and the
+  action may then append to or rewrite one in place as locally — the overlay copies it up,
+  the blob never changes. What keeps the blobs unwritable to actions is their owner (the
+  worker; a sandbox never runs as it, or staging copies: sandbox/identity.py), not the
+  mode, which root ignores anyway. Blobs of the first layout (0444/0555) are given the new
+  modes when a LocalCAS first opens the root (one pass over ``objects/``; idempotent, so
+  two processes doing it at once is harmless), then ``modes-2`` is written.
 
 Not fork-safe: a child process must open its own LocalCAS.
 """
@@ -99,6 +108,9 @@ from .owner_locks import become_owner, lock_if_dead
 
 _CHUNK = 1 << 20
 _EXEC_SUFFIX = ".x"
+#: A blob's mode, by executable bit (see Modes in the module docstring).
+BLOB_MODES = (0o644, 0o755)
+_MODES_DONE = "modes-2"
 # Digests remembered as present (see Generation); past this many the memory is dropped.
 _KNOWN_LIMIT = 1 << 18
 # What a write fails with when its file system (or quota) has no room.
@@ -197,6 +209,7 @@ class LocalCAS(LocalContent):
                 os.path.join(self.root, "size"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644
             )
             self._sweep_dead_owners()
+            self._upgrade_modes()
             # A new cache, or a lost counter: count what is there, under the counter's lock
             # so that a second process starting now waits for the result.
             counted = self._update_size(lambda size, gen: (self._scan_size() if size < 0 else size, gen))
@@ -425,7 +438,7 @@ class LocalCAS(LocalContent):
         anonymous = self._proc_fds >= 0
         tmp = self._tmp if anonymous else f"{self._tmp}/{self._token}.{next(self._seq)}"
         flags = os.O_WRONLY | os.O_CLOEXEC | (os.O_TMPFILE if anonymous else os.O_CREAT | os.O_EXCL)
-        mode = 0o555 if executable else 0o444
+        mode = BLOB_MODES[executable]
         added = 0
         expected = claimed.size_bytes if claimed is not None else _CHUNK
         fd = -1
@@ -657,6 +670,19 @@ class LocalCAS(LocalContent):
                     unit.size += st.st_size
                     unit.paths.append(entry.path)
         return units
+
+    def _upgrade_modes(self) -> None:
+        """Give blobs of the first layout (0444/0555) today's modes, once per root."""
+        done = os.path.join(self.root, _MODES_DONE)
+        if os.path.exists(done):
+            return
+        for shard in range(256):
+            with os.scandir(f"{self._objects}/{shard:02x}") as entries:
+                for entry in entries:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.chmod(entry.path, BLOB_MODES[entry.name.endswith(_EXEC_SUFFIX)], follow_symlinks=False)
+        with open(done, "w", encoding="ascii"):
+            pass
 
     def _scan_size(self) -> int:
         return sum(unit.size for unit in self._scan().values())

@@ -185,7 +185,7 @@ class HardlinkStager(Stager):
     """Stage by hardlinks from the local cache: the blobs are fetched and pinned for the
     action's lifetime, then the tree is written out with one link per file.
 
-    Why links are safe: cache files are 0444/0555 and owned by the worker, while the
+    Why links are safe: cache files are owned by the worker (0644/0755: the owner bits alone allow writing), while the
     sandbox runs as another uid; it can replace a staged file (its directory is its own)
     but not write or chmod the shared inode. A worker that cannot run the sandbox as another
     uid must pass ``link=False`` (copies).

@@ -5,7 +5,7 @@ Layout under ``root`` (on the local CAS's file system: files are hardlinks of it
 
     lock                        flock(LOCK_EX)-held by the one TreeCache using this directory
     <hash>-<size>/tree/         a complete tree, all root's: directories 0755, files
-                                0444/0555 (shown as the action's by idmapped_mounts)
+                                0644/0755 (shown as the action's by idmapped_mounts)
     <hash>-<size>/complete-2    its marker: "<digest> <bytes> <tree ino> <tree ctime_ns>"
     building-<random>/          a tree being built (never looked up; removed at start)
     trash/                      evicted trees, deleted in the background

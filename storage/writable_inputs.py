@@ -17,11 +17,11 @@ Bazel tree, or a BuildStream script's whole sysroot, would cost more than stagin
 Where the stager puts an overlay over the inputs (``StagedInput.private_inputs``: cached
 staging, hardlink staging under a bound) they are the action's own already, through an
 idmapped lower layer (:mod:`.idmapped_mounts`): ``touch`` and ``chmod`` work and overlayfs
-keeps the change private. What a copy still adds below a ``false`` marking is the mode:
-the CAS's inodes are 0444/0555, so an in-place write needs a ``chmod u+w`` first, which a
-copy (0644/0755, as BuildStream's local sandbox shows) does not. FUSE staging's daemon
-shows input files as the action's own too (0444/0555). Elsewhere (hardlink staging
-without an overlay) unmarked inputs stay unwritable: see the README's staging notes. A deeper ``true`` marking inside a writable subtree stays as staged: it is
+keeps the change private; the CAS's modes are 0644/0755, like these copies. So below a
+``false`` marking a copy adds nothing there, and the executor skips it for such a stager.
+FUSE staging's daemon shows input files as the action's own too, 0644/0755. Elsewhere
+(hardlink staging without an overlay) unmarked inputs stay unwritable: see the README's
+staging notes. A deeper ``true`` marking inside a writable subtree stays as staged: it is
 read-only anyway.
 """
 

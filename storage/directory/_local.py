@@ -29,7 +29,7 @@ CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEX
 # Modes of files this package creates: working trees are writable by their owner,
 # exported (staged) trees are not writable at all, like the cache's own files.
 WORK_MODES = (0o644, 0o755)
-EXPORT_MODES = (0o444, 0o555)
+EXPORT_MODES = (0o644, 0o755)  # the local CAS's BLOB_MODES: a copy looks like a link
 
 _COPY_CHUNK = 1 << 20
 
@@ -161,7 +161,7 @@ def open_regular(dir_fd: int, name: str, where: str) -> int:
 
 def create_file(dir_fd: int, name: str, mode: int) -> int:
     """Create the file ``name`` (which must not exist) for writing; its mode is exactly
-    ``mode`` whatever the umask, so staged files are exactly 0444/0555."""
+    ``mode`` whatever the umask, so staged files are exactly 0644/0755."""
     fd = os.open(name, CREATE_FLAGS, mode, dir_fd=dir_fd)
     if _UMASK & mode:
         os.fchmod(fd, mode)

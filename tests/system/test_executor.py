@@ -269,7 +269,7 @@ def test_an_action_s_change_to_a_hardlinked_input_never_reaches_the_cache(farm):
     assert farm.cache.read(digest) == content
     with open(farm.cache.path(digest), "rb") as cached:
         assert Digest.of_bytes(cached.read()) == digest
-    assert os.stat(farm.cache.path(digest)).st_mode & 0o777 == 0o444
+    assert os.stat(farm.cache.path(digest)).st_mode & 0o777 == 0o644
 
 
 def test_action_may_replace_an_input_in_its_own_view_without_touching_the_cache(farm):

@@ -343,6 +343,7 @@ def test_attack_no_pool_uid_can_chmod_or_write_the_cache_through_its_inputs(stag
             st = os.stat(path)
             with open(path, "rb") as f:
                 assert hashlib.sha256(f.read()).hexdigest() == digest.hash
-            assert st.st_uid == os.geteuid() and not st.st_mode & (stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH | stat.S_ISUID)
+            # The worker's, with the mode it was stored with (0644/0755: any chmod would show).
+            assert st.st_uid == os.geteuid() and stat.S_IMODE(st.st_mode) == (0o755 if executable else 0o644)
     finally:
         farm.close()

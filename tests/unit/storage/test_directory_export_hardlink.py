@@ -1,5 +1,5 @@
 """Exporting a CasDirectory from the real LocalCAS: hardlinks share the cache's inode,
-executables link the 0555 variant, and a copy takes over where a link is impossible."""
+executables link the 0755 variant, and a copy takes over where a link is impossible."""
 
 from __future__ import annotations
 
@@ -55,8 +55,8 @@ def test_exported_files_are_the_cache_inodes(cas: LocalCAS, tree: CasDirectory, 
     assert _ino(out / "bin/tool") == _ino(cas.path(script, executable=True))
     assert _ino(out / "bin/also-plain") == _ino(cas.path(script))
     assert _ino(out / "bin/tool") != _ino(out / "bin/also-plain")
-    assert _mode(out / "bin/tool") == 0o555
-    assert _mode(out / "plain") == 0o444
+    assert _mode(out / "bin/tool") == 0o755
+    assert _mode(out / "plain") == 0o644
     assert os.readlink(out / "link") == "plain"
     assert snapshot(FileSystemDirectory(out)) == snapshot(tree)
 
@@ -74,7 +74,7 @@ def test_can_link_false_copies_with_the_same_modes(cas: LocalCAS, tree: CasDirec
     out = tmp_path / "out"
     tree.export_files(str(out), can_link=False)
     assert _ino(out / "plain") != _ino(cas.path(Digest.of_bytes(b"plain bytes")))
-    assert _mode(out / "plain") == 0o444 and _mode(out / "bin/tool") == 0o555
+    assert _mode(out / "plain") == 0o644 and _mode(out / "bin/tool") == 0o755
     assert snapshot(FileSystemDirectory(out)) == snapshot(tree)
 
 
@@ -85,7 +85,7 @@ def test_export_to_another_file_system_falls_back_to_copies(cas: LocalCAS, tree:
         out = pathlib.Path(shm) / "out"
         tree.export_files(str(out))  # every link is EXDEV
         assert os.stat(out / "plain").st_dev != os.stat(cas.root).st_dev
-        assert _mode(out / "plain") == 0o444 and _mode(out / "bin/tool") == 0o555
+        assert _mode(out / "plain") == 0o644 and _mode(out / "bin/tool") == 0o755
         assert snapshot(FileSystemDirectory(out)) == snapshot(tree)
 
 
@@ -104,7 +104,7 @@ def test_a_refused_link_is_replaced_by_a_copy(
     monkeypatch.setattr(os, "link", link)
     out = tmp_path / "out"
     tree.export_files(str(out))
-    assert _ino(out / "plain") != _ino(plain_path) and _mode(out / "plain") == 0o444
+    assert _ino(out / "plain") != _ino(plain_path) and _mode(out / "plain") == 0o644
     assert _ino(out / "bin/also-plain") == _ino(cas.path(Digest.of_bytes(b"#!/bin/sh\n")))
     assert snapshot(FileSystemDirectory(out)) == snapshot(tree)
 

@@ -197,7 +197,7 @@ def test_write_file_stores_a_file_and_refuses_a_final_symlink(cas: LocalCAS, tmp
 def test_blob_files_are_read_only_and_object_path_matches_path(cas: LocalCAS) -> None:
     digest = cas.write(b"data")
     assert cas.path(digest) == cas.object_path(digest)
-    assert stat.S_IMODE(os.stat(cas.path(digest)).st_mode) == 0o444
+    assert stat.S_IMODE(os.stat(cas.path(digest)).st_mode) == 0o644
 
 
 # ---- verification and atomicity ---------------------------------------------------------
@@ -307,14 +307,14 @@ def test_a_blob_just_stored_is_known_present_without_a_stat(cas: LocalCAS, monke
 # ---- executable variants ----------------------------------------------------------------
 
 
-def test_executable_variant_is_a_separate_0555_inode(cas: LocalCAS) -> None:
+def test_executable_variant_is_a_separate_0755_inode(cas: LocalCAS) -> None:
     digest = cas.write(b"#!/bin/sh\necho hi\n")
     plain, executable = cas.path(digest), cas.path(digest, executable=True)
     assert executable == cas.object_path(digest, executable=True)
     plain_stat, exec_stat = os.stat(plain), os.stat(executable)
     assert plain_stat.st_ino != exec_stat.st_ino
-    assert stat.S_IMODE(plain_stat.st_mode) == 0o444
-    assert stat.S_IMODE(exec_stat.st_mode) == 0o555
+    assert stat.S_IMODE(plain_stat.st_mode) == 0o644
+    assert stat.S_IMODE(exec_stat.st_mode) == 0o755
     assert pathlib.Path(executable).read_bytes() == pathlib.Path(plain).read_bytes()
     assert os.stat(cas.path(digest, executable=True)).st_ino == exec_stat.st_ino
     assert cas.stats().size_bytes == 2 * digest.size_bytes  # the variant counts too
@@ -516,3 +516,22 @@ def test_many_threads_share_one_cache(root: pathlib.Path) -> None:
         assert cas.stats().evictions > 0
         for digest in pinned:
             assert Digest.of_bytes(pathlib.Path(cas.path(digest, executable=True)).read_bytes()) == digest
+
+
+def test_blobs_of_the_first_layout_get_today_s_modes_when_the_root_is_next_opened(tmp_path: pathlib.Path) -> None:
+    root = str(tmp_path / "cas")
+    with LocalCAS(root, max_bytes=1 << 20) as cas:
+        digest = cas.write(b"#!/bin/sh\n")
+        plain, executable = cas.path(digest), cas.path(digest, executable=True)
+    # What a worker of the first layout left: 0444/0555 blobs, no marker.
+    os.chmod(plain, 0o444)
+    os.chmod(executable, 0o555)
+    os.unlink(os.path.join(root, "modes-2"))
+    with LocalCAS(root, max_bytes=1 << 20) as cas:
+        assert stat.S_IMODE(os.stat(cas.path(digest)).st_mode) == 0o644
+        assert stat.S_IMODE(os.stat(cas.path(digest, executable=True)).st_mode) == 0o755
+        assert cas.read(digest) == b"#!/bin/sh\n"
+    # Once done, never again: the marker says so.
+    os.chmod(plain, 0o444)
+    with LocalCAS(root, max_bytes=1 << 20):
+        assert stat.S_IMODE(os.stat(plain).st_mode) == 0o444

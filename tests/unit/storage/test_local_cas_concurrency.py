@@ -6,7 +6,7 @@ and pins a few of its own blobs before writing them. When every worker is done (
 holds its pins) the test checks, with its own eyes on the directory:
 
 * every pinned blob is present and hashes to its digest;
-* no file anywhere in ``objects/`` is corrupt (all rehashed) and modes are 0444 / 0555;
+* no file anywhere in ``objects/`` is corrupt (all rehashed) and modes are 0644 / 0755;
 * the true size is at most ``max_bytes`` plus the documented slack: each process's pending
   bytes not yet folded into the shared counter (under ``flush_bytes`` each);
 
@@ -106,7 +106,7 @@ def scan(root: pathlib.Path) -> tuple[int, list[str]]:
         name, executable = path.name.removesuffix(".x"), path.name.endswith(".x")
         if hashlib.sha256(path.read_bytes()).hexdigest() != name:
             problems.append(f"{path.name}: corrupt")
-        if stat.S_IMODE(path.stat().st_mode) != (0o555 if executable else 0o444):
+        if stat.S_IMODE(path.stat().st_mode) != (0o755 if executable else 0o644):
             problems.append(f"{path.name}: mode {oct(path.stat().st_mode)}")
     return total, problems
 

@@ -27,7 +27,7 @@ def _cache_file(cache: str, name: str, data: bytes, executable: bool = False) ->
 @pytest.fixture
 def staged(tmp_path):
     """A root staged as the hardlink stager does: build/ (writable), build/ro/ (read-only),
-    usr/ (read-only), every file a hardlink of a 0444/0555 cache file."""
+    usr/ (read-only), every file a hardlink of a 0444/0555 file (read-only to anyone but root)."""
     cache, root = tmp_path / "cache", tmp_path / "root"
     cache.mkdir()
     for d in ("build/sub", "build/ro", "usr"):
