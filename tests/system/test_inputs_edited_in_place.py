@@ -188,3 +188,34 @@ def test_a_worker_that_is_not_root_stages_copies_its_actions_may_edit():
     assert (seen["code"], seen["exit"], seen["stdout"]) == (code_pb2.OK, 0, "edited\n"), seen
     assert seen["files"] == {"dep/grown": "grown\nmore\n", "dep/input": "original\n"}
     assert seen["blob"] == "grown\n"  # the copy changed, never the cache
+
+
+def test_below_a_false_marking_edits_go_through_everywhere_copied_only_where_the_stager_must(config):
+    """BuildStream's build directory (``SubtreeReadOnly=false``): every stager lets the build
+    edit its sources in place; one whose inputs are the action's own already makes no copy
+    (the input still shows the cache inode's link count), the others copy (one link)."""
+    farm, private = config
+    # A false marking counts below a true one (as BuildStream sends them): the root read-only.
+    tree = {MARK: "true", "build": {MARK: "false", "src": ORIGINAL, "configure": ORIGINAL + b"configure\n"}}
+    script = ("stat -c %h build/src; touch -d @86400 build/src && chmod +x build/configure"
+              " && echo more >> build/src && truncate -s 4 build/configure && echo edited")
+    command = re_pb2.Command(
+        arguments=["/bin/sh", "-c", script],
+        environment_variables=[re_pb2.Command.EnvironmentVariable(name="PATH", value="/usr/bin:/bin")],
+        output_paths=["build/configure", "build/src"],
+    )
+    action = re_pb2.Action(
+        command_digest=farm.cache.write(serialize(command)).to_proto(),
+        input_root_digest=store_marked_tree(farm.cache, tree).to_proto(), do_not_cache=True,
+    )
+    outcome = farm.executor.execute(farm.cache.write(serialize(action)))
+    assert outcome.status.code == code_pb2.OK and outcome.result.exit_code == 0, farm.text(outcome.result.stderr_digest)
+    links, edited = farm.text(outcome.result.stdout_digest).split()
+    assert edited == "edited"
+    assert (int(links) > 1) is private
+    captured = {f.path: f for f in outcome.result.output_files}
+    assert farm.cache.read(Digest.from_proto(captured["build/src"].digest)) == ORIGINAL + b"more\n"
+    assert farm.cache.read(Digest.from_proto(captured["build/configure"].digest)) == ORIGINAL[:4]
+    assert captured["build/configure"].is_executable
+    with open(farm.cache.path(Digest.of_bytes(ORIGINAL)), "rb") as blob:
+        assert blob.read() == ORIGINAL
