@@ -206,7 +206,7 @@ class Executor:
         owner = Owner(lease.run_as.uid, lease.run_as.gid)
         try:
             with self._stager.stage(root, build_dir, directories, owner) as staged:
-                if not self._stager.private_inputs:  # else they are the action's own already
+                if not staged.private_inputs:  # else they are the action's own already
                     _copy_writable_inputs(staged.path, access, owner)
                 fetched = self._stamp(metadata.input_fetch_completed_timestamp)
                 outcome.phases["stage"] = fetched - tree_fetched
