@@ -113,7 +113,7 @@ class InputFileSystem(pyfuse3.Operations):
         attrs.st_blksize = 4096
         attrs.st_nlink = file_links(inode)
         if type(inode) is FileInode:
-            attrs.st_mode = stat.S_IFREG | (0o555 if inode.executable else 0o444)
+            attrs.st_mode = stat.S_IFREG | (0o755 if inode.executable else 0o644)
             attrs.st_size = inode.digest.size_bytes
             attrs.st_blocks = (inode.digest.size_bytes + 511) // 512
             attrs.st_uid, attrs.st_gid = inode.uid, inode.gid

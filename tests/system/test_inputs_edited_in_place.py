@@ -151,7 +151,7 @@ def test_an_action_edits_unmarked_inputs_in_place_where_its_stager_makes_them_it
     # The next action over the same tree sees the originals.
     again = run(farm, "stat -c '%a %Y' dep/input dep/tool; cat dep/grown dep/twin other/twin")
     lines = farm.text(again.result.stdout_digest).splitlines()
-    mode = "444" if farm.staging == "fuse" else "644"  # the FUSE daemon's modes, else the CAS's
+    mode = "644"  # the CAS's, and the FUSE daemon's
     assert lines[0].split()[0] == mode and lines[0].split()[1] != "86400"
     assert lines[1].split()[0] == mode
     assert "\n".join(lines[2:]) + "\n" == (ORIGINAL + b"grown\n" + TWIN + TWIN).decode()

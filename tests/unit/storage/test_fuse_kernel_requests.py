@@ -100,7 +100,7 @@ def test_lookup_answers_an_entry_with_attributes_and_a_cached_miss(rig):
     error, payload = rig.ask(fuse.LOOKUP, d, b"f\0")
     ino, _, entry_valid, attr_valid, _, _ = fuse.ENTRY_OUT_HEAD.unpack_from(payload)
     attr = fuse.ATTR.unpack_from(payload, fuse.ENTRY_OUT_HEAD.size)
-    assert error == 0 and attr[0] == ino and attr[1] == 5 and attr[9] == 0o100444 and entry_valid >= 3600
+    assert error == 0 and attr[0] == ino and attr[1] == 5 and attr[9] == 0o100644 and entry_valid >= 3600
     error, payload = rig.ask(fuse.LOOKUP, d, b"absent\0")
     assert error == 0 and fuse.ENTRY_OUT_HEAD.unpack_from(payload)[0] == 0  # negative entry, cached
     assert rig.ask(fuse.LOOKUP, ROOT_INODE, b"other-token\0")[0] == -errno.ENOENT  # roots: never cached
