@@ -258,7 +258,11 @@ class FakeBotsServer:
                     self._assign()
             if self.sessions.get(session.name) is not session:
                 context.abort(grpc.StatusCode.DATA_LOSS, "Bot not found to fetch expiry")
-            session.answered_version = session.version
+            # Only an answer the bot can still receive sets the version it must echo: a
+            # long-poll it gave up on (cancelled, past its deadline) is never read, and its
+            # next Update rightly echoes the version before it.
+            if context.is_active():
+                session.answered_version = session.version
             session.last_contact = time.monotonic()
             reply = bots_pb2.BotSession(
                 name=session.name, bot_id=session.bot_id, status=session.status, version=str(session.version)
