@@ -42,8 +42,7 @@ into the host's ``/etc``). Why not the pid in the name, as the cgroup sweep does
 that is PID 1 of its own pid namespace (a container; ``tests/system/test_tenant_isolation.py``
 runs one) sees none of the host's pids, took a live view for a dead one and removed it —
 and an ``rmdir`` of a mount point detaches the mounts on it in *every* namespace. (The same
-scheme as the build root's owners, ``storage/owner_locks.py``, which the sandbox may not
-import.)
+scheme as the build root's and the local CAS's owners: ``host/owner_locks.py``.)
 """
 
 from __future__ import annotations
@@ -51,16 +50,15 @@ from __future__ import annotations
 import atexit
 import contextlib
 import ctypes
-import fcntl
 import itertools
 import logging
 import os
-import secrets
 import stat
 import threading
 from collections.abc import Iterator
 
 from reapi_worker.host.mountinfo import read_mountinfo
+from reapi_worker.host.owner_locks import become_owner, lock_if_dead
 
 from .errors import SandboxSetupError
 from .host_etc import EtcEntry, allow_pattern, scan_etc
@@ -102,7 +100,7 @@ class EtcView:
             if base not in _swept:
                 _swept.add(base)
                 sweep_dead_views(base)
-            token, self._owner_fd = _become_owner(os.path.join(base, _OWNERS))
+            token, self._owner_fd = become_owner(os.path.join(base, _OWNERS), str(os.getpid()))
         except OSError as e:
             raise SandboxSetupError(f"cannot set up the sandbox's /etc view under {base}: {e}") from e
         self._owner = os.path.join(base, _OWNERS, token)
@@ -247,7 +245,7 @@ def sweep_dead_views(base: str) -> list[str]:
     names = [n for n in os.listdir(base) if n != _OWNERS]  # listed before the locks are tried
     swept = []
     for token in sorted(set(names) | set(os.listdir(owners))):
-        fd = _lock_if_dead(os.path.join(owners, token))
+        fd = lock_if_dead(os.path.join(owners, token))
         if fd is None:
             continue
         try:
@@ -264,36 +262,6 @@ def sweep_dead_views(base: str) -> list[str]:
     if swept:
         log.warning("swept the /etc views of dead workers: %s", ", ".join(swept))
     return swept
-
-
-def _become_owner(owners: str) -> tuple[str, int]:
-    """Create and lock a new owner file; the token and the descriptor holding the lock."""
-    while True:
-        token = secrets.token_hex(8)
-        path = os.path.join(owners, token)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        # A sweeper may have locked it between our open and our flock, taken it for dead
-        # and unlinked it: then the lock we hold is on a file nobody can find. Try again.
-        with contextlib.suppress(FileNotFoundError):
-            if os.stat(path).st_ino == os.fstat(fd).st_ino:
-                return token, fd
-        os.close(fd)
-
-
-def _lock_if_dead(owner: str) -> int | None:
-    """``None`` while the owner file is locked (its process lives); else a descriptor
-    holding its lock, or -1 if there is no owner file (its process died before or after)."""
-    try:
-        fd = os.open(owner, os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
-        return -1
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        return None
-    return fd
 
 
 def _mount(source: str | None, target: str, fstype: str | None, flags: int, data: str | None = None) -> None:

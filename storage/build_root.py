@@ -13,7 +13,7 @@ part of its own, and a part is swept when its worker is known to be dead::
 any pid namespace; so "can I lock ``.owners/<token>``" is the question, with no pid or age
 guess. The owner file is created and locked *before* the part's directory exists, and the
 sweep lists directories before it tries the locks: a listed directory whose owner file is
-unlocked or gone belongs to a dead worker for good (storage/owner_locks.py, the scheme the
+unlocked or gone belongs to a dead worker for good (host/owner_locks.py, the scheme the
 local CAS's owners use too).
 
 **Sweeping a dead part**: every mount below it is detached (lazily: a dead FUSE daemon
@@ -41,7 +41,7 @@ import uuid
 from reapi_worker.protos.errors import Internal
 
 from .fuse import kernel_mounts
-from .owner_locks import become_owner, lock_if_dead
+from reapi_worker.host.owner_locks import become_owner, lock_if_dead
 
 log = logging.getLogger(__name__)
 

@@ -104,7 +104,7 @@ from reapi_worker.protos.errors import (
 
 from .content import LocalContent, PinSet
 from .digests import HASH_HEX_LENGTH, Digest
-from .owner_locks import become_owner, lock_if_dead
+from reapi_worker.host.owner_locks import become_owner, lock_if_dead
 
 _CHUNK = 1 << 20
 _EXEC_SUFFIX = ".x"
