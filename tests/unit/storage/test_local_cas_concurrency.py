@@ -126,7 +126,9 @@ def test_processes_sharing_one_cache_keep_pins_integrity_and_the_size_bound(tmp_
         for worker in workers:
             assert worker.stdout is not None
             line = worker.stdout.readline()  # each is done and holds its pins
-            assert line, f"worker failed: {worker.communicate(timeout=60)[1]}"
+            # stdout at its end: the worker is exiting. Read its stderr here, not through
+            # communicate(), which the clean-up below calls once per worker.
+            assert line, f"worker failed: {worker.stderr.read() if worker.stderr else ''}"
             reports.append(json.loads(line))
 
         assert [r["problems"] for r in reports] == [[]] * PROCESSES
