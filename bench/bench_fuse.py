@@ -79,7 +79,7 @@ def main() -> None:
         CasDirectory.from_digest(cache, root).export_files(os.path.join(work, f"src-{files}"))
     try:
         for backend in args.backends.split(","):
-            # "kernel-read": the kernel backend without passthrough (as under a BoundedStager).
+            # "kernel-read": the kernel backend without passthrough (as under two stacked overlays).
             mount = FuseMount(os.path.join(work, "fuse"), backend=backend.partition("-")[0],
                               stacked_overlays=2 if backend == "kernel-read" else 1).open()
             try:

@@ -302,8 +302,7 @@ class WorkerConfig:
         "auto", group=EXECUTOR, kind="choice", choices=FUSE_BACKENDS, example='"pyfuse3"',
         help="what serves the FUSE mount of fuse/auto staging: kernel (the worker speaks /dev/fuse itself "
         "and the kernel reads inputs straight from the cache: FUSE passthrough, Linux 6.9+), pyfuse3 "
-        "(libfuse) or auto (kernel when a probe at start shows passthrough works, else pyfuse3; with "
-        "build_dir_size on, two overlays sit on the mount and passthrough cannot)",
+        "(libfuse) or auto (kernel when a probe at start shows passthrough works, else pyfuse3)",
     )
     tree_cache_size: str = _setting(
         "4G", group=EXECUTOR, kind="size", example='"20G"',

@@ -10,8 +10,9 @@ a read-only file system needs is small (:mod:`.protocol`); the request handlers 
 Stack depth: the mount is the lower layer of each action's overlayfs, which adds one to
 the depth of the file systems below it, and the kernel allows 2 in all
 (FILESYSTEM_MAX_STACK_DEPTH). The depth answered in INIT becomes this mount's own, so it
-must be 1 — and passthrough is impossible when two overlays are stacked on the mount (a
-bounded build directory, storage/bounded_staging.py: 0 is left for it). Backing files must
+must be 1 — and passthrough is impossible when two overlays are stacked on the mount
+(0 is left for it: why a bounded build directory puts its overlay straight on the FUSE
+view, storage/bounded_staging.py). Backing files must
 then live on a file system of depth 0 (not an overlay), else BACKING_OPEN fails (ELOOP)
 and that blob is served by READ requests instead.
 
