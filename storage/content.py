@@ -20,7 +20,8 @@ Contract shared by all implementations:
 A :class:`LocalContent` additionally keeps blobs as files that can be hardlinked
 (``path``, ``object_path``), protects them from eviction while an action uses them
 (``pinned``, ``pin_set``) and accepts blobs from a remote under a claimed digest
-(``insert``, ``insert_stream``).
+(``insert``, ``insert_stream``). Its files have :data:`BLOB_MODES`, and so does every
+input file an action is shown, however staged (a link, a copy, a FUSE view).
 """
 
 from __future__ import annotations
@@ -35,6 +36,12 @@ from typing import BinaryIO
 from reapi_worker.protos.errors import MissingBlobs, from_os_error
 
 from .digests import Digest
+
+#: The mode of a blob's file, by executable bit: 0644/0755, as BuildStream's local sandbox
+#: shows a build its inputs (where an overlay makes them the action's own, it may append
+#: without a chmod first). What keeps actions from writing the cache is the files' owner
+#: (the worker), not the mode.
+BLOB_MODES = (0o644, 0o755)
 
 
 class ContentStore(abc.ABC):

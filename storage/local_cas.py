@@ -102,14 +102,12 @@ from reapi_worker.protos.errors import (
     from_os_error,
 )
 
-from .content import LocalContent, PinSet
+from .content import BLOB_MODES, LocalContent, PinSet
 from .digests import HASH_HEX_LENGTH, Digest
 from reapi_worker.host.owner_locks import become_owner, lock_if_dead
 
 _CHUNK = 1 << 20
 _EXEC_SUFFIX = ".x"
-#: A blob's mode, by executable bit (see Modes in the module docstring).
-BLOB_MODES = (0o644, 0o755)
 _MODES_DONE = "modes-2"
 # Digests remembered as present (see Generation); past this many the memory is dropped.
 _KNOWN_LIMIT = 1 << 18

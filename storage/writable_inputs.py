@@ -35,6 +35,7 @@ from collections.abc import Collection, Iterable
 
 from reapi_worker.protos.errors import Internal
 
+from .content import BLOB_MODES
 from .paths import RelPath
 from .staging import Owner
 
@@ -81,7 +82,7 @@ def _make_private(directory: str, name: str, owner: Owner | None) -> int:
     try:
         with open(path, "rb") as source, os.fdopen(fd, "wb", closefd=False) as target:
             shutil.copyfileobj(source, target, 1 << 20)
-        os.fchmod(fd, 0o755 if st.st_mode & stat.S_IXUSR else 0o644)
+        os.fchmod(fd, BLOB_MODES[bool(st.st_mode & stat.S_IXUSR)])
         if owner is not None:
             os.fchown(fd, owner.uid, owner.gid)
         os.utime(fd, ns=(st.st_atime_ns, st.st_mtime_ns))

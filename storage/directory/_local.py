@@ -18,6 +18,7 @@ from contextlib import contextmanager
 
 from reapi_worker.protos.errors import AlreadyExists, NotFound, from_os_error
 
+from ..content import BLOB_MODES
 from ..paths import RelPath, join
 
 DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -26,10 +27,10 @@ READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
 # O_EXCL with O_CREAT never follows a symlink and never reuses an inode someone else holds.
 CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
-# Modes of files this package creates: working trees are writable by their owner,
-# exported (staged) trees are not writable at all, like the cache's own files.
+# Modes of files this package creates: working trees are writable by their owner;
+# exported (staged) copies have the cache's own modes, so a copy looks like a link.
 WORK_MODES = (0o644, 0o755)
-EXPORT_MODES = (0o644, 0o755)  # the local CAS's BLOB_MODES: a copy looks like a link
+EXPORT_MODES = BLOB_MODES
 
 _COPY_CHUNK = 1 << 20
 

@@ -33,6 +33,7 @@ from typing import Any, TypeVar
 
 from reapi_worker.protos.errors import Internal, ReapiError, Unavailable
 
+from ..content import BLOB_MODES
 from ..directory.cas import CasDirectory
 from . import protocol as fuse
 from .blobs import fetch_and_open, is_local, open_local
@@ -137,7 +138,7 @@ class KernelRequests:
     def _attr(self, inode: Inode | None, ino: int) -> bytes:
         if type(inode) is FileInode:
             size = inode.digest.size_bytes
-            mode, uid, gid = stat.S_IFREG | (0o755 if inode.executable else 0o644), inode.uid, inode.gid
+            mode, uid, gid = stat.S_IFREG | BLOB_MODES[inode.executable], inode.uid, inode.gid
         elif type(inode) is LinkInode:
             size, mode, uid, gid = len(inode.target), stat.S_IFLNK | 0o777, inode.root.dir_uid, inode.root.dir_gid
         elif type(inode) is DirInode:

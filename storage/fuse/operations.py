@@ -42,6 +42,7 @@ import trio
 
 from reapi_worker.protos.errors import Internal, ReapiError, Unavailable
 
+from ..content import BLOB_MODES
 from ..digests import Digest
 from ..directory.cas import CasDirectory
 from .blobs import fetch_and_open as _fetch_and_open
@@ -113,7 +114,7 @@ class InputFileSystem(pyfuse3.Operations):
         attrs.st_blksize = 4096
         attrs.st_nlink = file_links(inode)
         if type(inode) is FileInode:
-            attrs.st_mode = stat.S_IFREG | (0o755 if inode.executable else 0o644)
+            attrs.st_mode = stat.S_IFREG | BLOB_MODES[inode.executable]
             attrs.st_size = inode.digest.size_bytes
             attrs.st_blocks = (inode.digest.size_bytes + 511) // 512
             attrs.st_uid, attrs.st_gid = inode.uid, inode.gid
