@@ -3,7 +3,7 @@
 Rows (medians of --runs, all on /dev/shm, warm cache: every blob already local):
 
 * ``bwrap true`` — ``bwrap --unshare-all ... /bin/true`` as root: the sandbox floor;
-* ``setpriv+bwrap true`` — the same dropped to uid 65534, as our runner does it;
+* ``setpriv+bwrap true`` — the same dropped to uid 65534, as every sandbox of ours runs;
 * ``action: true, tiny root`` — Executor.execute of ``/bin/true`` with a 1-file input root:
   fetch (Action, Command, tree), stage, sandbox, capture, upload (local only);
 * ``action: true, N-file root`` — the same with 1k and 10k-file input roots, beside the

@@ -15,12 +15,14 @@ the cgroup lock waits an RCU grace period only when it was idle):
   ``PWD`` = its working directory gets): the shim's exec;
 * ``..., /etc entry by entry (before)`` — the same options with ``/etc``'s ~30 allowed
   entries bound one by one, as before the view: the same-run baseline of the view;
+* ``exec chain (before): sh + setpriv + bwrap, the runner's options`` — how the runner
+  started bubblewrap before the spawner (:mod:`reapi_worker.sandbox.spawner`): a ``/bin/sh``
+  that sets RLIMIT_NOFILE and writes ``0`` into its cgroups' ``tasks``, then ``setpriv``,
+  then bubblewrap with the runner's options — the cgroups made and removed by this host's
+  controller, as for the runner: the same-run baseline of the spawner;
 * ``runner, cgroup`` — the runner with this host's cgroup controller and the default bounds
-  (memory, pids, /tmp size, open files): the process joins from the worker while bubblewrap
-  waits for its options;
+  (memory, pids, /tmp size, open files), started through its spawner;
 * ``runner, cgroup, /etc entry by entry (before)`` — the same runner without the view;
-* ``runner, cgroup, shell join (before)`` — the same with the join done the old way, by a
-  ``/bin/sh`` prefix writing its own pid, kept here as the same-run baseline;
 * ``runner, rlimit`` / ``runner, no limits`` — the rlimit fallback, and no confinement at all.
 
 Usage: python bench/bench_sandbox.py [--runs 31] [--pause 0.05]. Needs root. Never asserts.
@@ -41,13 +43,11 @@ from pathlib import Path
 
 from reapi_worker.sandbox.bubblewrap import BubblewrapRunner
 from reapi_worker.sandbox.bwrap_args import ControlFds, bwrap_arguments
-from reapi_worker.sandbox.cgroups import limit_prefix
 from reapi_worker.sandbox.identity import prepare_build_dir
-from reapi_worker.sandbox.limits import Confinement, ResourceController
+from reapi_worker.sandbox.limits import ResourceController
 from reapi_worker.sandbox.probe import choose_resource_controller
 from reapi_worker.sandbox.request import ResourceLimits, SandboxRequest
 from reapi_worker.sandbox.rlimits import RlimitController
-from reapi_worker.sandbox.usage import CgroupUsage
 
 BWRAP = ["bwrap", "--unshare-all", "--die-with-parent", "--ro-bind", "/usr", "/usr", "--symlink", "usr/bin", "/bin",
          "--symlink", "usr/lib", "/lib", "--symlink", "usr/lib64", "/lib64", "--proc", "/proc", "--dev", "/dev", "/bin/true"]
@@ -55,46 +55,13 @@ SETPRIV = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--"]
 BOUNDS = ResourceLimits(memory_bytes=1 << 30, max_pids=1024, tmp_bytes=256 << 20, open_files=4096)
 
 
-class _ShellJoined(Confinement):
-    """The former way, as a baseline: a shell prefix that writes its own pid into every
-    ``cgroup.procs`` (after the rlimit) and execs the rest; nothing left to join after spawn."""
-
-    def __init__(self, inner: Confinement, procs: list[Path]) -> None:
-        self._inner = inner
-        self._procs = procs
-
-    @property
-    def spawn_prefix(self) -> tuple[str, ...]:
-        joins = " ".join(f"echo $$ > '{p}' || exit 125;" for p in self._procs)
-        return (*limit_prefix(BOUNDS.open_files), "/bin/sh", "-c", f'{joins} exec "$@"', "sh")
-
-    def kill_all(self) -> None:
-        self._inner.kill_all()
-
-    def oom_killed(self) -> bool:
-        return self._inner.oom_killed()
-
-    def pids_exhausted(self) -> bool:
-        return self._inner.pids_exhausted()
-
-    def usage(self) -> CgroupUsage | None:
-        return self._inner.usage()
-
-    def close(self) -> None:
-        self._inner.close()
-
-
-class _ShellJoinController(ResourceController):
-    def __init__(self, inner: ResourceController) -> None:
-        self._inner = inner
-        self.kind = inner.kind
-        self.enforces = inner.enforces
-
-    def confine(self, limits: ResourceLimits) -> Confinement:
-        confinement = self._inner.confine(limits)
-        dirs = getattr(confinement, "dirs", None)
-        paths = list(dict.fromkeys(dirs.values())) if dirs else [getattr(confinement, "path")]
-        return _ShellJoined(confinement, [p / "cgroup.procs" for p in paths])
+def exec_chain(controller: ResourceController, options: list[str], command: tuple[str, ...]) -> None:
+    """The spawn as it was before the spawner: one program per step (see the module docstring)."""
+    with controller.confine(BOUNDS) as confinement:
+        script = (f"ulimit -n {BOUNDS.open_files} || exit 125; "
+                  'for t in "$@"; do [ "$t" = -- ] && break; echo 0 > "$t" || exit 125; shift; done; shift; exec "$@"')
+        subprocess.run(["/bin/sh", "-c", script, "sh", *confinement.join_tasks, "--", *SETPRIV, "bwrap", *options,
+                        "--", *command], check=True, env={}, cwd="/", start_new_session=True)
 
 
 def main() -> None:
@@ -111,8 +78,6 @@ def main() -> None:
         f"runner, {controller.kind}": (BubblewrapRunner(controller=controller), BOUNDS),
         f"runner, {controller.kind}, /etc entry by entry (before)":
             (BubblewrapRunner(controller=controller, etc_view=False), BOUNDS),
-        f"runner, {controller.kind}, shell join (before)":
-            (BubblewrapRunner(controller=_ShellJoinController(controller)), BOUNDS),
         "runner, rlimit": (BubblewrapRunner(controller=RlimitController()), BOUNDS),
         "runner, no limits": (BubblewrapRunner(controller=RlimitController()), ResourceLimits()),
     }
@@ -144,6 +109,8 @@ def main() -> None:
             [*SETPRIV, "bwrap", *options, "--", *request.arguments], check=True),
         "setpriv+bwrap, /etc entry by entry (before)": lambda: subprocess.run(
             [*SETPRIV, "bwrap", *per_entry_options, "--", *per_entry.command], check=True),
+        "exec chain (before): sh + setpriv + bwrap, the runner's options":
+            lambda: exec_chain(controller, options, same.command),
         **{name: run(runner, limits) for name, (runner, limits) in runners.items()},
     }
     times: dict[str, list[float]] = {name: [] for name in cases}
@@ -163,10 +130,10 @@ def main() -> None:
     floor = statistics.median(times["bwrap true (root)"])
     print(f"Sandbox start, /bin/true, median of {args.runs} interleaved runs, ms (pause {args.pause}s; "
           f"load {os.getloadavg()[0]:.2f})")
-    print(f"{'what':<52} {'median':>8} {'min':>8} {'max':>8} {'/bwrap':>7}")
+    print(f"{'what':<64} {'median':>8} {'min':>8} {'max':>8} {'/bwrap':>7}")
     for name, values in times.items():
         median = statistics.median(values)
-        print(f"{name:<52} {median:8.2f} {min(values):8.2f} {max(values):8.2f} {median / floor:6.2f}x")
+        print(f"{name:<64} {median:8.2f} {min(values):8.2f} {max(values):8.2f} {median / floor:6.2f}x")
 
 
 if __name__ == "__main__":

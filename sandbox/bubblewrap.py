@@ -6,31 +6,33 @@ One run, step by step (each step's *why* is in the code):
    The confinement (cgroup or rlimits) is created for the action's limits.
 2. The output files are opened by the worker, so the sandbox needs no access to their paths;
    with a ``stream_bytes`` bound the command writes to pipes instead (:mod:`.streams`).
-3. The process is spawned as ``[join cgroup, set rlimits] [setpriv to the sandbox uid] bwrap
-   --args FD -- COMMAND``. bubblewrap waits for its options (from the pure
-   :func:`~.bwrap_args.bwrap_arguments`) on that pipe; before writing them the worker joins
-   the process to its cgroup where the prefix does not (:meth:`~.limits.Confinement.join`,
-   v2). Either way it is inside before anything can fork, and bubblewrap's cgroup namespace
-   is rooted at the action's cgroup.
+3. ``bwrap --args FD -- COMMAND`` is started through the runner's :class:`~.spawner.Spawner`:
+   its process sets its rlimits, joins its v1 cgroups, makes its network namespace if the
+   request wants network, and drops to the sandbox's uid, all by itself, then execs
+   bubblewrap — no program of its own for any of these. bubblewrap waits for its options
+   (from the pure :func:`~.bwrap_args.bwrap_arguments`) on that pipe; before writing them
+   the worker joins the process to its cgroup where the child did not
+   (:meth:`~.limits.Confinement.join`, v2). Either way it is inside before anything can
+   fork, and bubblewrap's cgroup namespace is rooted at the action's cgroup.
 4. bubblewrap reports its init's pid on ``--info-fd`` and then waits on ``--block-fd`` after
    setting up the mounts. The runner opens a pidfd on the init — from then on it can kill
    the whole pid namespace without any pid-reuse race — and, with a ``/tmp`` bound, the
    sandbox's mount namespace (:class:`~.bounds.TmpfsWatch`), attaches the outbound NAT to
    the init's network namespace if the request wants network (:mod:`.network`), and
    releases the command. The timeout starts.
-5. The runner waits on a pidfd of bubblewrap's monitor with ``poll`` (never ``select``,
+5. The runner waits on a pidfd of bubblewrap's monitor (the spawner's child) with ``poll`` (never ``select``,
    which fails for descriptors past 1023, and a busy worker has many), moving bounded
    streams as they fill (with a ``cancel`` event, it wakes every 50 ms to look at it). On
    timeout, cancel or a stream past its bound it SIGKILLs the init (the kernel then kills
    every process of the namespace), the monitor, and, as a second line, everything in the
    cgroup.
-6. The monitor is reaped. It exits as soon as the command has, and its init — the pid
-   namespace — dies with it (``--die-with-parent``); the runner SIGKILLs the init anyway and
-   waits on its pidfd, which turns readable only once the kernel has emptied the namespace.
-   The init, orphaned when the monitor exited, is now the worker's child (the worker is a
-   child subreaper, :mod:`.reaper`, or PID 1 in a container): it is reaped through the
-   same pidfd, so no zombie outlives the action. So when ``run`` returns, nothing of the
-   action is alive, cgroup or not.
+6. The monitor exits as soon as the command has (the spawner reaps it), and its init — the
+   pid namespace — dies with it (``--die-with-parent``); the runner SIGKILLs the init anyway
+   and waits on its pidfd, which turns readable only once the kernel has emptied the
+   namespace. The init, orphaned when the monitor exited, is reaped by the spawner (a child
+   subreaper) or, should the spawner be gone, by the worker (one too, :mod:`.reaper`, or
+   PID 1 in a container). So when ``run`` returns, nothing of the action is alive, cgroup
+   or not.
    ``--json-status-fd`` says whether the command was exec'd at all: if not, bubblewrap's own
    message in the stderr file (nothing else can have written there yet) says whether the
    command was not found / not executable (127 / 126) or the sandbox could not be set up.
@@ -49,7 +51,6 @@ import re
 import select
 import shutil
 import signal
-import subprocess
 import threading
 import time
 
@@ -57,13 +58,14 @@ from .bounds import MAX_PIDS, STREAM_BYTES, TMP_BYTES, TmpfsWatch
 from .bwrap_args import ControlFds, HostLayout, bwrap_arguments
 from .errors import BubblewrapRefused, SandboxSetupError
 from .etc_view import EtcView, shared_etc_view
-from .identity import RunAs, effective_run_as, sandbox_can_protect_hardlinks, setpriv_prefix
+from .identity import RunAs, effective_run_as, sandbox_can_protect_hardlinks
 from .limits import Confinement, ResourceController
 from .network import SlirpNat
 from .reaper import become_child_subreaper, reap_if_child
 from .request import RootMode, SandboxRequest
 from .result import SandboxResult
 from .runner import Runner
+from .spawner import ChildSetup, Spawner, SpawnedProcess
 from .streams import OutputStreams
 from .usage import ResourceUsage
 
@@ -77,6 +79,8 @@ INIT_EXIT_GRACE_SECONDS = 2.0
 _STDERR_TAIL = 4096
 _EXEC_FAILURE = re.compile(r"^bwrap: execvp (?P<command>.*): (?P<reason>[^\n]*)$", re.MULTILINE)
 _NOT_FOUND = {os.strerror(errno.ENOENT), os.strerror(errno.ENOTDIR)}
+#: The descriptors bubblewrap's process gets from the spawner: 0, 1, 2, then these.
+_CHILD_INFO_FD, _CHILD_STATUS_FD, _CHILD_BLOCK_FD, _CHILD_ARGS_FD = 3, 4, 5, 6
 
 
 class BubblewrapRunner(Runner):
@@ -99,7 +103,8 @@ class BubblewrapRunner(Runner):
       as the layout lists them.
 
     Makes the worker process a child subreaper (:mod:`.reaper`). Raises SandboxSetupError
-    when bubblewrap or setpriv is missing or ``run_as`` is not possible. Thread-safe.
+    when bubblewrap is missing or ``run_as`` is not possible. Thread-safe; :meth:`close`
+    stops its spawner (a runner left open keeps it until the worker exits).
     """
 
     def __init__(
@@ -109,7 +114,6 @@ class BubblewrapRunner(Runner):
         run_as: RunAs | None = None,
         controller: ResourceController | None = None,
         layout: HostLayout | None = None,
-        setpriv_path: str = "setpriv",
         nat: SlirpNat | None = None,
         etc_view: bool = True,
     ) -> None:
@@ -118,8 +122,7 @@ class BubblewrapRunner(Runner):
             raise SandboxSetupError(f"bubblewrap ({bwrap_path}) is not installed")
         self.bwrap_path = found
         self.run_as = effective_run_as(run_as)
-        self._setpriv = shutil.which(setpriv_path)
-        self._drop = self._drop_to(self.run_as)
+        self._spawner = Spawner()
         if controller is None:
             from .probe import choose_resource_controller
 
@@ -138,13 +141,9 @@ class BubblewrapRunner(Runner):
                 log.warning("binding /etc entry by entry: %s", e)
         become_child_subreaper()
 
-    def _drop_to(self, target: RunAs | None) -> tuple[str, ...]:
-        """The argv prefix that switches to ``target`` (empty for ``None``: stay the worker)."""
-        if target is None:
-            return ()
-        if self._setpriv is None:
-            raise SandboxSetupError("util-linux setpriv is needed to run the sandbox unprivileged")
-        return setpriv_prefix(self._setpriv, target)
+    def close(self) -> None:
+        """Stop the spawner; runs after this start a new one."""
+        self._spawner.close()
 
     @property
     def host_ids(self) -> tuple[int, int]:
@@ -196,45 +195,38 @@ class BubblewrapRunner(Runner):
         status_r, status_w = fds.pipe()
         block_r, block_w = fds.pipe()
         args_r, args_w = fds.pipe()
+        devnull = fds.adopt(os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC))
         child_ends = (info_w, status_w, block_r, args_r)
-        bwrap_args = bwrap_arguments(request, self.layout, ControlFds(info_w, status_w, block_r), etc_view)
-        # A network request starts in a fresh namespace of the NAT's (as root, before the
-        # uid switch), which bubblewrap then keeps.
-        network_prefix = self.nat.spawn_prefix if request.network and self.nat is not None else ()
-        # The request's own identity (one uid per action) or the runner's default.
-        drop = self._drop if request.run_as is None else self._drop_to(effective_run_as(request.run_as))
-        argv = [
-            *confinement.spawn_prefix, *network_prefix, *drop,
-            self.bwrap_path, "--args", str(args_r), "--", *bwrap_args.command,
-        ]
-        try:
-            proc = subprocess.Popen(
-                argv,
-                stdin=subprocess.DEVNULL,
-                stdout=stdout_fd,
-                stderr=stderr_fd,
-                pass_fds=child_ends,
-                env={},  # bubblewrap's own environment: C locale, nothing of the worker
-                # Nor its working directory: the prefix's shell exports PWD, and that
-                # environment is what the sandbox's init shows in /proc/1/environ.
-                cwd="/",
-                start_new_session=True,  # the worker's terminal signals are the worker's
-            )
-        except OSError as e:
-            raise SandboxSetupError(f"cannot start bubblewrap: {e}") from e
-        for fd in child_ends:  # only the child holds these now, so EOF means what it says
+        bwrap_args = bwrap_arguments(
+            request, self.layout, ControlFds(_CHILD_INFO_FD, _CHILD_STATUS_FD, _CHILD_BLOCK_FD), etc_view)
+        setup = ChildSetup(
+            rlimits=confinement.rlimits,
+            join_tasks=confinement.join_tasks,
+            # A network request starts in a fresh namespace (made as root, before the uid
+            # switch) that the NAT attaches to, and which bubblewrap then keeps.
+            new_network=request.network,
+            # The request's own identity (one uid per action) or the runner's default.
+            run_as=self.run_as if request.run_as is None else effective_run_as(request.run_as),
+        )
+        # bubblewrap's own environment is empty (C locale, nothing of the worker), and so is
+        # what the sandbox's init shows in /proc/1/environ; its working directory is /.
+        spawned = self._spawner.spawn(
+            [self.bwrap_path, "--args", str(_CHILD_ARGS_FD), "--", *bwrap_args.command],
+            (devnull, stdout_fd, stderr_fd, *child_ends), setup,
+        )
+        for fd in (devnull, *child_ends):  # only the child holds these now, so EOF means what it says
             fds.close(fd)
         streams.child_started()
 
-        monitor = _Monitor(proc)
+        monitor = _Monitor(spawned)
         reason: str | None = None
         tmp_watch: TmpfsWatch | None = None
         try:
             with contextlib.ExitStack() as network:
                 # bubblewrap cannot fork before it has its options: the window to join where
-                # the prefix did not (:mod:`.limits`). A failed join raises before the options
+                # the child did not (:mod:`.limits`). A failed join raises before the options
                 # go out, and the handler below kills the process, which has run nothing.
-                confinement.join(proc.pid)
+                confinement.join(spawned.pid)
                 _write_args(args_w, bwrap_args.options)
                 fds.close(args_w)
                 init_pid = _read_init_pid(info_r)
@@ -256,7 +248,7 @@ class BubblewrapRunner(Runner):
                 if reason is not None:
                     monitor.kill()
                     confinement.kill_all()
-                status = monitor.reap()
+                monitor.reap()
             streams.drain()  # every writer is gone: what is left in the pipes, then EOF
             wall = time.monotonic() - started
 
@@ -273,7 +265,7 @@ class BubblewrapRunner(Runner):
                 )
             exit_code = _command_exit_code(status_r)
             if exit_code is None and not oom:
-                exit_code = _exec_failure(request, init_pid, status)
+                exit_code = _exec_failure(request, init_pid)
             if exit_code is None:  # OOM-killed before bubblewrap could report
                 exit_code = 128 + signal.SIGKILL
             if exit_code != 0 and tmp_watch is not None and tmp_watch.full():
@@ -323,13 +315,13 @@ class _Descriptors:
 
 
 class _Monitor:
-    """bubblewrap's monitor process (our child) and, once known, a pidfd on its init."""
+    """bubblewrap's monitor process (the spawner's child: watched through its pidfd, reaped
+    by the spawner) and, once known, a pidfd on its init."""
 
-    def __init__(self, proc: subprocess.Popen[bytes]) -> None:
-        self.proc = proc
-        self.pidfd: int | None = os.pidfd_open(proc.pid)
+    def __init__(self, spawned: SpawnedProcess) -> None:
+        self.pidfd: int | None = spawned.pidfd
         self.init_pidfd: int | None = None
-        self._status: int | None = None
+        self._reaped = False
 
     def hold_init(self, pid: int) -> None:
         # The init is alive and blocked on --block-fd, so this pid cannot have been reused.
@@ -379,32 +371,32 @@ class _Monitor:
             with contextlib.suppress(ProcessLookupError):
                 signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
 
-    def reap(self) -> int:
-        """Reap the monitor, then wait until the init — and so the whole pid namespace — is
-        gone. Returns the monitor's wait status."""
-        if self._status is None:
-            try:
-                _, status = os.waitpid(self.proc.pid, 0)
-                self._status = status
-                # Tell Popen, or its __del__ would later waitpid() a pid that may be reused.
-                self.proc.returncode = os.waitstatus_to_exitcode(status)
-                if self.init_pidfd is not None:
-                    # Already dying of PDEATHSIG; make it certain, and wait for the kernel to
-                    # finish tearing the namespace down (the pidfd turns readable after that).
-                    with contextlib.suppress(ProcessLookupError):
-                        signal.pidfd_send_signal(self.init_pidfd, signal.SIGKILL)
-                    # poll, not select: the descriptor may be numbered past select's 1023.
-                    exited = select.poll()
-                    exited.register(self.init_pidfd, select.POLLIN)
-                    exited.poll(INIT_EXIT_GRACE_SECONDS * 1000)
-                    reap_if_child(self.init_pidfd)
-            finally:
-                for fd in (self.pidfd, self.init_pidfd):
-                    if fd is not None:
-                        _close_quietly(fd)
-                self.pidfd = self.init_pidfd = None
-        assert self._status is not None
-        return self._status
+    def reap(self) -> None:
+        """Wait until the monitor has exited, then until the init — and so the whole pid
+        namespace — is gone."""
+        if self._reaped:
+            return
+        try:
+            assert self.pidfd is not None
+            # poll, not select: the descriptors may be numbered past select's 1023.
+            exited = select.poll()
+            exited.register(self.pidfd, select.POLLIN)
+            exited.poll()
+            if self.init_pidfd is not None:
+                # Already dying of PDEATHSIG; make it certain, and wait for the kernel to
+                # finish tearing the namespace down (the pidfd turns readable after that).
+                with contextlib.suppress(ProcessLookupError):
+                    signal.pidfd_send_signal(self.init_pidfd, signal.SIGKILL)
+                exited = select.poll()
+                exited.register(self.init_pidfd, select.POLLIN)
+                exited.poll(INIT_EXIT_GRACE_SECONDS * 1000)
+                reap_if_child(self.init_pidfd)  # ours only if the spawner died meanwhile
+        finally:
+            for fd in (self.pidfd, self.init_pidfd):
+                if fd is not None:
+                    _close_quietly(fd)
+            self.pidfd = self.init_pidfd = None
+            self._reaped = True
 
 
 def _write_args(fd: int, args: tuple[str, ...]) -> None:
@@ -444,11 +436,11 @@ def _command_exit_code(status_fd: int) -> int | None:
     return None
 
 
-def _exec_failure(request: SandboxRequest, init_pid: int | None, status: int) -> int:
+def _exec_failure(request: SandboxRequest, init_pid: int | None) -> int:
     """The command was never exec'd: 127/126 if exec failed, else raise SandboxSetupError.
 
-    Only bubblewrap (and the prefix's shell) can have written to stderr so far, so
-    its message is trustworthy here: the command could not forge it.
+    Only bubblewrap (and the spawned process before it) can have written to stderr so far,
+    so its message is trustworthy here: the command could not forge it.
     """
     tail = _read_tail(request.stderr_path)
     if init_pid is not None:
@@ -457,7 +449,7 @@ def _exec_failure(request: SandboxRequest, init_pid: int | None, status: int) ->
             pass
         if match is not None:
             return 127 if match.group("reason") in _NOT_FOUND else 126
-    message = tail.strip().splitlines()[-1] if tail.strip() else f"wait status {status:#x}, no message"
+    message = tail.strip().splitlines()[-1] if tail.strip() else "it exited without a message"
     raise BubblewrapRefused(f"bubblewrap failed before running the command: {message}")
 
 

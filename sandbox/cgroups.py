@@ -3,7 +3,7 @@
 Both versions follow one life cycle per action: create a cgroup named ``<worker pid>-<n>``
 under a ``reapi-worker`` directory below the worker's *own* cgroup (so a worker confined by
 its host never reaches outside its subtree, and two workers never collide), write the
-limits, put the spawned process in it before it can fork (v1: the spawn prefix joins
+limits, put the spawned process in it before it can fork (v1: the spawned process joins
 itself; v2: :meth:`~.limits.Confinement.join` from the worker), read the figures, kill what
 is left, remove it.
 
@@ -31,6 +31,7 @@ from __future__ import annotations
 import errno
 import itertools
 import os
+import resource
 import signal
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -55,51 +56,15 @@ KILL_GRACE_SECONDS = 2.0
 
 _SEQUENCE = itertools.count(1)
 
-def limit_prefix(open_files: int | None, shell: str = "/bin/sh") -> tuple[str, ...]:
-    """argv prefix: with ``open_files``, a shell that sets RLIMIT_NOFILE (soft and hard), then
-    execs the rest; without, nothing. (The worker cannot set another process's limits: see
-    :mod:`.limits`.)"""
-    if open_files is None:
-        return ()
-    return (shell, "-c", f'ulimit -n {int(open_files)} || exit 125; exec "$@"', "sh")
-
-
-#: v1: a shell that moves *its own thread* into every cgroup named (by writing ``0`` to each
-#: ``tasks`` file), then execs the rest. Arguments: COUNT FILE... COMMAND ARG...
-_SELF_JOIN_SCRIPT = (
-    'n=$1; shift; '
-    'while [ "$n" -gt 0 ]; do '
-    'echo 0 >"$1" || { echo "reapi-worker sandbox: cannot join cgroup $1" >&2; exit 125; }; '
-    'shift; n=$((n-1)); '
-    'done; exec "$@"'
-)
-
-
-def self_join_prefix(
-    tasks_files: Iterable[str], shell: str = "/bin/sh", open_files: int | None = None
-) -> tuple[str, ...]:
-    """argv prefix (v1): a single-threaded shell that writes ``0`` — "the calling thread" —
-    into each ``tasks`` file, so it is inside every cgroup before it execs the rest; with
-    ``open_files`` it sets RLIMIT_NOFILE first (the shell is there anyway).
-
-    Why ``tasks`` and ``0`` rather than the pid into ``cgroup.procs``: moving a whole
-    process takes the kernel's global cgroup threadgroup lock for writing, and that waits an
-    RCU grace period whenever the lock was idle — between two actions it always is. Moving
-    only the calling thread skips that lock (the kernel's own reasoning: ``current`` cannot
-    exit or exec under it), and for a single-threaded process the thread is the process.
-    Measured here (v1, Linux 6.18, 3 hierarchies, a 50 ms pause before each run as between
-    actions): a shell joining through ``cgroup.procs`` 11.9 ms, through ``tasks`` 3.1 ms, a
-    shell joining nothing 1.5 ms; the first ``cgroup.procs`` write pays the whole wait
-    (5–10 ms), the others 0.03 ms each."""
-    files = tuple(tasks_files)
-    script = _SELF_JOIN_SCRIPT if open_files is None else f"ulimit -n {int(open_files)} || exit 125; {_SELF_JOIN_SCRIPT}"
-    return (shell, "-c", script, "sh", str(len(files)), *files)
+def open_files_rlimit(open_files: int | None) -> tuple[tuple[int, int], ...]:
+    """The spawned process's RLIMIT_NOFILE (soft and hard) for ``open_files``; none without."""
+    return () if open_files is None else ((resource.RLIMIT_NOFILE, int(open_files)),)
 
 
 def join_cgroups(procs_files: Iterable[Path], pid: int) -> None:
     """Write ``pid`` into each ``cgroup.procs``; raises SandboxSetupError naming the one that
     refused. The first write waits for an RCU grace period when the kernel's cgroup lock was
-    idle (see :func:`self_join_prefix`); the others do not."""
+    idle (see :attr:`~.limits.Confinement.join_tasks`); the others do not."""
     for procs in procs_files:
         try:
             _write(procs, str(pid))
@@ -288,12 +253,12 @@ class CgroupV2Confinement(Confinement):
         self._emptied = False  # see kill_all
 
     @property
-    def spawn_prefix(self) -> tuple[str, ...]:
-        return limit_prefix(self._open_files)
+    def rlimits(self) -> tuple[tuple[int, int], ...]:
+        return open_files_rlimit(self._open_files)
 
     def join(self, pid: int) -> None:
         # v2 has no per-thread ``tasks`` outside threaded subtrees, so the whole process is
-        # moved (and the grace period paid) — from the worker, while the spawn chain execs.
+        # moved (and the grace period paid) — from the worker, while bubblewrap starts.
         # CLONE_INTO_CGROUP would avoid it, but CPython's subprocess cannot clone3.
         join_cgroups([self.path / "cgroup.procs"], pid)
 
@@ -426,8 +391,12 @@ class CgroupV1Confinement(Confinement):
         self._emptied = False  # see kill_all
 
     @property
-    def spawn_prefix(self) -> tuple[str, ...]:
-        return self_join_prefix([str(d / "tasks") for d in self._unique], open_files=self._open_files)
+    def rlimits(self) -> tuple[tuple[int, int], ...]:
+        return open_files_rlimit(self._open_files)
+
+    @property
+    def join_tasks(self) -> tuple[str, ...]:
+        return tuple(str(d / "tasks") for d in self._unique)
 
     def pids_exhausted(self) -> bool:
         return _pids_refused(self.dirs.get("pids"))

@@ -88,17 +88,6 @@ def sandbox_can_protect_hardlinks(run_as: RunAs | None = None, cache_owner_uid: 
     return sandbox_host_uid(run_as) != owner
 
 
-def setpriv_prefix(setpriv: str, run_as: RunAs) -> tuple[str, ...]:
-    """The argv prefix that drops to ``run_as`` (no supplementary groups) and execs the rest.
-
-    Why an exec of ``setpriv`` rather than ``subprocess``'s ``user=``/``group=``: changing ids
-    in the child stops CPython from using ``vfork``, and a plain ``fork`` of a worker with a
-    large heap costs tens of milliseconds (27 ms measured at 800 MB) against ~1 ms for the
-    extra exec. The capabilities of root go with the uid change.
-    """
-    return (setpriv, f"--reuid={run_as.uid}", f"--regid={run_as.gid}", "--clear-groups", "--")
-
-
 def prepare_build_dir(path: str, uid: int, gid: int) -> None:
     """Make every directory of a staged tree (``path`` included) owned by ``uid:gid``.
 

@@ -1,8 +1,8 @@
 """Outbound network for a ``network=on`` sandbox, without the host's network namespace.
 
 Every sandbox has a network namespace of its own. Without ``network`` bubblewrap makes it
-(loopback only). With ``network`` the runner starts bubblewrap inside a fresh namespace made
-by ``unshare --net`` (:attr:`SlirpNat.spawn_prefix`) and, before the command is released,
+(loopback only). With ``network`` the runner starts bubblewrap inside a fresh namespace its
+spawned process makes as root (``ChildSetup.new_network``, :mod:`.spawner`) and, before the command is released,
 :meth:`SlirpNat.attach` starts ``slirp4netns`` on it: it creates ``tap0`` (10.0.2.100/24,
 gateway 10.0.2.2, DNS forwarder 10.0.2.3) and turns the sandbox's TCP/UDP flows into
 ordinary sockets of its own in the worker's namespace. Why not attach to bubblewrap's own
@@ -65,15 +65,13 @@ READY_TIMEOUT_SECONDS = 10.0
 class SlirpNat:
     """Attaches slirp4netns to sandboxes' network namespaces (see the module docstring).
 
-    Raises SandboxSetupError when ``slirp4netns``, ``ip``, ``nsenter`` or ``unshare`` is
-    missing or the worker is not root. Thread-safe: each :meth:`attach` is independent.
+    Raises SandboxSetupError when ``slirp4netns``, ``ip`` or ``nsenter`` is missing or the worker is not root. Thread-safe: each :meth:`attach` is independent.
     """
 
     def __init__(
         self, slirp_path: str = "slirp4netns", ip_path: str = "ip", nsenter_path: str = "nsenter",
-        unshare_path: str = "unshare",
     ) -> None:
-        found = {name: shutil.which(name) for name in (slirp_path, ip_path, nsenter_path, unshare_path)}
+        found = {name: shutil.which(name) for name in (slirp_path, ip_path, nsenter_path)}
         tools = {name: path for name, path in found.items() if path is not None}
         missing = [name for name in found if name not in tools]
         if missing:
@@ -81,14 +79,11 @@ class SlirpNat:
         if os.geteuid() != 0:
             raise SandboxSetupError("network=on needs a worker running as root (/dev/net/tun is root-only)")
         self._slirp, self._ip, self._nsenter = (tools[name] for name in (slirp_path, ip_path, nsenter_path))
-        #: The argv prefix that starts bubblewrap (as root, before the uid switch) in a fresh
-        #: network namespace for :meth:`attach`; bubblewrap must then not unshare its own.
-        self.spawn_prefix: tuple[str, ...] = (str(tools[unshare_path]), "--net", "--")
 
     @contextlib.contextmanager
     def attach(self, pid: int) -> Iterator[None]:
-        """Give the network namespace of ``pid`` (a sandbox's init started behind
-        :attr:`spawn_prefix`, blocked before the command) outbound connectivity, with the
+        """Give the network namespace of ``pid`` (a sandbox's init started in a network
+        namespace of its own, blocked before the command) outbound connectivity, with the
         host's addresses unreachable, for the context.
 
         Returns once the namespace is configured; on exit slirp4netns is stopped and reaped.

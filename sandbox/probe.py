@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from reapi_worker.protos.errors import ReapiError
 
 from .errors import SandboxSetupError
-from .identity import RunAs, effective_run_as, sandbox_can_protect_hardlinks, setpriv_prefix
+from .identity import RunAs, effective_run_as, sandbox_can_protect_hardlinks
 from .limits import ResourceController
 from .request import Bind, ResourceLimits, RootMode, SandboxRequest
 from .rlimits import RlimitController
@@ -135,15 +135,15 @@ def _try_sandbox(bwrap_path: str, run_as: RunAs | None) -> tuple[bool, str | Non
         target = effective_run_as(run_as)
     except SandboxSetupError as e:
         return False, str(e)
-    prefix: tuple[str, ...] = ()
-    if target is not None:
-        setpriv = shutil.which("setpriv")
-        if setpriv is None:
-            return False, "util-linux setpriv is not installed"
-        prefix = setpriv_prefix(setpriv, target)
     true = shutil.which("true") or "/bin/true"
-    argv = [*prefix, bwrap_path, "--unshare-all", "--uid", "0", "--gid", "0", "--ro-bind", "/", "/", "--", true]
-    done = subprocess.run(argv, capture_output=True, text=True, env={}, stdin=subprocess.DEVNULL)
+    argv = [bwrap_path, "--unshare-all", "--uid", "0", "--gid", "0", "--ro-bind", "/", "/", "--", true]
+    # Once, at start: a plain fork of the worker is affordable here (the runner's spawner
+    # exists for the per-action path).
+    done = subprocess.run(
+        argv, capture_output=True, text=True, env={}, stdin=subprocess.DEVNULL,
+        user=None if target is None else target.uid, group=None if target is None else target.gid,
+        extra_groups=None if target is None else [],
+    )
     if done.returncode != 0:
         return False, f"bubblewrap cannot create user namespaces here: {done.stderr.strip()}"
     return True, None

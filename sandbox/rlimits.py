@@ -18,50 +18,41 @@ Weaker than cgroups, and documented as such:
 
 from __future__ import annotations
 
-import shutil
+import resource
 
-from .errors import SandboxSetupError
 from .limits import SANDBOX_OWN_TASKS, Confinement, ResourceController
 from .request import ResourceLimits
 
 
 class RlimitConfinement(Confinement):
-    def __init__(self, prefix: tuple[str, ...]) -> None:
-        self._prefix = prefix
+    def __init__(self, rlimits: tuple[tuple[int, int], ...]) -> None:
+        self._rlimits = rlimits
 
     @property
-    def spawn_prefix(self) -> tuple[str, ...]:
-        return self._prefix
+    def rlimits(self) -> tuple[tuple[int, int], ...]:
+        return self._rlimits
 
     def close(self) -> None:
         pass
 
 
 class RlimitController(ResourceController):
-    """Limits through util-linux ``prlimit COMMAND`` in the spawn prefix (see module docstring)."""
+    """Limits as rlimits the spawned process sets on itself (see module docstring)."""
 
     kind = "rlimit"
-
-    def __init__(self, prlimit: str | None = None) -> None:
-        self._prlimit = prlimit or shutil.which("prlimit")
-        self.enforces = frozenset({"memory", "pids"}) if self._prlimit else frozenset()
+    enforces = frozenset({"memory", "pids"})
 
     def confine(self, limits: ResourceLimits) -> Confinement:
-        return RlimitConfinement(rlimit_prefix(self._prlimit, limits))
+        return RlimitConfinement(action_rlimits(limits))
 
 
-def rlimit_prefix(prlimit: str | None, limits: ResourceLimits) -> tuple[str, ...]:
-    """The ``prlimit`` argv prefix for ``limits`` (empty when nothing is to be limited)."""
-    options = []
+def action_rlimits(limits: ResourceLimits) -> tuple[tuple[int, int], ...]:
+    """The ``(RLIMIT_*, value)`` pairs for ``limits`` (see the module docstring)."""
+    rlimits = []
     if limits.memory_bytes is not None:
-        options.append(f"--data={limits.memory_bytes}:{limits.memory_bytes}")
+        rlimits.append((resource.RLIMIT_DATA, limits.memory_bytes))
     if limits.max_pids is not None:
-        nproc = limits.max_pids + SANDBOX_OWN_TASKS
-        options.append(f"--nproc={nproc}:{nproc}")
+        rlimits.append((resource.RLIMIT_NPROC, limits.max_pids + SANDBOX_OWN_TASKS))
     if limits.open_files is not None:
-        options.append(f"--nofile={limits.open_files}:{limits.open_files}")
-    if not options:
-        return ()
-    if prlimit is None:
-        raise SandboxSetupError("memory/pids/open-files limits requested but util-linux prlimit is not installed")
-    return (prlimit, *options, "--")
+        rlimits.append((resource.RLIMIT_NOFILE, limits.open_files))
+    return tuple(rlimits)

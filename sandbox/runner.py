@@ -24,9 +24,8 @@ class Runner(abc.ABC):
       when the :class:`SandboxRequest` is built, before any runner sees them.
     * ``cancel``: once set, the whole action is killed within about 0.2 s and the result has
       ``cancelled=True``. The caller owns the event.
-    * Thread-safety: one runner may run many requests at once, from different threads. The
-      thread that calls ``run`` must stay alive until it returns (bubblewrap ties the
-      sandbox's life to that thread with ``PR_SET_PDEATHSIG``).
+    * Thread-safety: one runner may run many requests at once, from different threads.
+    * If the worker process dies, every sandbox it started dies too.
     """
 
     @abc.abstractmethod

@@ -4,7 +4,7 @@ fake tree; modern hosts run it, this machine kind does not)."""
 from __future__ import annotations
 
 import os
-import subprocess
+import select
 import time
 
 import pytest
@@ -12,20 +12,39 @@ from conftest import require
 
 from reapi_worker.sandbox import ResourceLimits, SandboxSetupError
 from reapi_worker.sandbox.cgroups import CgroupV1Controller
+from reapi_worker.sandbox.spawner import ChildSetup, Spawner
 
 
-def spawn_joined(confinement, *command: str) -> subprocess.Popen:
-    """Spawn ``command`` the way the runner does: held (here by a shell reading its stdin,
-    for bubblewrap by its pending options) until joined: by the prefix (v1) or the worker."""
-    proc = subprocess.Popen(
-        [*confinement.spawn_prefix, "sh", "-c", 'read go && exec "$@"', "sh", *command],
-        stdin=subprocess.PIPE, start_new_session=True,
-    )
-    confinement.join(proc.pid)
-    assert proc.stdin is not None
-    proc.stdin.write(b"go\n")
-    proc.stdin.close()
-    return proc
+SPAWNER = Spawner()
+
+
+class Joined:
+    """A process spawned the way the runner spawns bubblewrap (through the spawner, joined by
+    itself on v1), held by a shell reading its stdin until then."""
+
+    def __init__(self, confinement, command: tuple[str, ...]) -> None:
+        go_r, self._go = os.pipe()
+        out = os.open(os.devnull, os.O_WRONLY)
+        spawned = SPAWNER.spawn(
+            ["/bin/sh", "-c", 'read go && exec "$@"', "sh", *command], (go_r, out, out),
+            ChildSetup(rlimits=confinement.rlimits, join_tasks=confinement.join_tasks),
+            env={"PATH": os.environ["PATH"]},
+        )
+        os.close(go_r)
+        os.close(out)
+        self.pid, self._pidfd = spawned.pid, spawned.pidfd
+        confinement.join(self.pid)
+        os.write(self._go, b"go\n")
+        os.close(self._go)
+
+    def exited(self, seconds: float) -> bool:
+        poller = select.poll()
+        poller.register(self._pidfd, select.POLLIN)
+        return bool(poller.poll(seconds * 1000))
+
+
+def spawn_joined(confinement, *command: str) -> Joined:
+    return Joined(confinement, command)
 
 
 @pytest.fixture(scope="module")
@@ -65,14 +84,13 @@ def test_joined_processes_and_their_daemons_are_killed_through_the_cgroup(v1):
             assert str(proc.pid) in (d / "cgroup.procs").read_text().split()  # the whole process, everywhere
         confinement.kill_all()
         assert procs.read_text().split() == []
-        proc.wait(5)
-    assert proc.returncode == -9
+        assert proc.exited(5)
 
 
 def test_figures_are_read_from_the_real_cgroup(v1):
     with v1.confine(ResourceLimits()) as confinement:
         proc = spawn_joined(confinement, "python3", "-c", "x = bytearray(32 << 20); x[::4096] = b'x' * (8 << 10)")
-        assert proc.wait(30) == 0
+        assert proc.exited(30)
         usage = confinement.usage()
     assert usage.memory_peak_bytes >= 32 << 20
     assert usage.cpu_seconds > 0 and usage.user_cpu_seconds is not None

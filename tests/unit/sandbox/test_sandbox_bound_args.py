@@ -1,14 +1,15 @@
-"""How the bounds reach the sandbox, as argument lists: the /tmp size, each process's
-RLIMIT_NOFILE under cgroups (a shell prefix) and under the rlimit fallback (prlimit)."""
+"""How the bounds reach the sandbox: the /tmp size as bubblewrap options, each process's
+RLIMIT_NOFILE as an rlimit the spawned process sets on itself, under cgroups and under the
+rlimit fallback alike."""
 
 from __future__ import annotations
 
-import subprocess
+import resource
 
 from reapi_worker.sandbox import ResourceLimits, SandboxRequest
 from reapi_worker.sandbox.bwrap_args import ControlFds, HostLayout, bwrap_arguments
-from reapi_worker.sandbox.cgroups import limit_prefix, self_join_prefix
-from reapi_worker.sandbox.rlimits import rlimit_prefix
+from reapi_worker.sandbox.cgroups import CgroupV1Confinement, CgroupV2Confinement
+from reapi_worker.sandbox.rlimits import RlimitController
 
 LAYOUT = HostLayout(entries=(), env_shim=None)
 
@@ -27,21 +28,9 @@ def test_tmp_is_sized_only_when_bounded():
     assert "--size" not in _options(ResourceLimits())
 
 
-def test_the_cgroup_prefix_sets_the_open_files_limit_before_exec():
-    argv = [*limit_prefix(123), "/bin/sh", "-c", "ulimit -Sn; ulimit -Hn"]
-    done = subprocess.run(argv, capture_output=True, text=True, check=True)
-    assert done.stdout.split() == ["123", "123"]
-
-
-def test_the_v1_joining_shell_sets_the_open_files_limit_before_exec(tmp_path):
-    tasks = tmp_path / "tasks"
-    argv = [*self_join_prefix([str(tasks)], open_files=123), "/bin/sh", "-c", "ulimit -Sn; ulimit -Hn"]
-    done = subprocess.run(argv, capture_output=True, text=True, check=True)
-    assert done.stdout.split() == ["123", "123"]
-    assert tasks.read_text().strip() == "0"  # and it still joined the cgroup
-    assert "ulimit" not in " ".join(self_join_prefix([str(tasks)]))
-
-
-def test_the_rlimit_fallback_sets_open_files_too():
-    prefix = rlimit_prefix("/usr/bin/prlimit", ResourceLimits(open_files=99))
-    assert prefix == ("/usr/bin/prlimit", "--nofile=99:99", "--")
+def test_every_controller_gives_the_open_files_limit_to_the_spawned_process(tmp_path):
+    limits = ResourceLimits(open_files=123)
+    v1 = CgroupV1Confinement({"pids": tmp_path}, remove_dir=lambda _: None, open_files=123)
+    v2 = CgroupV2Confinement(tmp_path, remove_dir=lambda _: None, open_files=123)
+    for confinement in (v1, v2, RlimitController().confine(limits)):
+        assert (resource.RLIMIT_NOFILE, 123) in confinement.rlimits

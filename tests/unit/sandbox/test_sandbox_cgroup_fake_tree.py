@@ -8,6 +8,7 @@ would (``memory.events``, ``memory.peak`` ...). ``remove_dir=shutil.rmtree`` sta
 from __future__ import annotations
 
 import os
+import resource
 import shutil
 import subprocess
 from pathlib import Path
@@ -24,11 +25,10 @@ from reapi_worker.sandbox.cgroups import (
     cgroup_mounts,
     host_dir,
     join_cgroups,
-    limit_prefix,
-    self_join_prefix,
+    open_files_rlimit,
     parse_proc_cgroup,
 )
-from reapi_worker.sandbox.rlimits import RlimitController, rlimit_prefix
+from reapi_worker.sandbox.rlimits import RlimitController, action_rlimits
 
 # This machine kind: v1 hierarchies, the memory one confining the worker, and an idle v2 mount.
 MOUNTINFO = """\
@@ -93,27 +93,9 @@ def test_join_names_the_cgroup_it_cannot_join(tmp_path):
         join_cgroups([tmp_path / "a.procs", missing], 4321)
 
 
-def test_no_prefix_is_spawned_without_an_open_files_limit():
-    assert limit_prefix(None) == ()
-
-
-def test_self_join_prefix_writes_its_own_thread_into_every_file_then_execs(tmp_path):
-    files = [tmp_path / "a.tasks", tmp_path / "b tasks"]
-    out = subprocess.run(
-        [*self_join_prefix(map(str, files)), "sh", "-c", "echo ran"], capture_output=True, text=True, check=True,
-    )
-    assert out.stdout == "ran\n"
-    # "0" is "the calling thread" to the kernel: no pid to get wrong, and no global lock.
-    assert [f.read_text().strip() for f in files] == ["0", "0"]
-
-
-def test_self_join_prefix_refuses_to_run_the_command_if_it_cannot_join(tmp_path):
-    out = subprocess.run(
-        [*self_join_prefix([str(tmp_path / "missing" / "tasks")]), "echo", "ran"], capture_output=True, text=True,
-    )
-    assert out.returncode == 125
-    assert "ran" not in out.stdout
-    assert "cannot join cgroup" in out.stderr
+def test_the_open_files_limit_is_an_rlimit_of_the_spawned_process_only_when_bounded():
+    assert open_files_rlimit(None) == ()
+    assert open_files_rlimit(123) == ((resource.RLIMIT_NOFILE, 123),)
 
 
 # --- v2 on a fake tree --------------------------------------------------------------------
@@ -144,7 +126,7 @@ def test_v2_delegates_controllers_and_creates_one_cgroup_per_action(v2_tree):
     assert (path / "memory.swap.max").read_text() == "0"
     assert (path / "pids.max").read_text() == "12"  # + bubblewrap's monitor and init
     assert (path / "cpu.max").read_text() == "150000 100000"
-    assert confinement.spawn_prefix == ()  # nothing to exec: the worker joins the process itself
+    assert confinement.join_tasks == ()  # the worker joins the process itself
     confinement.join(4321)
     assert (path / "cgroup.procs").read_text() == "4321"
 
@@ -208,8 +190,8 @@ def test_v1_uses_each_hierarchy_once_and_cpu_only_when_limited(v1_tree):
     with controller.confine(ResourceLimits()) as confinement:
         dirs = confinement.dirs  # type: ignore[attr-defined]
         assert set(dirs) == {"memory", "pids", "cpuacct"}
-        prefix = confinement.spawn_prefix
-        assert prefix[-3:] == tuple(str(dirs[c] / "tasks") for c in ("memory", "pids", "cpuacct"))
+        assert confinement.join_tasks == tuple(str(dirs[c] / "tasks") for c in ("memory", "pids", "cpuacct"))
+        assert confinement.rlimits == ()
 
     with controller.confine(ResourceLimits(memory_bytes=1 << 20, max_pids=3, cpu_cores=0.5)) as confinement:
         dirs = confinement.dirs  # type: ignore[attr-defined]
@@ -240,18 +222,16 @@ def test_v1_without_memory_or_pids_is_refused(v1_tree):
 # --- rlimits ------------------------------------------------------------------------------
 
 
-def test_rlimit_prefix_limits_data_and_processes():
-    limits = ResourceLimits(memory_bytes=1000, max_pids=4, cpu_cores=2)
-    assert rlimit_prefix("/usr/bin/prlimit", limits) == (
-        "/usr/bin/prlimit", "--data=1000:1000", "--nproc=6:6", "--",
+def test_rlimits_limit_data_processes_and_open_files():
+    limits = ResourceLimits(memory_bytes=1000, max_pids=4, cpu_cores=2, open_files=99)
+    assert action_rlimits(limits) == (
+        (resource.RLIMIT_DATA, 1000), (resource.RLIMIT_NPROC, 6), (resource.RLIMIT_NOFILE, 99),
     )
-    assert rlimit_prefix("/usr/bin/prlimit", ResourceLimits()) == ()
-    with pytest.raises(SandboxSetupError):
-        rlimit_prefix(None, limits)
+    assert action_rlimits(ResourceLimits()) == ()
 
 
 def test_rlimit_controller_enforces_no_cpu_and_cannot_see_ooms():
-    controller = RlimitController("/usr/bin/prlimit")
+    controller = RlimitController()
     assert controller.enforces == {"memory", "pids"}
     with controller.confine(ResourceLimits(memory_bytes=10)) as confinement:
         assert not confinement.oom_killed()

@@ -7,7 +7,7 @@ import os
 import pytest
 
 from reapi_worker.sandbox import NOBODY, RunAs, SandboxSetupError, prepare_build_dir, sandbox_can_protect_hardlinks
-from reapi_worker.sandbox.identity import effective_run_as, setpriv_prefix
+from reapi_worker.sandbox.identity import effective_run_as
 
 as_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (chown, uid switch)")
 
@@ -33,12 +33,6 @@ def test_a_non_root_worker_cannot_switch_uid(monkeypatch):
     assert not sandbox_can_protect_hardlinks()  # it runs as the cache's owner: copy, don't link
     with pytest.raises(SandboxSetupError, match="not root"):
         effective_run_as(NOBODY)
-
-
-def test_setpriv_prefix_drops_all_groups():
-    assert setpriv_prefix("/usr/bin/setpriv", RunAs(7, 8)) == (
-        "/usr/bin/setpriv", "--reuid=7", "--regid=8", "--clear-groups", "--",
-    )
 
 
 @as_root
