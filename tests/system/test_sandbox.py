@@ -457,3 +457,35 @@ def test_probe_host_sees_this_machine(runner):
     assert caps.hardlinks_protected
     if caps.cgroup_version == 1:
         assert {"memory", "pids"} <= caps.cgroup_controllers
+
+
+def test_a_sandbox_dies_with_the_spawner_and_its_run_is_a_setup_failure_not_a_result(build):
+    """The spawner (sandbox/spawner.py) is bubblewrap's parent: if it is killed, every sandbox
+    it started dies with it, and their runs end as set-up failures (retried), never as a
+    result the command did not earn."""
+    outcome: list[object] = []
+
+    def run() -> None:
+        try:
+            outcome.append(build.run("sleep", "67"))
+        except SandboxSetupError as e:
+            outcome.append(e)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not _sleepers("67") and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert _sleepers("67"), "the action never started"
+    spawner = build.runner._spawner._process
+    assert spawner is not None
+    os.kill(spawner.pid, 9)
+    thread.join(10)
+    assert not thread.is_alive(), "run did not return after its sandbox died"
+    assert len(outcome) == 1 and isinstance(outcome[0], SandboxSetupError), outcome
+    assert not _sleepers("67")
+    build.run("true")  # the next run starts a new spawner
+
+
+def _sleepers(seconds: str) -> list[psutil.Process]:
+    return [p for p in psutil.process_iter(["cmdline"]) if p.info["cmdline"] == ["sleep", seconds]]
