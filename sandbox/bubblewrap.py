@@ -6,10 +6,9 @@ One run, step by step (each step's *why* is in the code):
    The confinement (cgroup or rlimits) is created for the action's limits.
 2. The output files are opened by the worker, so the sandbox needs no access to their paths;
    with a ``stream_bytes`` bound the command writes to pipes instead (:mod:`.streams`).
-3. ``bwrap --args FD -- COMMAND`` is started through the runner's :class:`~.spawner.Spawner`:
-   its process sets its rlimits, joins its v1 cgroups, makes its network namespace if the
-   request wants network, and drops to the sandbox's uid, all by itself, then execs
-   bubblewrap — no program of its own for any of these. bubblewrap waits for its options
+3. ``bwrap --args FD -- COMMAND`` is started through the runner's :class:`~.spawner.Spawner`,
+   born in its v1 cgroups, in a network namespace of its own if the request wants network,
+   as the sandbox's uid, and with its rlimits — no program of its own for any of these. bubblewrap waits for its options
    (from the pure :func:`~.bwrap_args.bwrap_arguments`) on that pipe; before writing them
    the worker joins the process to its cgroup where the child did not
    (:meth:`~.limits.Confinement.join`, v2). Either way it is inside before anything can
@@ -202,6 +201,7 @@ class BubblewrapRunner(Runner):
         setup = ChildSetup(
             rlimits=confinement.rlimits,
             join_tasks=confinement.join_tasks,
+            home_tasks=confinement.home_tasks,
             # A network request starts in a fresh namespace (made as root, before the uid
             # switch) that the NAT attaches to, and which bubblewrap then keeps.
             new_network=request.network,

@@ -398,6 +398,11 @@ class CgroupV1Confinement(Confinement):
     def join_tasks(self) -> tuple[str, ...]:
         return tuple(str(d / "tasks") for d in self._unique)
 
+    @property
+    def home_tasks(self) -> tuple[str, ...]:
+        # <worker's cgroup>/ACTIONS_DIR/<action>: the worker's own is two levels up.
+        return tuple(str(d.parent.parent / "tasks") for d in self._unique)
+
     def pids_exhausted(self) -> bool:
         return _pids_refused(self.dirs.get("pids"))
 

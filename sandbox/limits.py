@@ -77,6 +77,13 @@ class Confinement(abc.ABC):
         pays the whole wait (5–10 ms), the others 0.03 ms each."""
         return ()
 
+    @property
+    def home_tasks(self) -> tuple[str, ...]:
+        """With :attr:`join_tasks`: the ``tasks`` files of the worker's own cgroups in the
+        same hierarchies, where the spawner (which lives there and joins for a moment, so
+        that the child is born inside: :mod:`.spawner_process`) returns to."""
+        return ()
+
     def join(self, pid: int) -> None:
         """Place the process ``pid`` — spawned with :attr:`rlimits` and :attr:`join_tasks`,
         not yet able to fork (see the module docstring) — in the confinement. Raises

@@ -1,20 +1,22 @@
-"""How a sandbox's first process is made: forked by a small helper process, not exec-chained.
+"""How a sandbox's first process is made: by a small helper process, not an exec chain.
 
-Before bubblewrap may run, its process must set its own rlimits, join its v1 cgroups
-(itself: see :mod:`.limits`) and drop to the sandbox's uid. The worker cannot do these for
-another process (it lacks CAP_SYS_RESOURCE here; a v1 thread move is cheap only for the
-moving thread itself), and it cannot do them in a child of its own either: changing ids or
-running Python after ``fork`` rules out ``vfork``, and a plain ``fork`` of a worker with a
-large heap costs tens of milliseconds (27 ms measured at 800 MB); Python between ``fork``
-and ``exec`` in a threaded process is unsafe besides. So each step used to be a program of
-its own — ``sh`` (``ulimit``, cgroup ``tasks``), ``prlimit``, ``unshare --net``, ``setpriv``
-— each exec ~0.6–1.4 ms on every action.
+Before bubblewrap may run, its process must have its rlimits, be inside its v1 cgroups
+(joined as a thread move: see :mod:`.limits`) and run as the sandbox's uid. The worker
+cannot do these for another process (it lacks CAP_SYS_RESOURCE here; a v1 thread move is
+cheap only for the moving thread itself), and it cannot do them in a child of its own
+either: changing ids or running Python after ``fork`` rules out ``vfork``, and a plain
+``fork`` of a worker with a large heap costs tens of milliseconds (27 ms measured at
+800 MB); Python between ``fork`` and ``exec`` in a threaded process is unsafe besides. So
+each step used to be a program of its own — ``sh`` (``ulimit``, cgroup ``tasks``),
+``prlimit``, ``unshare --net``, ``setpriv`` — each exec ~0.6–1.4 ms on every action.
 
-The spawner is one small process started once per runner (stdlib only, no site: a few MB,
-so its ``fork`` is cheap and it has one thread), which forks, does all of those steps in the
-child with plain system calls and execs bubblewrap (:mod:`.spawner_process` has the order
-and the protocol). Measured here (v1, three hierarchies, ``bwrap true``): the exec chain
-``sh`` + ``setpriv`` 6.96 ms, the spawner 5.75 ms, ``bwrap true`` alone 4.88 ms.
+The spawner is one small process started once per runner (stdlib only, one thread), which
+puts *itself* in the state the child must be born in — the action's cgroups, its real ids,
+a fresh network namespace — for the moment of a ``posix_spawn`` (a ``vfork``-like clone:
+no copy of any address space), sets the child's rlimits with ``prlimit`` and goes back
+(:mod:`.spawner_process` has the order, and why each step is safe). Measured here (v1,
+three hierarchies, ``bwrap true`` to its exit): the spawner with a Python ``fork`` in
+place of ``posix_spawn`` 8.4 ms, with ``posix_spawn`` 6.7 ms.
 
 What the worker gets back is a pid and a pidfd: the process is the spawner's child, not the
 worker's, so it is watched, signalled and waited for through the pidfd (its exit status
@@ -48,13 +50,15 @@ class ChildSetup:
     """What the child does to itself before it execs, in this order (see the module docstring).
 
     * ``rlimits`` — ``(resource.RLIMIT_*, value)``, set as soft and hard limit;
-    * ``join_tasks`` — cgroup v1 ``tasks`` files the child writes ``0`` into;
+    * ``join_tasks`` — cgroup v1 ``tasks`` files the child is born inside of (the spawner
+      joins them for the moment of the spawn, then goes back to ``home_tasks``, its own);
     * ``new_network`` — a network namespace of its own, made before the uid switch;
     * ``run_as`` — the host identity to switch to (no supplementary groups); ``None``: stay.
     """
 
     rlimits: tuple[tuple[int, int], ...] = ()
     join_tasks: tuple[str, ...] = ()
+    home_tasks: tuple[str, ...] = ()
     new_network: bool = False
     run_as: RunAs | None = None
 
@@ -83,16 +87,17 @@ class Spawner:
         fds: Sequence[int],
         setup: ChildSetup = ChildSetup(),
         env: Mapping[str, str] | None = None,
-        cwd: str = "/",
     ) -> SpawnedProcess:
-        """Fork a child that gets ``fds`` as its descriptors 0, 1, 2, 3..., applies ``setup``,
-        enters ``cwd`` and execs ``argv`` (``argv[0]`` an absolute path) with ``env``
-        (nothing of the worker's by default). A step that fails is reported on the child's
-        descriptor 2 and the child exits 125 without running ``argv``. Raises
-        SandboxSetupError when no child could be made."""
+        """Start ``argv`` (``argv[0]`` an absolute path) as a child with ``fds`` as its
+        descriptors 0, 1, 2, 3..., ``setup`` applied, ``/`` as its working directory and
+        ``env`` (nothing of the worker's by default). Raises SandboxSetupError, naming the
+        step, when no child could be made; then nothing ran."""
+        if setup.join_tasks and len(setup.home_tasks) != len(setup.join_tasks):
+            raise SandboxSetupError("a spawn that joins cgroups must name the spawner's own to return to")
         request = json.dumps({
-            "argv": list(argv), "env": dict(env or {}), "cwd": cwd,
+            "argv": list(argv), "env": dict(env or {}),
             "rlimits": [list(limit) for limit in setup.rlimits], "tasks": list(setup.join_tasks),
+            "home_tasks": list(setup.home_tasks),
             "new_network": setup.new_network,
             "uid": None if setup.run_as is None else setup.run_as.uid,
             "gid": None if setup.run_as is None else setup.run_as.gid,

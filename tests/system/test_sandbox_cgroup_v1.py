@@ -27,7 +27,8 @@ class Joined:
         out = os.open(os.devnull, os.O_WRONLY)
         spawned = SPAWNER.spawn(
             ["/bin/sh", "-c", 'read go && exec "$@"', "sh", *command], (go_r, out, out),
-            ChildSetup(rlimits=confinement.rlimits, join_tasks=confinement.join_tasks),
+            ChildSetup(rlimits=confinement.rlimits, join_tasks=confinement.join_tasks,
+                       home_tasks=confinement.home_tasks),
             env={"PATH": os.environ["PATH"]},
         )
         os.close(go_r)
