@@ -41,7 +41,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from reapi_worker.sandbox.bubblewrap import BubblewrapRunner
+from reapi_worker.sandbox.bubblewrap import SPARE_CGROUPS, BubblewrapRunner
 from reapi_worker.sandbox.bwrap_args import ControlFds, bwrap_arguments
 from reapi_worker.sandbox.identity import prepare_build_dir
 from reapi_worker.sandbox.limits import ResourceController
@@ -73,7 +73,7 @@ def main() -> None:
     base.chmod(0o711)
     root = base / "root"
     root.mkdir()
-    controller = choose_resource_controller()
+    controller = choose_resource_controller(spares=SPARE_CGROUPS)  # as the runner chooses it
     runners = {
         f"runner, {controller.kind}": (BubblewrapRunner(controller=controller), BOUNDS),
         f"runner, {controller.kind}, /etc entry by entry (before)":

@@ -74,6 +74,8 @@ log = logging.getLogger(__name__)
 CANCEL_POLL_SECONDS = 0.05
 #: How long to wait for the sandbox's init to vanish after the monitor has exited.
 INIT_EXIT_GRACE_SECONDS = 2.0
+#: Cgroups a runner that chose its own controller keeps made ahead (:mod:`.cgroup_spares`).
+SPARE_CGROUPS = 2
 #: The tail of the stderr file read to explain a failed set-up.
 _STDERR_TAIL = 4096
 _EXEC_FAILURE = re.compile(r"^bwrap: execvp (?P<command>.*): (?P<reason>[^\n]*)$", re.MULTILINE)
@@ -125,7 +127,7 @@ class BubblewrapRunner(Runner):
         if controller is None:
             from .probe import choose_resource_controller
 
-            controller = choose_resource_controller()
+            controller = choose_resource_controller(spares=SPARE_CGROUPS)
         self.controller = controller
         self.layout = HostLayout.probe() if layout is None else layout
         self.protects_hardlinks = sandbox_can_protect_hardlinks(run_as)

@@ -5,8 +5,10 @@ directory (sandbox/cgroups.py), one per hierarchy. A worker killed with SIGKILL 
 them behind for ever: the kernel never removes a cgroup by itself. At start, before it
 creates any, a worker sweeps the ones whose worker is gone.
 
-Who is gone: the name's pid has no ``/proc/<pid>``, or it is our own pid (a restarted
-worker in a container gets the same pid; we have created nothing yet). Any live process
+Who is gone: the name's pid has no ``/proc/<pid>``, or it is our own pid while this process
+has named none yet (a restarted worker in a container gets the same pid). Once it has
+(:func:`note_own_cgroup`: an action's, or a spare made ahead), a later sweep in the same
+process — a second controller, a probe — leaves them alone. Any live process
 with that pid counts as the owner — whatever runs a sandbox makes these cgroups (the
 daemon, ``run-action``, a test or benchmark process), so a command line proves nothing.
 
@@ -34,6 +36,14 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 _NAME = re.compile(r"(\d+)-\d+")
+#: Whether this process has named a cgroup of its own (see the module docstring).
+_named_own = False
+
+
+def note_own_cgroup() -> None:
+    """Record that this process now has cgroups of its own, which no sweep may take."""
+    global _named_own
+    _named_own = True
 
 
 def _remove_settled(path: Path, remove_dir: Callable[[Path], None], settle_seconds: float, pid: int) -> bool:
@@ -71,7 +81,7 @@ def worker_is_alive(pid: int) -> bool:
     run a sandbox in whatever process they are — so a command line proves nothing: a pid
     in use is alive (a reused pid only delays the sweep until it exits)."""
     if pid == os.getpid():
-        return False
+        return _named_own
     return os.path.exists(f"/proc/{pid}")
 
 

@@ -40,7 +40,8 @@ from pathlib import Path
 
 from reapi_worker.host.mountinfo import MountEntry, parse_mountinfo
 
-from .cgroup_sweep import sweep_dead_action_cgroups
+from .cgroup_spares import SpareCgroups
+from .cgroup_sweep import note_own_cgroup, sweep_dead_action_cgroups
 from .errors import SandboxSetupError
 from .limits import SANDBOX_OWN_TASKS, Confinement, ResourceController
 from .request import ResourceLimits
@@ -238,6 +239,7 @@ def _remove(path: Path, remove_dir: Callable[[Path], None]) -> None:
 
 
 def _action_name() -> str:
+    note_own_cgroup()
     return f"{os.getpid()}-{next(_SEQUENCE)}"
 
 
@@ -303,11 +305,14 @@ class CgroupV2Controller(ResourceController):
     kind = "cgroup-v2"
 
     def __init__(
-        self, parent: Path, controllers: frozenset[str], remove_dir: Callable[[Path], None] = os.rmdir
+        self, parent: Path, controllers: frozenset[str], remove_dir: Callable[[Path], None] = os.rmdir,
+        spares: int = 0,
     ) -> None:
         self.parent = parent
         self.enforces = frozenset(controllers & {"memory", "pids", "cpu"})
         self._remove_dir = remove_dir
+        #: cgroups made ahead of the actions, or ``None``
+        self.spares = SpareCgroups([parent], _action_name, spares) if spares else None
 
     @classmethod
     def from_self(
@@ -315,8 +320,10 @@ class CgroupV2Controller(ResourceController):
         mounts: list[CgroupMount] | None = None,
         own: Mapping[str, str] | None = None,
         remove_dir: Callable[[Path], None] = os.rmdir,
+        spares: int = 0,
     ) -> "CgroupV2Controller":
-        """Set up below the worker's own v2 cgroup; raises SandboxSetupError if it cannot."""
+        """Set up below the worker's own v2 cgroup; raises SandboxSetupError if it cannot.
+        ``spares``: cgroups kept made ahead of the actions (:mod:`.cgroup_spares`)."""
         mounts = cgroup_mounts(parse_mountinfo(_read_self("mountinfo"))) if mounts is None else mounts
         own = parse_proc_cgroup(_read_self("cgroup")) if own is None else own
         if "" not in own:
@@ -348,12 +355,14 @@ class CgroupV2Controller(ResourceController):
         except OSError as e:
             raise SandboxSetupError(f"cannot delegate cgroup v2 controllers below {base}: {e}") from e
         sweep_dead_action_cgroups([parent], remove_dir=remove_dir)
-        return cls(parent, frozenset(wanted), remove_dir)
+        return cls(parent, frozenset(wanted), remove_dir, spares)
 
     def confine(self, limits: ResourceLimits) -> Confinement:
-        path = self.parent / _action_name()
+        spare = self.spares.take() if self.spares else None
+        path = self.parent / (spare or _action_name())
         try:
-            path.mkdir()
+            if spare is None:
+                path.mkdir()
         except OSError as e:
             raise SandboxSetupError(f"cannot create cgroup {path}: {e}") from e
         confinement = CgroupV2Confinement(path, self._remove_dir, limits.open_files)
@@ -455,10 +464,15 @@ class CgroupV1Controller(ResourceController):
     kind = "cgroup-v1"
     ALWAYS = ("memory", "pids", "cpuacct")
 
-    def __init__(self, parents: Mapping[str, Path], remove_dir: Callable[[Path], None] = os.rmdir) -> None:
+    def __init__(
+        self, parents: Mapping[str, Path], remove_dir: Callable[[Path], None] = os.rmdir, spares: int = 0
+    ) -> None:
         self.parents = dict(parents)
         self.enforces = frozenset(self.parents) & {"memory", "pids", "cpu"}
         self._remove_dir = remove_dir
+        always = [parent for controller, parent in self.parents.items() if controller in self.ALWAYS]
+        #: cgroups made ahead of the actions, or ``None``
+        self.spares = SpareCgroups(always, _action_name, spares) if spares and always else None
 
     @classmethod
     def from_self(
@@ -466,9 +480,11 @@ class CgroupV1Controller(ResourceController):
         mounts: list[CgroupMount] | None = None,
         own: Mapping[str, str] | None = None,
         remove_dir: Callable[[Path], None] = os.rmdir,
+        spares: int = 0,
     ) -> "CgroupV1Controller":
         """Find the v1 hierarchies the worker can create cgroups in; raises SandboxSetupError
-        unless at least ``memory`` or ``pids`` is usable."""
+        unless at least ``memory`` or ``pids`` is usable. ``spares``: cgroups kept made ahead
+        of the actions (:mod:`.cgroup_spares`)."""
         mounts = cgroup_mounts(parse_mountinfo(_read_self("mountinfo"))) if mounts is None else mounts
         own = parse_proc_cgroup(_read_self("cgroup")) if own is None else own
         parents: dict[str, Path] = {}
@@ -491,10 +507,12 @@ class CgroupV1Controller(ResourceController):
             detail = "; ".join(problems) or "no memory or pids hierarchy mounted"
             raise SandboxSetupError(f"no usable cgroup v1 hierarchy: {detail}")
         sweep_dead_action_cgroups(parents.values(), remove_dir=remove_dir)
-        return cls(parents, remove_dir)
+        return cls(parents, remove_dir, spares)
 
     def confine(self, limits: ResourceLimits) -> Confinement:
-        name = _action_name()
+        spare = self.spares.take() if self.spares else None
+        made_ahead = set(self.spares.parents) if spare is not None and self.spares else set()
+        name = spare or _action_name()
         wanted = [c for c in self.parents if c in self.ALWAYS or (c == "cpu" and limits.cpu_cores is not None)]
         dirs: dict[str, Path] = {}
         by_parent: dict[Path, Path] = {}  # co-mounted controllers share one directory
@@ -503,7 +521,8 @@ class CgroupV1Controller(ResourceController):
                 parent = self.parents[controller]
                 if parent not in by_parent:
                     path = parent / name
-                    path.mkdir()
+                    if parent not in made_ahead:
+                        path.mkdir()
                     by_parent[parent] = path
                 dirs[controller] = by_parent[parent]
         except OSError as e:

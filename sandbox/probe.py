@@ -60,18 +60,20 @@ class HostCapabilities:
     problems: tuple[str, ...] = ()
 
 
-def choose_resource_controller() -> ResourceController:
+def choose_resource_controller(spares: int = 0) -> ResourceController:
     """cgroup v2 if the worker's v2 cgroup can delegate memory and pids, else cgroup v1 if a
     memory or pids hierarchy is writable, else rlimits. Creates the ``reapi-worker``
-    directories, and on v2 may move the worker into a leaf cgroup (see :mod:`.cgroups`)."""
+    directories, and on v2 may move the worker into a leaf cgroup (see :mod:`.cgroups`).
+    ``spares``: cgroups to keep made ahead of the actions (:mod:`.cgroup_spares`) — for a
+    controller that will run actions, not one that only reports."""
     from .cgroups import CgroupV1Controller, CgroupV2Controller
 
     try:
-        return CgroupV2Controller.from_self()
+        return CgroupV2Controller.from_self(spares=spares)
     except SandboxSetupError as e:
         log.debug("cgroup v2 not usable: %s", e)
     try:
-        return CgroupV1Controller.from_self()
+        return CgroupV1Controller.from_self(spares=spares)
     except SandboxSetupError as e:
         log.debug("cgroup v1 not usable: %s", e)
     return RlimitController()

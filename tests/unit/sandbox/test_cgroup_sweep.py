@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 
+from reapi_worker.sandbox import cgroup_sweep
 from reapi_worker.sandbox.cgroup_sweep import sweep_dead_action_cgroups, worker_is_alive
 
 
@@ -26,10 +27,19 @@ def test_cgroups_of_dead_workers_go_and_a_live_workers_stay(tmp_path):
     assert sorted(os.listdir(memory)) == ["200-0", "300-0", "not-a-cgroup"]
 
 
-def test_any_live_process_but_us_is_an_owner():
+def test_any_live_process_is_an_owner_and_we_are_once_we_named_one():
     """Tests, benchmarks and ``run-action`` run sandboxes in processes of their own: any
-    live pid may own action cgroups, whatever its command line."""
-    assert not worker_is_alive(os.getpid())  # a restarted worker that got its old pid back
+    live pid may own action cgroups, whatever its command line. Our own pid owns none until
+    we named one: before, it is a restarted worker that got its old pid back; after, a
+    second sweep in this process (another controller) must not take ours."""
+    # Not monkeypatch: restoring "named none" afterwards would be a lie once this process's
+    # runners have made cgroups, and a later sweep would take theirs.
+    cgroup_sweep._named_own = False
+    try:
+        assert not worker_is_alive(os.getpid())
+    finally:
+        cgroup_sweep.note_own_cgroup()
+    assert worker_is_alive(os.getpid())
     other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         assert worker_is_alive(other.pid)
