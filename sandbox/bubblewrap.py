@@ -124,6 +124,7 @@ class BubblewrapRunner(Runner):
         self.bwrap_path = found
         self.run_as = effective_run_as(run_as)
         self._spawner = Spawner()
+        self._owns_controller = controller is None
         if controller is None:
             from .probe import choose_resource_controller
 
@@ -143,8 +144,11 @@ class BubblewrapRunner(Runner):
         become_child_subreaper()
 
     def close(self) -> None:
-        """Stop the spawner; runs after this start a new one."""
+        """Stop the spawner (runs after this start a new one) and, if the runner chose its
+        controller itself, release the controller's spare cgroups."""
         self._spawner.close()
+        if self._owns_controller:
+            self.controller.close()
 
     @property
     def host_ids(self) -> tuple[int, int]:

@@ -12,6 +12,7 @@ left are removed by the next start's sweep (:mod:`.cgroup_sweep`), used or not.
 
 from __future__ import annotations
 
+import atexit
 import collections
 import logging
 import threading
@@ -23,7 +24,10 @@ log = logging.getLogger(__name__)
 
 class SpareCgroups:
     """``count`` cgroups of one name under each of ``parents``, made ahead by a daemon
-    thread. ``name`` makes a fresh cgroup name (the controllers' own). Thread-safe."""
+    thread. ``name`` makes a fresh cgroup name (the controllers' own). Thread-safe.
+
+    :meth:`close` removes those still spare; every instance is closed when the interpreter
+    exits, so only a killed process leaves spares (for the next start's sweep)."""
 
     def __init__(self, parents: Iterable[Path], name: Callable[[], str], count: int = 2) -> None:
         #: One directory per hierarchy (co-mounted controllers share a parent).
@@ -32,7 +36,10 @@ class SpareCgroups:
         self._count = count
         self._ready: collections.deque[str] = collections.deque()
         self._making: str | None = None
+        self._closed = False
         self._wanted = threading.Condition()
+        with _ALL_LOCK:
+            _ALL.append(self)
         threading.Thread(target=self._keep_ready, name="cgroup-spares", daemon=True).start()
 
     def take(self) -> str | None:
@@ -53,25 +60,65 @@ class SpareCgroups:
         with self._wanted:
             return {*self._ready, *([self._making] if self._making else [])}
 
+    def close(self) -> None:
+        """Make no more, and remove those not taken. Idempotent."""
+        with self._wanted:
+            self._closed = True
+            spare = list(self._ready)
+            self._ready.clear()
+            self._wanted.notify()
+        for name in spare:
+            self._remove(name)
+
     def _keep_ready(self) -> None:
         while True:
             with self._wanted:
-                while len(self._ready) >= self._count:
+                while len(self._ready) >= self._count and not self._closed:
                     self._wanted.wait()
+                if self._closed:
+                    return
                 name = self._making = self._name()
-            made: list[Path] = []
             try:
                 for parent in self.parents:
                     (parent / name).mkdir()
-                    made.append(parent / name)
             except OSError as e:
                 # The actions make their own, and say why if they cannot either.
                 log.warning("no spare cgroups will be made ahead: %s", e)
-                for path in made:
-                    path.rmdir()
+                self._remove(name)
                 with self._wanted:
                     self._making = None
                 return
             with self._wanted:
-                self._ready.append(name)
                 self._making = None
+                if not self._closed:
+                    self._ready.append(name)
+                    continue
+            self._remove(name)  # closed while it was being made
+
+    def _remove(self, name: str) -> None:
+        for parent in self.parents:
+            try:
+                (parent / name).rmdir()
+            except FileNotFoundError:
+                pass
+            except OSError as e:
+                log.warning("leaving spare cgroup %s: %s", parent / name, e)
+
+
+_ALL: list[SpareCgroups] = []
+_ALL_LOCK = threading.Lock()
+
+
+def held_in_this_process() -> set[str]:
+    """The names of every spare cgroup this process holds now (for checks of leftovers)."""
+    with _ALL_LOCK:
+        instances = list(_ALL)
+    return {name for spares in instances for name in spares.held()}
+
+
+@atexit.register
+def _close_all() -> None:
+    with _ALL_LOCK:
+        instances = list(_ALL)
+    for spares in instances:
+        spares.close()

@@ -357,6 +357,10 @@ class CgroupV2Controller(ResourceController):
         sweep_dead_action_cgroups([parent], remove_dir=remove_dir)
         return cls(parent, frozenset(wanted), remove_dir, spares)
 
+    def close(self) -> None:
+        if self.spares is not None:
+            self.spares.close()
+
     def confine(self, limits: ResourceLimits) -> Confinement:
         spare = self.spares.take() if self.spares else None
         path = self.parent / (spare or _action_name())
@@ -508,6 +512,10 @@ class CgroupV1Controller(ResourceController):
             raise SandboxSetupError(f"no usable cgroup v1 hierarchy: {detail}")
         sweep_dead_action_cgroups(parents.values(), remove_dir=remove_dir)
         return cls(parents, remove_dir, spares)
+
+    def close(self) -> None:
+        if self.spares is not None:
+            self.spares.close()
 
     def confine(self, limits: ResourceLimits) -> Confinement:
         spare = self.spares.take() if self.spares else None

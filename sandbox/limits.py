@@ -129,6 +129,10 @@ class ResourceController(abc.ABC):
     kind: str
     enforces: frozenset[str]
 
+    def close(self) -> None:
+        """Release what the controller holds ahead of actions (spare cgroups). Idempotent;
+        confinements already handed out are not affected."""
+
     @abc.abstractmethod
     def confine(self, limits: ResourceLimits) -> Confinement:
         """Create the confinement for one action; raises SandboxSetupError if it cannot."""

@@ -70,3 +70,16 @@ def test_v2_actions_use_a_spare(tmp_path):
     with controller.confine(ResourceLimits(max_pids=3)) as confinement:
         assert confinement.path == ready  # type: ignore[attr-defined]
         assert (ready / "pids.max").read_text() == "5"
+
+
+def test_closing_removes_the_spares_and_makes_no_more(tmp_path):
+    parent = tmp_path / "pids"
+    parent.mkdir()
+    names = (f"spare-{n}" for n in itertools.count())
+    spares = SpareCgroups([parent], lambda: next(names), count=3)
+    until(lambda: spares.ready() == 3)
+    taken = spares.take()
+    spares.close()
+    time.sleep(0.05)
+    assert [d.name for d in parent.iterdir()] == [taken]  # the one taken is its taker's
+    assert spares.take() is None and spares.held() == set()
