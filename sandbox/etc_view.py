@@ -49,7 +49,6 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import ctypes
 import itertools
 import logging
 import os
@@ -57,7 +56,9 @@ import stat
 import threading
 from collections.abc import Iterator
 
-from reapi_worker.host.mountinfo import read_mountinfo
+from reapi_worker.host.mounts import (
+    MS_BIND, MS_NODEV, MS_NOEXEC, MS_NOSUID, MS_PRIVATE, MS_RDONLY, MS_REC, MS_REMOUNT, detach_all_under, mount,
+)
 from reapi_worker.host.owner_locks import become_owner, lock_if_dead
 
 from .errors import SandboxSetupError
@@ -70,12 +71,6 @@ DEFAULT_BASE = "/run/reapi-worker/etc-views"
 #: The tmpfs source name a sandbox sees in its mountinfo for /etc.
 TMPFS_SOURCE = "reapi-etc"
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.mount.argtypes = (ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p)
-_libc.umount2.argtypes = (ctypes.c_char_p, ctypes.c_int)
-MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT = 1, 2, 4, 8, 32
-MS_BIND, MS_REC, MS_PRIVATE = 4096, 16384, 1 << 18
-MNT_DETACH = 2
 _OWNERS = ".owners"
 _swept: set[str] = set()
 _shared: dict[tuple[str, tuple[str, ...], str], "EtcView"] = {}
@@ -107,8 +102,8 @@ class EtcView:
         self.path = os.path.join(base, token)
         try:
             os.mkdir(self.path, 0o711)
-            _mount(self.path, self.path, None, MS_BIND)
-            _mount(None, self.path, None, MS_PRIVATE)
+            mount(self.path, self.path, None, MS_BIND)
+            mount(None, self.path, None, MS_PRIVATE)
         except OSError as e:
             self._closed = True
             if _detach_all_under(self.path) and _remove_dirs(self.path):
@@ -165,7 +160,7 @@ class EtcView:
         path = os.path.join(self.path, str(next(self._generations)))
         try:
             os.mkdir(path, 0o755)
-            _mount(TMPFS_SOURCE, path, "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, "mode=0755,size=64k,nr_inodes=4096")
+            mount(TMPFS_SOURCE, path, "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, "mode=0755,size=64k,nr_inodes=4096")
         except OSError as e:
             _remove_dirs(path)
             raise SandboxSetupError(f"cannot make the sandbox's /etc view {path}: {e}") from e
@@ -173,7 +168,7 @@ class EtcView:
             for entry in entries:
                 _add(entry, self._etc, path)
             # The tmpfs itself: nothing can be added to it any more.
-            _mount(None, path, None, MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC)
+            mount(None, path, None, MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC)
         except BaseException as e:
             if _detach_all_under(path):
                 _remove_dirs(path)
@@ -218,8 +213,8 @@ def _add(entry: EtcEntry, etc: str, view: str) -> None:
             os.mkdir(target, 0o755)
         else:
             os.close(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644))
-        _mount(f"/proc/self/fd/{fd}", target, None, MS_BIND | MS_REC)
-        _mount(None, target, None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV)
+        mount(f"/proc/self/fd/{fd}", target, None, MS_BIND | MS_REC)
+        mount(None, target, None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV)
     finally:
         os.close(fd)
 
@@ -264,26 +259,15 @@ def sweep_dead_views(base: str) -> list[str]:
     return swept
 
 
-def _mount(source: str | None, target: str, fstype: str | None, flags: int, data: str | None = None) -> None:
-    encoded = [None if v is None else os.fsencode(v) for v in (source, target, fstype, data)]
-    if _libc.mount(encoded[0], encoded[1], encoded[2], flags, encoded[3]) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err), target)
-
-
 def _detach_all_under(path: str) -> bool:
-    """Lazily unmount every mount at or below ``path``, top ones first (a detach takes the
-    mounts below it along). Whether none is left; errors are logged, and what is left the
-    next sweep finds."""
-    for _ in range(64):
-        points = [e.mount_point for e in read_mountinfo() if e.mount_point == path or e.mount_point.startswith(path + "/")]
-        if not points:
-            return True
-        top = min(points, key=len)
-        if _libc.umount2(os.fsencode(top), MNT_DETACH) != 0:
-            log.error("cannot unmount %s: %s", top, os.strerror(ctypes.get_errno()))
-            return False
-    return False
+    """Lazily unmount every mount at or below ``path``. Whether none is left; an error is
+    logged, and what is left the next sweep finds."""
+    try:
+        detach_all_under(path)
+        return True
+    except OSError as e:
+        log.error("cannot unmount %s: %s", e.filename, e.strerror)
+        return False
 
 
 def _remove_dirs(path: str) -> bool:

@@ -1,34 +1,28 @@
 """Mounts made and removed with the kernel's own calls: each action's overlayfs and bounded
 tmpfs, and the clean-up of mounts that a killed worker left behind.
 
-Why ``mount(2)``/``umount2(2)`` through ctypes rather than ``mount(8)``: an overlay mount
-and unmount cost ~0.2 ms together, a fork+exec of ``mount`` ~2 ms each, and a failure is
-an errno translated here, once, instead of text on stderr. Needs root (CAP_SYS_ADMIN in the
-worker's mount namespace), like the FUSE mount itself.
+The calls themselves are :mod:`reapi_worker.host.mounts`' (``mount(2)``/``umount2(2)``
+through ctypes: an overlay mount and unmount cost ~0.2 ms together, a fork+exec of
+``mount`` ~2 ms each); here their OSError becomes the worker's Internal, once. Needs root
+(CAP_SYS_ADMIN in the worker's mount namespace), like the FUSE mount itself.
 
 Every function here is thread-safe (the kernel serialises mount-table changes).
 """
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import logging
 import os
 from collections.abc import Iterable, Sequence
 
-from reapi_worker.host.mountinfo import MOUNTINFO, read_mountinfo
+from reapi_worker.host import mounts as host_mounts
+from reapi_worker.host.mountinfo import MOUNTINFO
 from reapi_worker.protos.errors import Internal, InvalidArgument
 
 log = logging.getLogger(__name__)
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.mount.argtypes = (ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p)
-_libc.umount2.argtypes = (ctypes.c_char_p, ctypes.c_int)
-
-MNT_DETACH = 2
-MS_NOSUID = 2
-MS_NODEV = 4
+MS_NOSUID, MS_NODEV = host_mounts.MS_NOSUID, host_mounts.MS_NODEV
 
 # Characters that would change the meaning of an overlayfs option string: "," separates
 # options, ":" separates lower layers, "\\" escapes either.
@@ -71,14 +65,17 @@ def mount_overlay(lower: str | Sequence[str], upper: str, work: str, target: str
     try:
         for path in [*lowers, upper, work]:
             fds.append(os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC))
+    except OSError as error:
+        for fd in fds:
+            os.close(fd)
+        raise Internal(f"mounting an overlay at {target}: opening a layer: {error}") from None
+    try:
         named = [f"/proc/self/fd/{fd}" for fd in fds]
         lower = ":".join(named[: len(lowers)])
         options = f"lowerdir={lower},upperdir={named[-2]},workdir={named[-1]},{OVERLAY_OPTIONS}"
-        if _libc.mount(b"overlay", os.fsencode(target), b"overlay", MS_NOSUID | MS_NODEV, options.encode()) != 0:
-            err = ctypes.get_errno()
-            raise Internal(f"mounting an overlay at {target} (lower {':'.join(lowers)}): {os.strerror(err)}")
+        host_mounts.mount("overlay", target, "overlay", MS_NOSUID | MS_NODEV, options)
     except OSError as error:
-        raise Internal(f"mounting an overlay at {target}: opening a layer: {error}") from None
+        raise Internal(f"mounting an overlay at {target} (lower {':'.join(lowers)}): {error.strerror}") from None
     finally:
         for fd in fds:
             os.close(fd)
@@ -88,27 +85,25 @@ def mount_tmpfs(target: str, size_bytes: int, mode: int = 0o755) -> None:
     """Mount a tmpfs of at most ``size_bytes`` (rounded up to pages) at ``target``; its
     pages are RAM (or swap), charged to the memory cgroup of whoever writes them.
     ``nosuid,nodev``, as overlays. Raises Internal."""
-    options = f"size={size_bytes},mode={mode:o}"
-    if _libc.mount(b"tmpfs", os.fsencode(target), b"tmpfs", MS_NOSUID | MS_NODEV, options.encode()) != 0:
-        err = ctypes.get_errno()
-        raise Internal(f"mounting a {size_bytes}-byte tmpfs at {target}: {os.strerror(err)}")
+    try:
+        host_mounts.mount("tmpfs", target, "tmpfs", MS_NOSUID | MS_NODEV, f"size={size_bytes},mode={mode:o}")
+    except OSError as e:
+        raise Internal(f"mounting a {size_bytes}-byte tmpfs at {target}: {e.strerror}") from e
 
 
 def unmount(target: str) -> bool:
     """Unmount ``target``; if it is busy, detach it (the kernel finishes once the last user
     is gone). Returns False if nothing was mounted there. Raises Internal otherwise."""
-    path = os.fsencode(target)
-    if _libc.umount2(path, 0) == 0:
-        return True
-    err = ctypes.get_errno()
-    if err == errno.EBUSY:
-        log.warning("%s is busy; detaching it", target)
-        if _libc.umount2(path, MNT_DETACH) == 0:
-            return True
-        err = ctypes.get_errno()
-    if err in (errno.EINVAL, errno.ENOENT):  # not a mount point (any more)
-        return False
-    raise Internal(f"unmounting {target}: {os.strerror(err)}")
+    try:
+        try:
+            return host_mounts.unmount(target)
+        except OSError as e:
+            if e.errno != errno.EBUSY:
+                raise
+            log.warning("%s is busy; detaching it", target)
+            return host_mounts.detach(target)
+    except OSError as e:
+        raise Internal(f"unmounting {target}: {e.strerror}") from e
 
 
 def untouched_in_overlay(upper: str, parts: Sequence[str]) -> bool:
@@ -140,34 +135,22 @@ def unmount_before_removal(points: Iterable[str], build_dir: str) -> bool:
 def detach(target: str) -> bool:
     """Lazily unmount ``target`` (``umount2(MNT_DETACH)``), which never waits for a file
     system daemon, dead or alive. Returns False if nothing was mounted there."""
-    if _libc.umount2(os.fsencode(target), MNT_DETACH) == 0:
-        return True
-    err = ctypes.get_errno()
-    if err in (errno.EINVAL, errno.ENOENT):
-        return False
-    raise Internal(f"detaching {target}: {os.strerror(err)}")
+    try:
+        return host_mounts.detach(target)
+    except OSError as e:
+        raise Internal(f"detaching {target}: {e.strerror}") from e
 
 
 def mounts_under(path: str, mountinfo: str = MOUNTINFO) -> list[str]:
-    """Mount points at or below ``path`` in this process's mount namespace, deepest first
-    (the order to unmount them in)."""
-    top = os.path.abspath(path).rstrip("/") or "/"
-    found = [
-        entry.mount_point for entry in read_mountinfo(mountinfo)
-        if entry.mount_point == top or entry.mount_point.startswith(top + "/")
-    ]
-    # Deepest first; for one path mounted several times, the later (upper) one first.
-    order = {point: i for i, point in enumerate(found)}
-    return sorted(set(found), key=lambda p: (-p.count("/"), -order[p]))
+    """Mount points at or below ``path``, deepest first (:func:`reapi_worker.host.mounts.mounts_under`)."""
+    return host_mounts.mounts_under(path, mountinfo)
 
 
 def detach_all_under(path: str) -> list[str]:
     """Lazily unmount every mount at or below ``path`` (stale mounts of a worker that died
     without cleaning up: its overlays and its FUSE mount, whose daemon is gone). Returns
     what was unmounted. Raises Internal if one cannot be."""
-    done = []
-    for point in mounts_under(path):
-        # A path mounted twice shows up once: repeat until nothing is mounted there.
-        while detach(point):
-            done.append(point)
-    return done
+    try:
+        return host_mounts.detach_all_under(path)
+    except OSError as e:
+        raise Internal(f"detaching {e.filename}: {e.strerror}") from e
