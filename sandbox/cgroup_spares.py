@@ -1,10 +1,12 @@
 """Action cgroups made ahead of their actions, off the actions' path.
 
 Making an action's cgroups — one ``mkdir`` per hierarchy, which the kernel answers by
-setting up every controller's state — cost 0.3–0.4 ms of each sandbox start here (v1,
-three hierarchies). :class:`SpareCgroups` keeps a few made by a thread of its own; an action
-takes one, writes its limits and goes. When none is ready (a burst of actions, or making
-them fails) the controller makes its own as before, so a spare is only ever a saving.
+setting up every controller's state — and writing its limits cost ~0.4 ms of each sandbox
+start here (v1, three hierarchies; 0.24 ms of it the memory limit alone). :class:`SpareCgroups`
+keeps a few made by a thread of its own, each *prepared* by the controller with the limits
+the last action had (a farm's actions mostly share one set of bounds); an action whose
+limits match takes one and goes. When none is ready or its limits differ, the controller
+makes its own as before, so a spare is only ever a saving.
 
 Spares are named like any action's cgroup (``<worker pid>-<n>``), so those a dead worker
 left are removed by the next start's sweep (:mod:`.cgroup_sweep`), used or not.
@@ -15,6 +17,7 @@ from __future__ import annotations
 import atexit
 import collections
 import logging
+import os
 import threading
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -24,17 +27,25 @@ log = logging.getLogger(__name__)
 
 class SpareCgroups:
     """``count`` cgroups of one name under each of ``parents``, made ahead by a daemon
-    thread. ``name`` makes a fresh cgroup name (the controllers' own). Thread-safe.
+    thread. ``name`` makes a fresh cgroup name (the controllers' own); ``prepare(name)``,
+    called once each is made, readies it and returns what it did (the limits it wrote),
+    handed out with it; ``remove_dir`` removes one (tests on fake trees pass their own).
+    Thread-safe.
 
     :meth:`close` removes those still spare; every instance is closed when the interpreter
     exits, so only a killed process leaves spares (for the next start's sweep)."""
 
-    def __init__(self, parents: Iterable[Path], name: Callable[[], str], count: int = 2) -> None:
+    def __init__(
+        self, parents: Iterable[Path], name: Callable[[], str], count: int = 2,
+        prepare: Callable[[str], object] = lambda _: None, remove_dir: Callable[[Path], None] = os.rmdir,
+    ) -> None:
         #: One directory per hierarchy (co-mounted controllers share a parent).
         self.parents = tuple(dict.fromkeys(parents))
         self._name = name
         self._count = count
-        self._ready: collections.deque[str] = collections.deque()
+        self._prepare = prepare
+        self._remove_dir = remove_dir
+        self._ready: collections.deque[tuple[str, object]] = collections.deque()
         self._making: str | None = None
         self._closed = False
         self._wanted = threading.Condition()
@@ -42,9 +53,9 @@ class SpareCgroups:
             _ALL.append(self)
         threading.Thread(target=self._keep_ready, name="cgroup-spares", daemon=True).start()
 
-    def take(self) -> str | None:
-        """The name of a cgroup that exists under every parent, now the caller's; ``None``
-        if none is ready."""
+    def take(self) -> tuple[str, object] | None:
+        """The name of a cgroup that exists under every parent, now the caller's, and what
+        ``prepare`` returned for it; ``None`` if none is ready."""
         with self._wanted:
             name = self._ready.popleft() if self._ready else None
             self._wanted.notify()
@@ -58,17 +69,17 @@ class SpareCgroups:
     def held(self) -> set[str]:
         """The names of the cgroups it holds now: ready, or being made."""
         with self._wanted:
-            return {*self._ready, *([self._making] if self._making else [])}
+            return {*(name for name, _ in self._ready), *([self._making] if self._making else [])}
 
     def close(self) -> None:
         """Make no more, and remove those not taken. Idempotent."""
         with self._wanted:
             self._closed = True
-            spare = list(self._ready)
+            spare = [name for name, _ in self._ready]
             self._ready.clear()
             self._wanted.notify()
         for name in spare:
-            self._remove(name)
+            self.remove(name)
 
     def _keep_ready(self) -> None:
         while True:
@@ -81,24 +92,26 @@ class SpareCgroups:
             try:
                 for parent in self.parents:
                     (parent / name).mkdir()
+                prepared = self._prepare(name)
             except OSError as e:
                 # The actions make their own, and say why if they cannot either.
                 log.warning("no spare cgroups will be made ahead: %s", e)
-                self._remove(name)
+                self.remove(name)
                 with self._wanted:
                     self._making = None
                 return
             with self._wanted:
                 self._making = None
                 if not self._closed:
-                    self._ready.append(name)
+                    self._ready.append((name, prepared))
                     continue
-            self._remove(name)  # closed while it was being made
+            self.remove(name)  # closed while it was being made
 
-    def _remove(self, name: str) -> None:
+    def remove(self, name: str) -> None:
+        """Remove the spare ``name`` (taken, and not wanted after all) under every parent."""
         for parent in self.parents:
             try:
-                (parent / name).rmdir()
+                self._remove_dir(parent / name)
             except FileNotFoundError:
                 pass
             except OSError as e:

@@ -311,8 +311,9 @@ class CgroupV2Controller(ResourceController):
         self.parent = parent
         self.enforces = frozenset(controllers & {"memory", "pids", "cpu"})
         self._remove_dir = remove_dir
+        self._last: _Bounds | None = None  # the cgroup bounds of the latest action
         #: cgroups made ahead of the actions, or ``None``
-        self.spares = SpareCgroups([parent], _action_name, spares) if spares else None
+        self.spares = SpareCgroups([parent], _action_name, spares, self._prepare, remove_dir) if spares else None
 
     @classmethod
     def from_self(
@@ -362,30 +363,40 @@ class CgroupV2Controller(ResourceController):
             self.spares.close()
 
     def confine(self, limits: ResourceLimits) -> Confinement:
-        spare = self.spares.take() if self.spares else None
-        path = self.parent / (spare or _action_name())
+        bounds = self._last = _Bounds.of(limits)
+        spare = _usable_spare(self.spares, bounds)
+        path = self.parent / (spare[0] if spare else _action_name())
         try:
             if spare is None:
                 path.mkdir()
         except OSError as e:
             raise SandboxSetupError(f"cannot create cgroup {path}: {e}") from e
         confinement = CgroupV2Confinement(path, self._remove_dir, limits.open_files)
-        try:
-            if limits.memory_bytes is not None and "memory" in self.enforces:
-                _write(path / "memory.max", str(limits.memory_bytes))
-                try:
-                    _write(path / "memory.swap.max", "0")
-                except OSError:
-                    pass  # no swap accounting: nothing to escape to
-            if limits.max_pids is not None and "pids" in self.enforces:
-                _write(path / "pids.max", str(limits.max_pids + SANDBOX_OWN_TASKS))
-            if limits.cpu_cores is not None and "cpu" in self.enforces:
-                quota = max(1000, round(limits.cpu_cores * CPU_PERIOD_US))
-                _write(path / "cpu.max", f"{quota} {CPU_PERIOD_US}")
-        except OSError as e:
-            confinement.close()
-            raise SandboxSetupError(f"cannot set limits on cgroup {path}: {e}") from e
+        if spare is None or not spare[1]:
+            try:
+                self._write_limits(path, bounds)
+            except OSError as e:
+                confinement.close()
+                raise SandboxSetupError(f"cannot set limits on cgroup {path}: {e}") from e
         return confinement
+
+    def _prepare(self, name: str) -> "_Bounds | None":
+        if self._last is not None:
+            self._write_limits(self.parent / name, self._last)
+        return self._last
+
+    def _write_limits(self, path: Path, bounds: "_Bounds") -> None:
+        if bounds.memory_bytes is not None and "memory" in self.enforces:
+            _write(path / "memory.max", str(bounds.memory_bytes))
+            try:
+                _write(path / "memory.swap.max", "0")
+            except OSError:
+                pass  # no swap accounting: nothing to escape to
+        if bounds.max_pids is not None and "pids" in self.enforces:
+            _write(path / "pids.max", str(bounds.max_pids + SANDBOX_OWN_TASKS))
+        if bounds.cpu_cores is not None and "cpu" in self.enforces:
+            quota = max(1000, round(bounds.cpu_cores * CPU_PERIOD_US))
+            _write(path / "cpu.max", f"{quota} {CPU_PERIOD_US}")
 
 
 # --- v1 ------------------------------------------------------------------------------------
@@ -475,8 +486,9 @@ class CgroupV1Controller(ResourceController):
         self.enforces = frozenset(self.parents) & {"memory", "pids", "cpu"}
         self._remove_dir = remove_dir
         always = [parent for controller, parent in self.parents.items() if controller in self.ALWAYS]
+        self._last: _Bounds | None = None  # the cgroup bounds of the latest action
         #: cgroups made ahead of the actions, or ``None``
-        self.spares = SpareCgroups(always, _action_name, spares) if spares and always else None
+        self.spares = SpareCgroups(always, _action_name, spares, self._prepare, remove_dir) if spares and always else None
 
     @classmethod
     def from_self(
@@ -518,10 +530,26 @@ class CgroupV1Controller(ResourceController):
             self.spares.close()
 
     def confine(self, limits: ResourceLimits) -> Confinement:
-        spare = self.spares.take() if self.spares else None
-        made_ahead = set(self.spares.parents) if spare is not None and self.spares else set()
-        name = spare or _action_name()
-        wanted = [c for c in self.parents if c in self.ALWAYS or (c == "cpu" and limits.cpu_cores is not None)]
+        bounds = self._last = _Bounds.of(limits)
+        spare = _usable_spare(self.spares, bounds)
+        name = spare[0] if spare else _action_name()
+        try:
+            dirs = self._dirs(name, bounds, made_ahead=set(self.spares_parents) if spare else set())
+        except OSError as e:
+            raise SandboxSetupError(f"cannot create cgroup {name}: {e}") from e
+        confinement = CgroupV1Confinement(dirs, self._remove_dir, limits.open_files)
+        if spare is None or not spare[1]:
+            try:
+                self._write_limits(dirs, bounds)
+            except OSError as e:
+                confinement.close()
+                raise SandboxSetupError(f"cannot set limits on cgroup {name}: {e}") from e
+        return confinement
+
+    def _dirs(self, name: str, bounds: "_Bounds", made_ahead: set[Path]) -> dict[str, Path]:
+        """controller -> the action's directory, made where not ``made_ahead``; on a failure
+        what was made is removed and OSError raised."""
+        wanted = [c for c in self.parents if c in self.ALWAYS or (c == "cpu" and bounds.cpu_cores is not None)]
         dirs: dict[str, Path] = {}
         by_parent: dict[Path, Path] = {}  # co-mounted controllers share one directory
         try:
@@ -533,24 +561,62 @@ class CgroupV1Controller(ResourceController):
                         path.mkdir()
                     by_parent[parent] = path
                 dirs[controller] = by_parent[parent]
-        except OSError as e:
+        except OSError:
             CgroupV1Confinement(dirs, self._remove_dir).close()
-            raise SandboxSetupError(f"cannot create cgroup {name}: {e}") from e
-        confinement = CgroupV1Confinement(dirs, self._remove_dir, limits.open_files)
-        try:
-            if limits.memory_bytes is not None and "memory" in dirs:
-                _write(dirs["memory"] / "memory.limit_in_bytes", str(limits.memory_bytes))
-                try:
-                    # Must follow limit_in_bytes (memsw >= limit); absent without swap accounting.
-                    _write(dirs["memory"] / "memory.memsw.limit_in_bytes", str(limits.memory_bytes))
-                except OSError:
-                    pass
-            if limits.max_pids is not None and "pids" in dirs:
-                _write(dirs["pids"] / "pids.max", str(limits.max_pids + SANDBOX_OWN_TASKS))
-            if limits.cpu_cores is not None and "cpu" in dirs:
-                _write(dirs["cpu"] / "cpu.cfs_period_us", str(CPU_PERIOD_US))
-                _write(dirs["cpu"] / "cpu.cfs_quota_us", str(max(1000, round(limits.cpu_cores * CPU_PERIOD_US))))
-        except OSError as e:
-            confinement.close()
-            raise SandboxSetupError(f"cannot set limits on cgroup {name}: {e}") from e
-        return confinement
+            raise
+        return dirs
+
+    def _prepare(self, name: str) -> "_Bounds | None":
+        bounds = self._last
+        if bounds is None or (bounds.cpu_cores is not None and self.parents.get("cpu") not in self.spares_parents):
+            return None  # a cpu directory the spare lacks: the action makes its own
+        self._write_limits(self._dirs(name, bounds, made_ahead=set(self.spares_parents)), bounds)
+        return bounds
+
+    @property
+    def spares_parents(self) -> tuple[Path, ...]:
+        spares = getattr(self, "spares", None)  # the spares' thread may ask before __init__ is done
+        return spares.parents if spares else ()
+
+    def _write_limits(self, dirs: Mapping[str, Path], bounds: "_Bounds") -> None:
+        if bounds.memory_bytes is not None and "memory" in dirs:
+            _write(dirs["memory"] / "memory.limit_in_bytes", str(bounds.memory_bytes))
+            try:
+                # Must follow limit_in_bytes (memsw >= limit); absent without swap accounting.
+                _write(dirs["memory"] / "memory.memsw.limit_in_bytes", str(bounds.memory_bytes))
+            except OSError:
+                pass
+        if bounds.max_pids is not None and "pids" in dirs:
+            _write(dirs["pids"] / "pids.max", str(bounds.max_pids + SANDBOX_OWN_TASKS))
+        if bounds.cpu_cores is not None and "cpu" in dirs:
+            _write(dirs["cpu"] / "cpu.cfs_period_us", str(CPU_PERIOD_US))
+            _write(dirs["cpu"] / "cpu.cfs_quota_us", str(max(1000, round(bounds.cpu_cores * CPU_PERIOD_US))))
+
+
+@dataclass(frozen=True)
+class _Bounds:
+    """What of an action's limits its cgroups enforce: a spare prepared with equal bounds is
+    ready to use as it is."""
+
+    memory_bytes: int | None
+    max_pids: int | None
+    cpu_cores: float | None
+
+    @classmethod
+    def of(cls, limits: ResourceLimits) -> "_Bounds":
+        return cls(limits.memory_bytes, limits.max_pids, limits.cpu_cores)
+
+
+def _usable_spare(spares: SpareCgroups | None, bounds: _Bounds) -> tuple[str, bool] | None:
+    """A spare for an action with ``bounds``: its name and whether its limits are written
+    already (prepared for exactly these), or ``None``. One prepared for other bounds is
+    removed: rewriting limits in place has ordering traps (memsw >= limit) and would leave
+    a limit the action does not ask for."""
+    taken = spares.take() if spares else None
+    if taken is None or spares is None:
+        return None
+    name, prepared = taken
+    if prepared is None or prepared == bounds:
+        return name, prepared is not None
+    spares.remove(name)
+    return None

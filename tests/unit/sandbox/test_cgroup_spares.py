@@ -24,14 +24,16 @@ def test_spares_exist_under_every_parent_and_are_made_again_once_taken(tmp_path)
     for p in parents:
         p.mkdir()
     names = (f"spare-{n}" for n in itertools.count())
-    spares = SpareCgroups([*parents, parents[0]], lambda: next(names), count=2)
+    spares = SpareCgroups([*parents, parents[0]], lambda: next(names), count=2, remove_dir=shutil.rmtree)
     assert spares.parents == tuple(parents)  # one directory per hierarchy
     until(lambda: spares.ready() == 2)
-    taken = spares.take()
-    assert taken is not None and all((p / taken).is_dir() for p in parents)
+    first = spares.take()
+    assert first is not None
+    taken, prepared = first
+    assert prepared is None and all((p / taken).is_dir() for p in parents)
     until(lambda: spares.ready() == 2)  # made again
     assert len(list(parents[1].iterdir())) == 3  # the one taken, and two ready
-    assert spares.take() != taken
+    assert spares.take() != first
 
 
 def test_when_they_cannot_be_made_nothing_is_ready_and_nothing_is_left_half_made(tmp_path):
@@ -76,10 +78,35 @@ def test_closing_removes_the_spares_and_makes_no_more(tmp_path):
     parent = tmp_path / "pids"
     parent.mkdir()
     names = (f"spare-{n}" for n in itertools.count())
-    spares = SpareCgroups([parent], lambda: next(names), count=3)
+    spares = SpareCgroups([parent], lambda: next(names), count=3, remove_dir=shutil.rmtree)
     until(lambda: spares.ready() == 3)
-    taken = spares.take()
+    taken = spares.take()[0]  # type: ignore[index]
     spares.close()
     time.sleep(0.05)
     assert [d.name for d in parent.iterdir()] == [taken]  # the one taken is its taker's
     assert spares.take() is None and spares.held() == set()
+
+
+def test_a_spare_is_prepared_with_the_last_actions_bounds_and_used_only_for_equal_ones(tmp_path):
+    parents = {c: tmp_path / c / "reapi-worker" for c in ("memory", "pids", "cpuacct")}
+    for p in parents.values():
+        p.mkdir(parents=True)
+    controller = CgroupV1Controller(parents, remove_dir=shutil.rmtree, spares=1)
+    assert controller.spares is not None
+    bounds = ResourceLimits(memory_bytes=1 << 20, max_pids=3)
+    until(lambda: controller.spares.ready() == 1)
+    with controller.confine(bounds):
+        pass  # the first action: no bounds known yet, its spare gets its limits written now
+    until(lambda: controller.spares.ready() == 1)
+    (prepared,) = controller.spares.held()
+    assert (parents["memory"] / prepared / "memory.limit_in_bytes").read_text() == str(1 << 20)
+    assert (parents["pids"] / prepared / "pids.max").read_text() == "5"
+    with controller.confine(ResourceLimits(memory_bytes=1 << 20, max_pids=3, open_files=9)) as same:
+        assert same.dirs["memory"].name == prepared  # type: ignore[attr-defined]
+    until(lambda: controller.spares.ready() == 1)
+    (unfit,) = controller.spares.held()
+    with controller.confine(ResourceLimits(max_pids=7)) as other:
+        dirs = other.dirs  # type: ignore[attr-defined]
+        assert dirs["pids"].name != unfit and not (parents["pids"] / unfit).exists()  # removed, not reused
+        assert (dirs["pids"] / "pids.max").read_text() == "9"
+        assert not (dirs["memory"] / "memory.limit_in_bytes").exists()  # no limit it did not ask for
