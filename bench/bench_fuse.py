@@ -79,9 +79,7 @@ def main() -> None:
         CasDirectory.from_digest(cache, root).export_files(os.path.join(work, f"src-{files}"))
     try:
         for backend in args.backends.split(","):
-            # "kernel-read": the kernel backend without passthrough (as under two stacked overlays).
-            mount = FuseMount(os.path.join(work, "fuse"), backend=backend.partition("-")[0],
-                              stacked_overlays=2 if backend == "kernel-read" else 1).open()
+            mount = FuseMount(os.path.join(work, "fuse"), **VARIANTS[backend]).open()  # type: ignore[arg-type]
             try:
                 print(f"  backend {backend}: {mount.backend_in_use} serves", file=sys.stderr, flush=True)
                 os.makedirs(os.path.join(work, backend), mode=0o755)  # a build root per backend
@@ -107,6 +105,16 @@ def main() -> None:
 
 
 FLOOR = "floor: cp -al + bwrap"
+#: What each ``--backends`` name mounts (FuseMount's arguments).
+VARIANTS = {
+    "pyfuse3": {"backend": "pyfuse3"},
+    "kernel": {"backend": "kernel"},  # the page-cache mode, pushing listed files
+    "kernel-nopush": {"backend": "kernel", "push": False},
+    "kernel-lookup": {"backend": "kernel", "push_on_lookup": True},  # also pushes looked-up files
+    "kernel-passthrough": {"backend": "kernel-passthrough"},
+    # passthrough's fallback: READ per file (as with two overlays stacked on the mount)
+    "kernel-read": {"backend": "kernel-passthrough", "stacked_overlays": 2},
+}
 OPCODE_NAMES = {getattr(protocol, name): name for name in (
     "LOOKUP", "FORGET", "GETATTR", "READLINK", "OPEN", "READ", "STATFS", "RELEASE", "GETXATTR", "LISTXATTR",
     "FLUSH", "OPENDIR", "READDIR", "RELEASEDIR", "INTERRUPT", "BATCH_FORGET", "READDIRPLUS", "ACCESS", "STATX")}
@@ -131,7 +139,7 @@ def count_pyfuse3_requests(counts: dict[str, int]) -> None:
 
 def served(mount: FuseMount, pyfuse3_counts: dict[str, int]) -> dict[str, int]:
     """Requests the mount's daemon answered so far, by name."""
-    if mount.backend_in_use == "kernel":  # also kernel-read
+    if (mount.backend_in_use or "").startswith("kernel"):
         return {OPCODE_NAMES.get(op, str(op)): n for op, n in mount.request_counts().items()}
     return {name.upper(): n for name, n in pyfuse3_counts.items()}
 

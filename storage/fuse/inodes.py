@@ -80,6 +80,7 @@ class ActionRoot:
     failure: ReapiError | None = None
     inodes: list[int] = field(default_factory=list)
     missing: set[Digest] = field(default_factory=set)
+    pushed_bytes: int = 0  # offered to the page cache by the kernel backend (kernel_push.py)
 
     def fail(self, error: ReapiError) -> None:
         if isinstance(error, MissingBlobs):
@@ -116,7 +117,24 @@ class FileInode:
     uid: int
     gid: int
     nlookup: int = 0
-    roots: "weakref.WeakSet[ActionRoot]" = field(default_factory=weakref.WeakSet)
+    # The roots that looked it up, weakly (a WeakSet per inode cost ~2 µs of each listed
+    # file's ~5: see live_roots).
+    roots: "list[weakref.ref[ActionRoot]]" = field(default_factory=list)
+    offered: bool = False  # pushed to the kernel's page cache, or read: never pushed (again)
+
+    def add_root(self, root: ActionRoot) -> None:
+        ref = weakref.ref(root)  # CPython hands out the same ref while one lives
+        roots = self.roots
+        if roots and roots[-1] is ref:
+            return
+        if ref not in roots:
+            if len(roots) >= 8:
+                roots[:] = [alive for alive in roots if alive() is not None]
+            roots.append(ref)
+
+    def live_roots(self) -> list[ActionRoot]:
+        """The roots that looked it up and are still registered somewhere."""
+        return [root for root in (ref() for ref in self.roots) if root is not None]
 
 
 def file_links(inode: object) -> int:
@@ -239,6 +257,11 @@ class InodeTable:
         self._opened.setdefault(file.store, set()).add(file.digest)
         return handle
 
+    def note_read(self, file: FileInode) -> None:
+        """Record a read of ``file`` that no open announced (the page-cache mode, where the
+        kernel sends no OPEN: a READ, or a push of it to the page cache)."""
+        self._opened.setdefault(file.store, set()).add(file.digest)
+
     def take_opened(self, store: LocalContent) -> set[Digest]:
         """The blobs of ``store`` opened since the last call (to record their use in the
         cache's LRU, which reads through FUSE do not)."""
@@ -270,5 +293,5 @@ class InodeTable:
             self._files[key] = inode
             self._inodes[inode.ino] = inode
         inode.nlookup += 1
-        inode.roots.add(root)
+        inode.add_root(root)
         return inode

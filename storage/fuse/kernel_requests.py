@@ -38,6 +38,7 @@ from ..directory.cas import CasDirectory
 from . import protocol as fuse
 from .blobs import fetch_and_open, is_local, open_local
 from .inodes import ROOT_INODE, ActionRoot, DirInode, FileInode, Inode, InodeTable, LinkInode, NotLoaded, file_links
+from .kernel_prefetch import Prefetcher
 from .kernel_session import KernelSession
 from .open_files import QuotaExceeded, opener_of
 from .operations import CACHE_SECONDS, INPUT_MTIME_NS
@@ -71,8 +72,14 @@ class KernelRequests:
     """Answers the requests of ``session`` from ``table`` (module docstring). ``uid``/``gid``
     own the files, as in :class:`~.operations.InputFileSystem`."""
 
-    def __init__(self, table: InodeTable, uid: int, gid: int, session: KernelSession) -> None:
+    def __init__(self, table: InodeTable, uid: int, gid: int, session: KernelSession, *, page_cache: bool = False,
+                 prefetcher: Prefetcher | None = None, push_on_lookup: bool = False) -> None:
         self.table = table
+        # The page-cache mode (module docstring): OPEN and OPENDIR answer ENOSYS once, and
+        # the kernel sends neither again; ``prefetcher`` (that mode only) works ahead.
+        self._page_cache = page_cache
+        self.prefetcher = prefetcher if page_cache else None
+        self._push_on_lookup = push_on_lookup
         self._uid = uid
         self._gid = gid
         self._session = session
@@ -180,6 +187,12 @@ class KernelRequests:
             if parent == ROOT_INODE:
                 raise FuseError(errno.ENOENT)  # roots come and go: never cache a miss
             return _NEGATIVE_ENTRY  # inode 0: the kernel caches the miss
+        if self._push_on_lookup and self.prefetcher is not None and type(inode) is FileInode:
+            with self.table.lock:
+                directory = self.table.get(parent)
+                if type(directory) is DirInode:
+                    self.table.note_read(inode)
+                    self.prefetcher.offer_files(directory.root, [inode])
         return self._entry(inode)
 
     def _forget(self, unique: int, ino: int, pid: int, body: memoryview) -> None:
@@ -206,6 +219,8 @@ class KernelRequests:
         return link.target
 
     def _opendir(self, unique: int, ino: int, pid: int, body: memoryview) -> Any:
+        if self._page_cache:
+            raise FuseError(errno.ENOSYS)  # no OPENDIR/RELEASEDIR from now on
         with self.table.lock:
             directory = self._known(ino)
         if directory is not None and type(directory) is not DirInode:
@@ -216,39 +231,64 @@ class KernelRequests:
         # The handle is the inode; the listing never changes, so the kernel may keep it.
         return fuse.OPEN_OUT.pack(ino, fuse.FOPEN_KEEP_CACHE | fuse.FOPEN_CACHE_DIR, 0)
 
-    def _readdir(self, unique: int, ino: int, pid: int, body: memoryview) -> bytes:
-        return self._list(body, plus=False)
-
-    def _readdirplus(self, unique: int, ino: int, pid: int, body: memoryview) -> bytes:
-        return self._list(body, plus=True)
-
-    def _list(self, body: memoryview, plus: bool) -> bytes:
+    def _readdir(self, unique: int, ino: int, pid: int, body: memoryview) -> Any:
         fh, offset, size = fuse.READ_IN.unpack_from(body)
-        if fh == ROOT_INODE:
+        return self._list(unique, fh or ino, offset, size, plus=False)
+
+    def _readdirplus(self, unique: int, ino: int, pid: int, body: memoryview) -> Any:
+        fh, offset, size = fuse.READ_IN.unpack_from(body)
+        return self._list(unique, fh or ino, offset, size, plus=True)
+
+    def _list(self, unique: int, ino: int, offset: int, size: int, plus: bool) -> Any:
+        """Entries of directory ``ino`` from ``offset``. With OPENDIR the handle is the
+        directory's inode; without (the page-cache mode) it is 0 and the request's node id
+        says which directory, and one not loaded yet is loaded here (no OPENDIR did it).
+        In that mode the listed files are offered to the pusher (kernel_push.py)."""
+        if ino == ROOT_INODE:
             return b""  # the roots are not listed: each action knows only its own by name
         head = fuse.DIRENT_HEAD.size + (fuse.ENTRY_OUT_HEAD.size + fuse.ATTR.size if plus else 0)
         parts: list[bytes] = []
+        listed: list[FileInode] = []
+        subdirectories: list[CasDirectory] = []
         used = 0
         with self.table.lock:
-            directory = self._known(fh)
+            directory = self._known(ino)
             if type(directory) is not DirInode:
                 raise FuseError(errno.ENOTDIR)
-            names = self.table.names(directory)
-            for index in range(offset, len(names)):
-                name = os.fsencode(names[index])
-                step = fuse.dirent_size(head, len(name))
-                if used + step > size:
-                    break
-                inode = self.table.lookup(fh, names[index])  # counts a lookup of a file: sent below
-                assert inode is not None
-                kind = _DT_REG if type(inode) is FileInode else _DT_DIR if type(inode) is DirInode else _DT_LNK
-                if plus:
-                    parts.append(fuse.ENTRY_OUT_HEAD.pack(inode.ino, 0, _VALID, _VALID, 0, 0))
-                    parts.append(self._attr(inode, inode.ino))
-                parts.append(fuse.DIRENT_HEAD.pack(inode.ino, index + 1, len(name), kind))
-                parts.append(name)
-                parts.append(_PADDING[:(8 - len(name)) % 8])
-                used += step
+            try:
+                names = self.table.names(directory)
+            except NotLoaded as pending:
+                loading: NotLoaded | None = pending
+            else:
+                loading = None
+                for index in range(offset, len(names)):
+                    name = os.fsencode(names[index])
+                    step = fuse.dirent_size(head, len(name))
+                    if used + step > size:
+                        break
+                    inode = self.table.lookup(ino, names[index])  # counts a lookup of a file: sent below
+                    assert inode is not None
+                    kind = _DT_REG if type(inode) is FileInode else _DT_DIR if type(inode) is DirInode else _DT_LNK
+                    if plus:
+                        parts.append(fuse.ENTRY_OUT_HEAD.pack(inode.ino, 0, _VALID, _VALID, 0, 0))
+                        parts.append(self._attr(inode, inode.ino))
+                        if kind == _DT_REG:
+                            listed.append(inode)  # type: ignore[arg-type]
+                        elif kind == _DT_DIR:
+                            subdirectories.append(inode.node)  # type: ignore[union-attr]
+                    parts.append(fuse.DIRENT_HEAD.pack(inode.ino, index + 1, len(name), kind))
+                    parts.append(name)
+                    parts.append(_PADDING[:(8 - len(name)) % 8])
+                    used += step
+                if self.prefetcher is not None:
+                    if subdirectories:
+                        self.prefetcher.offer_directories(directory.root, subdirectories)
+                    if listed:
+                        for file in listed:
+                            self.table.note_read(file)  # the cache's LRU: pushed is as good as read
+                        self.prefetcher.offer_files(directory.root, listed)
+        if loading is not None:
+            return self._after_load(loading, unique, lambda: self._list(unique, ino, offset, size, plus))
         return b"".join(parts)
 
     def _releasedir(self, unique: int, ino: int, pid: int, body: memoryview) -> bytes:
@@ -266,6 +306,8 @@ class KernelRequests:
         flags, _ = fuse.OPEN_IN.unpack_from(body)
         if flags & _WRITE_FLAGS:
             raise FuseError(errno.EROFS)
+        if self._page_cache:
+            raise FuseError(errno.ENOSYS)  # no OPEN/RELEASE from now on (module docstring)
         # Who opens matters only for a quota (a /proc lookup per open otherwise).
         opener = opener_of(pid) if self.table.open_files.per_action is not None else None
         try:
@@ -311,18 +353,32 @@ class KernelRequests:
         except QuotaExceeded:
             raise FuseError(errno.EMFILE) from None
 
-    def _read(self, unique: int, ino: int, pid: int, body: memoryview) -> bytes:
+    def _read(self, unique: int, ino: int, pid: int, body: memoryview) -> Any:
         fh, offset, size = fuse.READ_IN.unpack_from(body)
+        if fh == 0 and self._page_cache:
+            return self._read_inode(unique, ino, offset, size)
         with self.table.lock:
             fd = self.table.descriptor(fh)
         if fd is None:
             raise FuseError(errno.EBADF)
-        try:
-            return os.pread(fd, min(size, fuse_read_limit), offset)
-        except OverflowError:
-            raise FuseError(errno.EINVAL) from None
-        except OSError as error:
-            raise FuseError(error.errno or errno.EIO) from None
+        return _pread(fd, offset, size)
+
+    def _read_inode(self, unique: int, ino: int, offset: int, size: int) -> Any:
+        """READ without OPEN (the page-cache mode): the blob is opened for this one read
+        and closed again, so the daemon holds no descriptor for what actions hold open
+        (and there is nothing for a quota of open files to count: see the module
+        docstring). A blob that is not local is fetched first, in a thread."""
+        with self.table.lock:
+            file = self._known(ino)
+            if type(file) is not FileInode:
+                raise FuseError(errno.EISDIR if type(file) is DirInode else errno.EINVAL)
+            file.offered = True  # in the page cache now: never push it
+            self.table.note_read(file)
+        fd = open_local(file.store, file.digest)
+        if fd is None:
+            self._in_thread(unique, lambda: _pread_closing(self._fetch(file), offset, size))
+            return _DEFERRED
+        return _pread_closing(fd, offset, size)
 
     def _release(self, unique: int, ino: int, pid: int, body: memoryview) -> bytes:
         (fh,) = fuse.RELEASE_IN.unpack_from(body)
@@ -395,7 +451,7 @@ class KernelRequests:
         except ReapiError as error:
             error.within(f"fetching input blob {file.digest} on first read")
             with self.table.lock:
-                for root in list(file.roots):
+                for root in file.live_roots():
                     root.fail(error)
             raise FuseError(errno.EIO) from None
         finally:
@@ -412,6 +468,22 @@ class KernelRequests:
 
 #: The most one READ answers (the kernel asks for at most max_pages pages).
 fuse_read_limit = 1 << 20
+
+
+def _pread(fd: int, offset: int, size: int) -> bytes:
+    try:
+        return os.pread(fd, min(size, fuse_read_limit), offset)
+    except OverflowError:
+        raise FuseError(errno.EINVAL) from None
+    except OSError as error:
+        raise FuseError(error.errno or errno.EIO) from None
+
+
+def _pread_closing(fd: int, offset: int, size: int) -> bytes:
+    try:
+        return _pread(fd, offset, size)
+    finally:
+        os.close(fd)
 
 
 def _name(body: memoryview) -> bytes:

@@ -55,6 +55,7 @@ from ..digests import Digest
 from ..directory.cas import CasDirectory
 from . import kernel_mounts
 from .inodes import ROOT_INODE, ActionRoot, InodeTable
+from .kernel_prefetch import Prefetcher
 from .kernel_requests import KernelRequests
 from .kernel_session import KernelSession
 from .operations import InputFileSystem
@@ -68,7 +69,7 @@ MOUNT_OPTIONS = frozenset({"default_permissions", "allow_other", "ro", "fsname=r
 #: Which code serves the mount: ``kernel`` speaks /dev/fuse itself with passthrough reads
 #: (:mod:`.kernel_session`), ``pyfuse3`` goes through libfuse; ``auto`` takes ``kernel``
 #: when a probe at mount time shows passthrough works, else ``pyfuse3``.
-BACKENDS = ("auto", "pyfuse3", "kernel")
+BACKENDS = ("auto", "pyfuse3", "kernel", "kernel-passthrough")
 
 _process_lock = threading.Lock()
 _process_mount: "FuseMount | None" = None  # pyfuse3 allows one session per process
@@ -99,10 +100,14 @@ class FuseMount:
         open_files_per_action: int | None = None,
         backend: str = "auto",
         stacked_overlays: int = 1,
+        push: bool = True,
+        push_on_lookup: bool = False,
     ) -> None:
         if backend not in BACKENDS:
             raise InvalidArgument(f"FUSE backend {backend!r} is none of {', '.join(BACKENDS)}")
         self.backend = backend
+        self._push = push
+        self._push_on_lookup = push_on_lookup
         self._stacked_overlays = stacked_overlays
         self.backend_in_use: str | None = None
         self._requests: KernelRequests | None = None
@@ -266,26 +271,25 @@ class FuseMount:
         """Serve through /dev/fuse directly; False (nothing mounted) if ``auto`` finds
         passthrough unavailable. The probe registers the directory's lock file as a backing
         file: on the build root's file system, like the cache usually is."""
-        kernel = KernelSession(self.mount_dir, max_stack_depth=2 - self._stacked_overlays)
+        passthrough = self.backend == "kernel-passthrough"
+        kernel = KernelSession(self.mount_dir, max_stack_depth=2 - self._stacked_overlays, passthrough=passthrough)
         try:
             kernel.mount(self._start_timeout, probe_fd=self._lock_fd)
         except Internal as error:
             kernel.close(self._stop_timeout)
-            if self.backend == "kernel":
+            if self.backend != "auto":
                 raise
             log.warning("the /dev/fuse backend did not start (%s); using pyfuse3", error)
             return False
-        if self.backend == "auto" and not kernel.passthrough:
-            kernel.close(self._stop_timeout)
-            log.info("FUSE passthrough is not available here; using pyfuse3")
-            return False
-        requests = self._requests = KernelRequests(self._table, self._uid, self._gid, kernel)
-        self.backend_in_use = "kernel"
+        prefetcher = Prefetcher(kernel) if self._push and not passthrough else None
+        requests = self._requests = KernelRequests(self._table, self._uid, self._gid, kernel, page_cache=not passthrough,
+                                                   prefetcher=prefetcher, push_on_lookup=self._push_on_lookup)
+        self.backend_in_use = self.backend if passthrough else "kernel"
         session = self._session = _Session(kernel)
         ready = threading.Event()
         ready.set()  # mounted and INIT answered already
         self._thread = threading.Thread(
-            target=self._serve, args=(session, ready, lambda: kernel.serve(requests.handle)), name="fuse", daemon=True)
+            target=self._serve, args=(session, ready, lambda: _serve_kernel(kernel, requests)), name="fuse", daemon=True)
         self._thread.start()
         threading.Thread(target=_invalidate_loop, args=(session,), name="fuse-invalidate", daemon=True).start()
         return True
@@ -399,6 +403,17 @@ def _invalidate_loop(session: _Session) -> None:
                     pyfuse3.invalidate_entry(ROOT_INODE, token.encode())
             except OSError:
                 pass  # ENOENT: the kernel never looked the root up
+
+
+def _serve_kernel(kernel: KernelSession, requests: KernelRequests) -> None:
+    prefetcher = requests.prefetcher
+    if prefetcher is not None:
+        prefetcher.start()
+    try:
+        kernel.serve(requests.handle)
+    finally:
+        if prefetcher is not None:
+            prefetcher.stop()
 
 
 def _terminate() -> None:

@@ -1,0 +1,191 @@
+"""``Prefetcher``: work done while the /dev/fuse backend's loop is idle, so that requests
+find it done — in the page-cache mode (:mod:`.kernel_requests`):
+
+* **Directories** listed (READDIRPLUS) are read and parsed from the local cache before
+  the action lists them in turn: that is ~60 µs of Python per Directory proto, which
+  otherwise sits inside the listing request, while the loop waits idle between requests.
+* **Small files** listed are pushed into the kernel's page cache (FUSE_NOTIFY_STORE)
+  before anything reads them. In the page-cache mode the kernel sends no OPEN or RELEASE
+  and a file's pages outlive its opens (its default for a connection without OPEN is
+  KEEP_CACHE), so the one request left per small file is its first READ; a file pushed
+  after its directory was listed (``find``, ``ls``, a build tool's walk) costs its reader
+  no request at all. Optionally files looked up too (``push_on_lookup``).
+
+The rules, and why:
+
+* **Only blobs and Directories already in the local cache**: a prefetch never fetches
+  from the remote (that would pin a missing blob's failure on an action that never read
+  it, and spend the network on guesses).
+* **Bounded**: a file is pushed only up to :data:`FILE_BYTES`; a root gets at most
+  :data:`ROOT_BYTES` (files pushed and Directories parsed) over its life; the queue holds
+  at most :data:`QUEUE_ITEMS` (offers past it are dropped). One listing reply names at
+  most a page's worth of entries (~25), so one READDIRPLUS offers ~25 × FILE_BYTES at
+  most. An action listing huge trees gets ROOT_BYTES prefetched, then plain requests; the
+  daemon's work stays bounded. Pushed pages are the kernel's page cache: reclaimable, and
+  dropped with the inode.
+* **Requests first**: an item is taken only while the loop has found /dev/fuse empty
+  (``session.idle``), and each one first checks (``poll``, no wait) that no request is
+  pending; an action never waits behind prefetching.
+* **A thread of its own**: a store waits on the page's lock, which a READ of the same
+  page holds until its reply arrives; pushed from the loop's thread, that reply would
+  never come.
+* **ENOENT is retried**: the kernel makes a listed entry's inode only when the listing
+  thread processes the reply, which may be after the first try: the file is tried again
+  after the others (a millisecond later if only retries are left), at most :data:`TRIES`
+  times, then left to its READ.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import select
+import threading
+import time
+from collections import deque
+from typing import Protocol
+
+from ..directory.cas import CasDirectory
+from .blobs import is_local
+from .inodes import ActionRoot, FileInode
+
+log = logging.getLogger(__name__)
+
+FILE_BYTES = 64 * 1024
+ROOT_BYTES = 256 * 1024 * 1024
+QUEUE_ITEMS = 16384
+TRIES = 4
+
+
+class _Session(Protocol):
+    fd: int
+    idle: threading.Event
+
+    def store(self, nodeid: int, data: bytes) -> int: ...
+
+
+class Prefetcher:
+    """Prefetches what is offered (module docstring): :meth:`start`, offers from the loop
+    (with the inode table's lock held), :meth:`stop` when the session ends."""
+
+    def __init__(self, session: _Session, root_bytes: int = ROOT_BYTES, queue_items: int = QUEUE_ITEMS) -> None:
+        self._session = session
+        self._root_bytes = root_bytes
+        self._queue_items = queue_items
+        self._directories: deque[tuple[CasDirectory, ActionRoot]] = deque()
+        self._files: deque[tuple[FileInode, int]] = deque()  # (file, tries so far)
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stopping = False
+        self.pushed = 0  # files stored so far (tests, benchmarks)
+        self.loaded = 0  # directories parsed so far
+        self.retried = 0  # ENOENT answers so far
+
+    def start(self) -> None:
+        threading.Thread(target=self._run, name="fuse-prefetch", daemon=True).start()
+
+    def stop(self) -> None:
+        self._stopping = True
+        self._wake.set()
+        self._session.idle.set()
+
+    def _take(self, root: ActionRoot, size: int) -> bool:
+        """Whether ``root``'s budget and the queue have room for ``size`` more bytes
+        (counted if so). Called with ``_lock`` held."""
+        if len(self._files) + len(self._directories) >= self._queue_items or root.pushed_bytes + size > self._root_bytes:
+            return False
+        root.pushed_bytes += size
+        return True
+
+    def offer_files(self, root: ActionRoot, files: list[FileInode]) -> None:
+        """Push ``files`` (just listed or looked up in ``root``) if they are small, not
+        pushed or read before, and within the bounds."""
+        taken = False
+        with self._lock:
+            for file in files:
+                size = file.digest.size_bytes
+                if file.offered or size == 0 or size > FILE_BYTES or not self._take(root, size):
+                    continue
+                file.offered = True
+                self._files.append((file, 0))
+                taken = True
+        if taken:
+            self._wake.set()
+
+    def offer_directories(self, root: ActionRoot, directories: list[CasDirectory]) -> None:
+        """Load ``directories`` (just listed in ``root``) if they are not loaded yet."""
+        taken = False
+        with self._lock:
+            for node in directories:
+                digest = node.digest()
+                if node.loaded_entries() is not None or not self._take(root, digest.size_bytes):
+                    continue
+                self._directories.append((node, root))
+                taken = True
+        if taken:
+            self._wake.set()
+
+    def _run(self) -> None:
+        poller = select.poll()
+        poller.register(self._session.fd, select.POLLIN)
+        idle = self._session.idle
+        while not self._stopping:
+            directory = file = None
+            with self._lock:
+                if self._directories:
+                    directory = self._directories.popleft()
+                elif self._files:
+                    file, tries = self._files.popleft()
+                    only_retries = tries > 0 and (not self._files or self._files[0][1] > 0)
+                else:
+                    self._wake.clear()
+            if directory is None and file is None:
+                self._wake.wait()
+                continue
+            while poller.poll(0) and not self._stopping:  # a request waits: the loop first
+                idle.clear()
+                idle.wait(0.01)
+            if directory is not None:
+                self._load(*directory)
+                continue
+            assert file is not None
+            if only_retries:
+                time.sleep(0.001)  # give the kernel time to make the inodes
+            outcome = self._push(file)
+            if outcome == errno.ENOENT and tries + 1 < TRIES:
+                self.retried += 1
+                with self._lock:
+                    self._files.append((file, tries + 1))
+            elif outcome in (errno.ENODEV, errno.EBADF):
+                return  # the connection is gone
+
+    def _load(self, node: CasDirectory, root: ActionRoot) -> None:
+        if node.loaded_entries() is not None or not is_local(root.store, node.digest()):
+            return
+        try:
+            node.entries()  # a racing load by the loop parses the same bytes: either result serves
+            self.loaded += 1
+        except Exception as error:  # noqa: BLE001 - the request that needs it reports it
+            log.debug("prefetching directory %s: %s", node.digest(), error)
+
+    def _push(self, file: FileInode) -> int:
+        size = file.digest.size_bytes
+        try:
+            fd = os.open(file.store.object_path(file.digest), os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return 0  # not local (or evicted meanwhile): its READ will fetch it
+        try:
+            data = os.pread(fd, size + 1, 0)  # a file being written or truncated: not pushed
+        except OSError:
+            return 0
+        finally:
+            os.close(fd)
+        if len(data) != size:
+            return 0
+        outcome = self._session.store(file.ino, data)
+        if outcome == 0:
+            self.pushed += 1
+        elif outcome != errno.ENOENT:
+            log.debug("pushing input inode %d: %s", file.ino, os.strerror(outcome))
+        return outcome
