@@ -9,7 +9,7 @@ find it done — in the page-cache mode (:mod:`.kernel_requests`):
   and a file's pages outlive its opens (its default for a connection without OPEN is
   KEEP_CACHE), so the one request left per small file is its first READ; a file pushed
   after its directory was listed (``find``, ``ls``, a build tool's walk) costs its reader
-  no request at all. Optionally files looked up too (``push_on_lookup``).
+  no request at all.
 
 The rules, and why:
 

@@ -3,10 +3,32 @@ and the same answers as :mod:`.operations` (pyfuse3), decoded and encoded by han
 
 What differs from the pyfuse3 backend, and why:
 
-* **OPEN with passthrough**: the blob's descriptor is registered with the kernel once
-  (a backing id, shared by every handle on the blob, closed with its descriptor: see
-  :mod:`.open_files`); reads and mmaps then go to the cache file without reaching this
-  daemon. If the kernel refuses (a cache on an overlay, say), that blob is served by READ.
+* **Two modes** (``page_cache``), because every synchronous round trip per file costs
+  more than the file (~85 µs on a 2-vCPU VM: each one wakes the other CPU):
+
+  - **the page-cache mode** (the default, ``kernel``): OPEN and OPENDIR answer ENOSYS,
+    which the kernel takes as "no open needed" for the whole connection
+    (FUSE_NO_OPEN_SUPPORT, FUSE_NO_OPENDIR_SUPPORT): it never sends OPEN, RELEASE,
+    OPENDIR or RELEASEDIR again, and opens files with KEEP_CACHE (fs/fuse/file.c,
+    "Default for no-open"), so a file's pages outlive its opens. Reads come as READ
+    by node id (the handle is 0), one per small file the first time only, answered
+    from a descriptor opened and closed for that READ: the daemon holds no descriptor
+    for what actions hold open, so the per-action quota of open files
+    (:mod:`.open_files`) has nothing to count in this mode. The :mod:`.kernel_prefetch`
+    thread pushes listed small files into the page cache before they are read, and
+    loads listed directories, so ``find . -type f -exec cat {} +`` over 10,000 new
+    files costs READDIRPLUS requests only (docs/measured.md: 3x the floor, against 9x
+    with passthrough). The price: a big input's first read goes through READ requests
+    (1 MiB at most each, MAX_PAGES): ~3x ``cat`` of the cache file, where passthrough
+    is ~1x; later reads, by any action, hit the page cache while the kernel keeps the
+    inode (file inodes are shared by blob, :mod:`.inodes`), which holds a second copy
+    of the bytes in memory (reclaimable).
+  - **passthrough** (``kernel-passthrough``): OPEN registers the blob's descriptor
+    with the kernel once (a backing id, shared by every handle on the blob, closed with
+    its descriptor: see :mod:`.open_files`); reads and mmaps then go to the cache file
+    without reaching this daemon. If the kernel refuses (a cache on an overlay, two
+    overlays stacked on the mount), that blob is served by READ. An OPEN and a RELEASE
+    per file, whatever its size.
 * **Synchronous**: a request is answered in the loop's thread when it can be from memory
   or the local cache; only a directory or blob that must come from the remote is handled
   in a thread of its own (with the same deadlines), which replies when done. There is no
@@ -73,13 +95,12 @@ class KernelRequests:
     own the files, as in :class:`~.operations.InputFileSystem`."""
 
     def __init__(self, table: InodeTable, uid: int, gid: int, session: KernelSession, *, page_cache: bool = False,
-                 prefetcher: Prefetcher | None = None, push_on_lookup: bool = False) -> None:
+                 prefetcher: Prefetcher | None = None) -> None:
         self.table = table
         # The page-cache mode (module docstring): OPEN and OPENDIR answer ENOSYS once, and
         # the kernel sends neither again; ``prefetcher`` (that mode only) works ahead.
         self._page_cache = page_cache
         self.prefetcher = prefetcher if page_cache else None
-        self._push_on_lookup = push_on_lookup
         self._uid = uid
         self._gid = gid
         self._session = session
@@ -187,12 +208,6 @@ class KernelRequests:
             if parent == ROOT_INODE:
                 raise FuseError(errno.ENOENT)  # roots come and go: never cache a miss
             return _NEGATIVE_ENTRY  # inode 0: the kernel caches the miss
-        if self._push_on_lookup and self.prefetcher is not None and type(inode) is FileInode:
-            with self.table.lock:
-                directory = self.table.get(parent)
-                if type(directory) is DirInode:
-                    self.table.note_read(inode)
-                    self.prefetcher.offer_files(directory.root, [inode])
         return self._entry(inode)
 
     def _forget(self, unique: int, ino: int, pid: int, body: memoryview) -> None:

@@ -3,11 +3,14 @@ libfuse — mounted with ``mount(2)``, INIT answered here, requests read in a lo
 
 Why not libfuse: passthrough (the kernel reads a file's bytes from a descriptor the
 daemon registered, ``FUSE_DEV_IOC_BACKING_OPEN``, without a READ request per call) needs
-libfuse >= 3.16, and pyfuse3 adds ~50 µs of wrapping to each request besides. The protocol
+libfuse >= 3.16, pyfuse3 adds ~50 µs of wrapping to each request besides, and neither
+offers pushing into the page cache from a thread of ours (the page-cache mode,
+:mod:`.kernel_requests`). The protocol
 a read-only file system needs is small (:mod:`.protocol`); the request handlers are in
 :mod:`.kernel_requests`.
 
-Stack depth: the mount is the lower layer of each action's overlayfs, which adds one to
+Stack depth (passthrough only; without it the mount has depth 0 like any FUSE mount):
+the mount is the lower layer of each action's overlayfs, which adds one to
 the depth of the file systems below it, and the kernel allows 2 in all
 (FILESYSTEM_MAX_STACK_DEPTH). The depth answered in INIT becomes this mount's own, so it
 must be 1 — and passthrough is impossible when two overlays are stacked on the mount
@@ -16,9 +19,10 @@ view, storage/bounded_staging.py). Backing files must
 then live on a file system of depth 0 (not an overlay), else BACKING_OPEN fails (ELOOP)
 and that blob is served by READ requests instead.
 
-Threads: :meth:`serve` runs the loop in the caller's thread; replies may be written from
-any thread (each is one ``write``, which the kernel takes whole). :meth:`stop` ends the
-loop from another thread through a pipe the loop polls when ``/dev/fuse`` is idle.
+Threads: :meth:`serve` runs the loop in the caller's thread; replies and notifications
+may be written from any thread (each is one ``write``, which the kernel takes whole).
+:meth:`stop` ends the loop from another thread through a pipe the loop polls when
+``/dev/fuse`` is idle; :attr:`idle` tells a prefetching thread when that is.
 """
 
 from __future__ import annotations

@@ -21,9 +21,11 @@ Lifecycle and who cleans up:
   directory; the kernel drops it when a worker dies, even by ``kill -9``), lazily unmounts
   whatever a dead worker left mounted there, mounts, and starts the FUSE thread, waiting
   at most ``start_timeout`` for it. What serves (``backend``, :data:`BACKENDS`): the
-  /dev/fuse protocol spoken here with passthrough reads (:mod:`.kernel_session`: OPEN and
-  RELEASE per file reach Python, reads do not), or trio + pyfuse3 (OPEN, READ, RELEASE
-  per file); ``auto`` probes passthrough at each mount (INIT and a BACKING_OPEN).
+  /dev/fuse protocol spoken here (:mod:`.kernel_session`) in its page-cache mode (no
+  OPEN or RELEASE at all, small listed files pushed into the page cache ahead of their
+  reads: :mod:`.kernel_requests`) or with passthrough (OPEN and RELEASE per file reach
+  Python, reads do not), or trio + pyfuse3 (OPEN, READ, RELEASE per file); ``auto`` is
+  the page-cache mode where the kernel speaks FUSE 7.31+, else pyfuse3.
 * :meth:`FuseMount.close` (the owner — the composition root — calls it) stops the thread
   and unmounts; idempotent.
 * If the FUSE thread dies (a pyfuse3 or kernel error, the connection aborted), it unmounts
@@ -66,9 +68,10 @@ log = logging.getLogger(__name__)
 #: the sandbox's uid is not the mounter's (allow_other), nothing is ever written (ro).
 MOUNT_OPTIONS = frozenset({"default_permissions", "allow_other", "ro", "fsname=reapi-worker-inputs", "subtype=reapi"})
 
-#: Which code serves the mount: ``kernel`` speaks /dev/fuse itself with passthrough reads
-#: (:mod:`.kernel_session`), ``pyfuse3`` goes through libfuse; ``auto`` takes ``kernel``
-#: when a probe at mount time shows passthrough works, else ``pyfuse3``.
+#: Which code serves the mount: ``kernel`` speaks /dev/fuse itself in its page-cache mode,
+#: ``kernel-passthrough`` the same protocol with an OPEN per file and passthrough reads
+#: (:mod:`.kernel_requests` says when each pays), ``pyfuse3`` goes through libfuse;
+#: ``auto`` takes ``kernel`` if it starts, else ``pyfuse3``.
 BACKENDS = ("auto", "pyfuse3", "kernel", "kernel-passthrough")
 
 _process_lock = threading.Lock()
@@ -84,9 +87,11 @@ class FuseMount:
     (EMFILE past it, see :mod:`.open_files`); ``None`` for no quota. ``backend``: one of
     :data:`BACKENDS`; :attr:`backend_in_use` says which one serves after :meth:`open`.
     ``stacked_overlays``: how many overlayfs are mounted on top of each root (1: the
-    stager's; 2 under a BoundedStager), since the kernel stacks at most two file systems
-    and passthrough makes this mount count as one: with 2, ``auto`` means pyfuse3 and
-    ``kernel`` serves without passthrough.
+    stager's; 2 with two stacked), since the kernel stacks at most two file systems and
+    passthrough makes this mount count as one: with 2, ``kernel-passthrough`` serves
+    without passthrough (a READ per read); the page-cache mode does not care.
+    ``prefetch``: whether the page-cache mode prefetches (:mod:`.kernel_prefetch`; off
+    only to measure what it brings).
     """
 
     def __init__(
@@ -100,14 +105,12 @@ class FuseMount:
         open_files_per_action: int | None = None,
         backend: str = "auto",
         stacked_overlays: int = 1,
-        push: bool = True,
-        push_on_lookup: bool = False,
+        prefetch: bool = True,
     ) -> None:
         if backend not in BACKENDS:
             raise InvalidArgument(f"FUSE backend {backend!r} is none of {', '.join(BACKENDS)}")
         self.backend = backend
-        self._push = push
-        self._push_on_lookup = push_on_lookup
+        self._prefetch = prefetch
         self._stacked_overlays = stacked_overlays
         self.backend_in_use: str | None = None
         self._requests: KernelRequests | None = None
@@ -268,9 +271,9 @@ class FuseMount:
         self._start_pyfuse3()
 
     def _start_kernel(self) -> bool:
-        """Serve through /dev/fuse directly; False (nothing mounted) if ``auto`` finds
-        passthrough unavailable. The probe registers the directory's lock file as a backing
-        file: on the build root's file system, like the cache usually is."""
+        """Serve through /dev/fuse directly; False (nothing mounted) if that fails under
+        ``auto``. For passthrough, the probe registers the directory's lock file as a
+        backing file: on the build root's file system, like the cache usually is."""
         passthrough = self.backend == "kernel-passthrough"
         kernel = KernelSession(self.mount_dir, max_stack_depth=2 - self._stacked_overlays, passthrough=passthrough)
         try:
@@ -281,10 +284,10 @@ class FuseMount:
                 raise
             log.warning("the /dev/fuse backend did not start (%s); using pyfuse3", error)
             return False
-        prefetcher = Prefetcher(kernel) if self._push and not passthrough else None
+        prefetcher = Prefetcher(kernel) if self._prefetch and not passthrough else None
         requests = self._requests = KernelRequests(self._table, self._uid, self._gid, kernel, page_cache=not passthrough,
-                                                   prefetcher=prefetcher, push_on_lookup=self._push_on_lookup)
-        self.backend_in_use = self.backend if passthrough else "kernel"
+                                                   prefetcher=prefetcher)
+        self.backend_in_use = "kernel-passthrough" if passthrough else "kernel"
         session = self._session = _Session(kernel)
         ready = threading.Event()
         ready.set()  # mounted and INIT answered already
