@@ -22,7 +22,8 @@ What differs from the pyfuse3 backend, and why:
     (1 MiB at most each, MAX_PAGES): ~3x ``cat`` of the cache file, where passthrough
     is ~1x; later reads, by any action, hit the page cache while the kernel keeps the
     inode (file inodes are shared by blob, :mod:`.inodes`), which holds a second copy
-    of the bytes in memory (reclaimable).
+    of the bytes in memory (reclaimable). Since reads may never reach the daemon, the
+    cache's LRU learns of a blob when a path to it is looked up or listed.
   - **passthrough** (``kernel-passthrough``): OPEN registers the blob's descriptor
     with the kernel once (a backing id, shared by every handle on the blob, closed with
     its descriptor: see :mod:`.open_files`); reads and mmaps then go to the cache file
@@ -198,6 +199,8 @@ class KernelRequests:
         try:
             with self.table.lock:
                 inode = self.table.lookup(parent, text)
+                if self._page_cache and type(inode) is FileInode:
+                    self.table.note_read(inode)  # its reads may never reach us: see the module docstring
         except NotLoaded as pending:
             return self._after_load(pending, unique, lambda: self._lookup_name(unique, parent, text))
         except KeyError:
@@ -295,12 +298,13 @@ class KernelRequests:
                     parts.append(name)
                     parts.append(_PADDING[:(8 - len(name)) % 8])
                     used += step
+                if self._page_cache:
+                    for file in listed:
+                        self.table.note_read(file)  # its reads may never reach us: see the module docstring
                 if self.prefetcher is not None:
                     if subdirectories:
                         self.prefetcher.offer_directories(directory.root, subdirectories)
                     if listed:
-                        for file in listed:
-                            self.table.note_read(file)  # the cache's LRU: pushed is as good as read
                         self.prefetcher.offer_files(directory.root, listed)
         if loading is not None:
             return self._after_load(loading, unique, lambda: self._list(unique, ino, offset, size, plus))
