@@ -158,7 +158,9 @@ class InodeTable:
         self._next = itertools.count(ROOT_INODE + 1)
         self._inodes: dict[int, Inode] = {}
         self._roots: dict[str, ActionRoot] = {}
-        self._files: dict[tuple[LocalContent, Digest, bool, int, int], FileInode] = {}
+        # Keyed by the digest's hash string, not the Digest: a str caches its hash, a
+        # dataclass recomputes it in Python on every lookup (one per listed file).
+        self._files: dict[tuple[LocalContent, str, int, bool, int, int], FileInode] = {}
         self.open_files = OpenFiles(open_files_per_action)
         self._opened: dict[LocalContent, set[Digest]] = {}  # blobs read since last taken
 
@@ -204,6 +206,11 @@ class InodeTable:
         entry = entries.get(name)
         if entry is None:
             return None
+        return self.child(directory, name, entry)
+
+    def child(self, directory: DirInode, name: str, entry: "FileEntry | LinkEntry | CasDirectory") -> Inode:
+        """The inode of ``entry``, found at ``name`` in the loaded ``directory`` (what
+        :meth:`lookup` does once it has the entry; a listing calls it per entry)."""
         if type(entry) is FileEntry:
             return self._file(entry, directory.root)
         ino = directory.children.get(name)
@@ -240,7 +247,8 @@ class InodeTable:
         inode.nlookup -= count
         if inode.nlookup <= 0:
             del self._inodes[ino]
-            del self._files[(inode.store, inode.digest, inode.executable, inode.uid, inode.gid)]
+            digest = inode.digest
+            del self._files[(inode.store, digest.hash, digest.size_bytes, inode.executable, inode.uid, inode.gid)]
 
     def share_handle(self, file: FileInode, opener: Opener) -> int | None:
         """A handle on ``file``'s blob if a descriptor of it is open, else None (open one and
@@ -258,9 +266,13 @@ class InodeTable:
         return handle
 
     def note_read(self, file: FileInode) -> None:
-        """Record a read of ``file`` that no open announced (the page-cache mode, where the
-        kernel sends no OPEN: a READ, or a push of it to the page cache)."""
+        """Record a use of ``file`` that no open announced (the page-cache mode, where the
+        kernel sends no OPEN: a lookup, a listing, a READ)."""
         self._opened.setdefault(file.store, set()).add(file.digest)
+
+    def note_reads(self, store: LocalContent, files: list[FileInode]) -> None:
+        """:meth:`note_read` for many files of ``store``."""
+        self._opened.setdefault(store, set()).update(file.digest for file in files)
 
     def take_opened(self, store: LocalContent) -> set[Digest]:
         """The blobs of ``store`` opened since the last call (to record their use in the
@@ -285,7 +297,8 @@ class InodeTable:
         self._opened.clear()
 
     def _file(self, entry: FileEntry, root: ActionRoot) -> FileInode:
-        key = (root.store, entry.digest, entry.executable, root.dir_uid, root.dir_gid)
+        digest = entry.digest
+        key = (root.store, digest.hash, digest.size_bytes, entry.executable, root.dir_uid, root.dir_gid)
         inode = self._files.get(key)
         if inode is None:
             inode = FileInode(next(self._next), root.store, entry.digest, entry.executable, root.fetch_timeout,

@@ -76,9 +76,11 @@ _VALID = int(CACHE_SECONDS)
 _ATTR_OUT_HEAD = fuse.ATTR_OUT_HEAD.pack(_VALID, 0, 0)
 _NEGATIVE_ENTRY = fuse.ENTRY_OUT_HEAD.pack(0, 0, _VALID, 0, 0, 0) + bytes(fuse.ATTR.size)
 _STATFS = fuse.KSTATFS.pack(0, 0, 0, 0, 0, 4096, 255, 4096, 0)
-_DEFERRED = object()
+_DEFERRED = object()  # the handler answers later, from a thread
 _DT_REG, _DT_DIR, _DT_LNK = stat.S_IFREG >> 12, stat.S_IFDIR >> 12, stat.S_IFLNK >> 12
-_PADDING = bytes(8)  # the handler answers later, from a thread
+_PADDING = bytes(8)
+_ENTRY_OUT_HEAD_PACK = fuse.ENTRY_OUT_HEAD.pack
+_DIRENT_HEAD_PACK = fuse.DIRENT_HEAD.pack
 
 
 class FuseError(Exception):
@@ -273,34 +275,35 @@ class KernelRequests:
             directory = self._known(ino)
             if type(directory) is not DirInode:
                 raise FuseError(errno.ENOTDIR)
-            try:
-                names = self.table.names(directory)
-            except NotLoaded as pending:
-                loading: NotLoaded | None = pending
+            entries = directory.node.loaded_entries()
+            if entries is None:
+                loading: NotLoaded | None = NotLoaded(directory.node, directory.root)
             else:
                 loading = None
+                names = self.table.names(directory)
+                child, attr, entry_head = self.table.child, self._attr, _ENTRY_OUT_HEAD_PACK  # per entry: no lookups
                 for index in range(offset, len(names)):
-                    name = os.fsencode(names[index])
-                    step = fuse.dirent_size(head, len(name))
+                    text = names[index]
+                    name = text.encode("utf-8", "surrogateescape")  # os.fsencode, without its Python frame
+                    step = (head + len(name) + 7) & ~7  # fuse.dirent_size
                     if used + step > size:
                         break
-                    inode = self.table.lookup(ino, names[index])  # counts a lookup of a file: sent below
-                    assert inode is not None
+                    inode = child(directory, text, entries[text])  # counts a lookup of a file: sent below
                     kind = _DT_REG if type(inode) is FileInode else _DT_DIR if type(inode) is DirInode else _DT_LNK
                     if plus:
-                        parts.append(fuse.ENTRY_OUT_HEAD.pack(inode.ino, 0, _VALID, _VALID, 0, 0))
-                        parts.append(self._attr(inode, inode.ino))
+                        parts.append(entry_head(inode.ino, 0, _VALID, _VALID, 0, 0))
+                        parts.append(attr(inode, inode.ino))
                         if kind == _DT_REG:
                             listed.append(inode)  # type: ignore[arg-type]
                         elif kind == _DT_DIR:
                             subdirectories.append(inode.node)  # type: ignore[union-attr]
-                    parts.append(fuse.DIRENT_HEAD.pack(inode.ino, index + 1, len(name), kind))
+                    parts.append(_DIRENT_HEAD_PACK(inode.ino, index + 1, len(name), kind))
                     parts.append(name)
                     parts.append(_PADDING[:(8 - len(name)) % 8])
                     used += step
-                if self._page_cache:
-                    for file in listed:
-                        self.table.note_read(file)  # its reads may never reach us: see the module docstring
+                if self._page_cache and listed:
+                    # Its reads may never reach us: see the module docstring.
+                    self.table.note_reads(directory.root.store, listed)
                 if self.prefetcher is not None:
                     if subdirectories:
                         self.prefetcher.offer_directories(directory.root, subdirectories)
