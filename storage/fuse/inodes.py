@@ -80,7 +80,8 @@ class ActionRoot:
     failure: ReapiError | None = None
     inodes: list[int] = field(default_factory=list)
     missing: set[Digest] = field(default_factory=set)
-    pushed_bytes: int = 0  # offered to the page cache by the kernel backend (kernel_push.py)
+    pushed_bytes: int = 0  # offered to the kernel backend's prefetcher (kernel_prefetch.py)
+    removed: bool = False  # no longer served (what is still queued for it is dropped)
 
     def fail(self, error: ReapiError) -> None:
         if isinstance(error, MissingBlobs):
@@ -177,6 +178,7 @@ class InodeTable:
         when the kernel forgets them."""
         root = self._roots.pop(token, None)
         if root is not None:
+            root.removed = True
             for ino in root.inodes:
                 self._inodes.pop(ino, None)
             root.inodes.clear()

@@ -1,9 +1,14 @@
 """``Prefetcher``: work done while the /dev/fuse backend's loop is idle, so that requests
 find it done — in the page-cache mode (:mod:`.kernel_requests`):
 
-* **Directories** listed (READDIRPLUS) are read and parsed from the local cache before
-  the action lists them in turn: that is ~60 µs of Python per Directory proto, which
-  otherwise sits inside the listing request, while the loop waits idle between requests.
+* **Directories** listed (READDIRPLUS), and their subdirectories, are read and parsed
+  from the local cache before the action lists them in turn: that is ~60 µs of Python
+  per Directory proto, which otherwise sits inside the listing request, while the loop
+  waits idle between requests. Two levels, because a walk goes depth first: the first
+  subdirectory of a listing is asked for at once, before a prefetch of it could be done,
+  but it was a grandchild of the listing before. A request for a directory the
+  prefetcher is parsing waits for that parse (:meth:`Prefetcher.wait_for`) rather than
+  doing it again beside it (they would share one CPU: the interpreter's lock).
 * **Small files** listed are pushed into the kernel's page cache (FUSE_NOTIFY_STORE)
   before anything reads them. In the page-cache mode the kernel sends no OPEN or RELEASE
   and a file's pages outlive its opens (its default for a connection without OPEN is
@@ -29,6 +34,7 @@ The rules, and why:
 * **A thread of its own**: a store waits on the page's lock, which a READ of the same
   page holds until its reply arrives; pushed from the loop's thread, that reply would
   never come.
+* **Only for live roots**: what is still queued for a root that is removed is dropped.
 * **ENOENT is retried**: the kernel makes a listed entry's inode only when the listing
   thread processes the reply, which may be after the first try: the file is tried again
   after the others (a millisecond later if only retries are left), at most :data:`TRIES`
@@ -73,11 +79,13 @@ class Prefetcher:
         self._session = session
         self._root_bytes = root_bytes
         self._queue_items = queue_items
-        self._directories: deque[tuple[CasDirectory, ActionRoot]] = deque()
-        self._files: deque[tuple[FileInode, int]] = deque()  # (file, tries so far)
+        self._directories: deque[tuple[CasDirectory, ActionRoot, bool]] = deque()  # (node, root, load its children)
+        self._files: deque[tuple[FileInode, ActionRoot, int]] = deque()  # (file, offered for, tries so far)
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stopping = False
+        self._parsing: CasDirectory | None = None  # the directory being loaded, if any
+        self._parsed = threading.Condition(self._lock)
         self.pushed = 0  # files stored so far (tests, benchmarks)
         self.loaded = 0  # directories parsed so far
         self.retried = 0  # ENOENT answers so far
@@ -108,38 +116,36 @@ class Prefetcher:
                 if file.offered or size == 0 or size > FILE_BYTES or not self._take(root, size):
                     continue
                 file.offered = True
-                self._files.append((file, 0))
+                self._files.append((file, root, 0))
                 taken = True
         if taken:
             self._wake.set()
 
-    def offer_directories(self, root: ActionRoot, directories: list[CasDirectory]) -> None:
-        """Load ``directories`` (just listed in ``root``) if they are not loaded yet."""
+    def offer_directories(self, root: ActionRoot, directories: list[CasDirectory], children: bool = True) -> None:
+        """Load ``directories`` (just listed in ``root``) if they are not loaded yet, and
+        then their subdirectories if ``children``."""
         taken = False
         with self._lock:
             for node in directories:
                 digest = node.digest()
                 if node.loaded_entries() is not None or not self._take(root, digest.size_bytes):
                     continue
-                self._directories.append((node, root))
+                self._directories.append((node, root, children))
                 taken = True
         if taken:
             self._wake.set()
+
+    def wait_for(self, node: CasDirectory, timeout: float = 5.0) -> None:
+        """Return when ``node`` is not being loaded by the prefetcher (at once if not)."""
+        with self._lock:
+            self._parsed.wait_for(lambda: self._parsing is not node, timeout)
 
     def _run(self) -> None:
         poller = select.poll()
         poller.register(self._session.fd, select.POLLIN)
         idle = self._session.idle
         while not self._stopping:
-            directory = file = None
-            with self._lock:
-                if self._directories:
-                    directory = self._directories.popleft()
-                elif self._files:
-                    file, tries = self._files.popleft()
-                    only_retries = tries > 0 and (not self._files or self._files[0][1] > 0)
-                else:
-                    self._wake.clear()
+            directory, file, only_retries = self._next()
             if directory is None and file is None:
                 self._wake.wait()
                 continue
@@ -147,27 +153,54 @@ class Prefetcher:
                 idle.clear()
                 idle.wait(0.01)
             if directory is not None:
-                self._load(*directory)
+                try:
+                    self._load(*directory)
+                finally:
+                    with self._lock:
+                        self._parsing = None
+                        self._parsed.notify_all()
                 continue
             assert file is not None
             if only_retries:
                 time.sleep(0.001)  # give the kernel time to make the inodes
-            outcome = self._push(file)
-            if outcome == errno.ENOENT and tries + 1 < TRIES:
+            outcome = self._push(file[0])
+            if outcome == errno.ENOENT and file[2] + 1 < TRIES:
                 self.retried += 1
                 with self._lock:
-                    self._files.append((file, tries + 1))
+                    self._files.append((file[0], file[1], file[2] + 1))
             elif outcome in (errno.ENODEV, errno.EBADF):
                 return  # the connection is gone
 
-    def _load(self, node: CasDirectory, root: ActionRoot) -> None:
+    def _next(self) -> tuple[tuple[CasDirectory, ActionRoot, bool] | None, tuple[FileInode, ActionRoot, int] | None,
+                             bool]:
+        """The next directory or file to prefetch for a live root (directories first), and
+        whether only files to retry are left; clears ``_wake`` when there is nothing."""
+        with self._lock:
+            while self._directories:
+                directory = self._directories.popleft()
+                if not directory[1].removed:
+                    self._parsing = directory[0]
+                    return directory, None, False
+            while self._files:
+                file = self._files.popleft()
+                if not file[1].removed:
+                    return None, file, file[2] > 0 and (not self._files or self._files[0][2] > 0)
+            self._wake.clear()
+            return None, None, False
+
+    def _load(self, node: CasDirectory, root: ActionRoot, children: bool) -> None:
         if node.loaded_entries() is not None or not is_local(root.store, node.digest()):
             return
         try:
-            node.entries()  # a racing load by the loop parses the same bytes: either result serves
-            self.loaded += 1
+            entries = node.entries()  # a racing load by the loop parses the same bytes: either serves
         except Exception as error:  # noqa: BLE001 - the request that needs it reports it
             log.debug("prefetching directory %s: %s", node.digest(), error)
+            return
+        self.loaded += 1
+        if children:
+            subdirectories = [entry for entry in entries.values() if isinstance(entry, CasDirectory)]
+            if subdirectories:
+                self.offer_directories(root, subdirectories, children=False)
 
     def _push(self, file: FileInode) -> int:
         size = file.digest.size_bytes

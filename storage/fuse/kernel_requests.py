@@ -413,6 +413,10 @@ class KernelRequests:
     def _after_load(self, pending: NotLoaded, unique: int, retry: Callable[[], Any]) -> Any:
         """Load ``pending``'s directory, then answer with ``retry()``: inline if it is in
         the local cache (a file read), else in a thread with the root's deadline."""
+        if self.prefetcher is not None:
+            self.prefetcher.wait_for(pending.node)  # parsing it already: not twice at once
+            if pending.node.loaded_entries() is not None:
+                return retry()
         if is_local(pending.root.store, pending.node.digest()):
             try:
                 pending.node.entries()

@@ -143,11 +143,56 @@ def test_an_inode_the_kernel_does_not_know_yet_is_retried_then_left_to_its_read(
     assert never.ino not in rig.session.stored and rig.session.enoent[never.ino] == kernel_prefetch.TRIES
 
 
-def test_listed_directories_are_loaded_if_local_never_fetched(rig):
-    child = re_pb2.Directory(files=[re_pb2.FileNode(name="f", digest=rig.cache.write(b"f").to_proto())])
-    local = CasDirectory.from_digest(rig.cache, rig.cache.write(serialize(child)))
+def directory(rig: Rig, files: dict[str, bytes] = {}, subdirectories: dict[str, CasDirectory] = {}) -> CasDirectory:
+    proto = re_pb2.Directory(
+        files=[re_pb2.FileNode(name=name, digest=rig.cache.write(data).to_proto()) for name, data in files.items()],
+        directories=[re_pb2.DirectoryNode(name=name, digest=node.digest().to_proto())
+                     for name, node in subdirectories.items()])
+    return CasDirectory.from_digest(rig.cache, rig.cache.write(serialize(proto)))
+
+
+def test_listed_directories_and_their_subdirectories_are_loaded_if_local_never_fetched(rig):
+    grandchild = directory(rig, {"g": b"g"})
+    child = directory(rig, {"c": b"c"}, {"grand": grandchild})
+    local = directory(rig, {"f": b"f"}, {"child": child})
+    local = CasDirectory.from_digest(rig.cache, local.digest())  # nothing loaded below it yet
     remote_only = CasDirectory.from_digest(rig.cache, Digest.of_bytes(b"a Directory only the remote has"))
     rig.prefetcher.offer_directories(rig.root, [remote_only, local])
     assert settled(lambda: local.loaded_entries() is not None)
+    loaded_child = local.loaded_entries()["child"]  # type: ignore[index]
+    assert settled(lambda: loaded_child.loaded_entries() is not None)  # type: ignore[union-attr]
     assert settled(lambda: not rig.prefetcher._directories)
-    assert remote_only.loaded_entries() is None and rig.prefetcher.loaded == 1
+    assert loaded_child.loaded_entries()["grand"].loaded_entries() is None  # type: ignore[union-attr]  # two levels
+    assert remote_only.loaded_entries() is None and rig.prefetcher.loaded == 2
+
+
+def test_a_request_for_a_directory_being_parsed_waits_for_that_parse(rig, monkeypatch):
+    node = directory(rig, {"f": b"f"})
+    parsing, release = threading.Event(), threading.Event()
+    real_entries = CasDirectory.entries
+
+    def slow_entries(self):  # type: ignore[no-untyped-def]
+        parsing.set()
+        assert release.wait(10)
+        return real_entries(self)
+
+    monkeypatch.setattr(CasDirectory, "entries", slow_entries)
+    rig.prefetcher.offer_directories(rig.root, [node])
+    assert parsing.wait(10)
+    waited = threading.Thread(target=rig.prefetcher.wait_for, args=(node,))
+    waited.start()
+    waited.join(0.1)
+    assert waited.is_alive()  # still parsing
+    release.set()
+    waited.join(10)
+    assert not waited.is_alive() and node.loaded_entries() is not None
+
+
+def test_what_is_queued_for_a_removed_root_is_dropped(rig):
+    os.write(rig.session.requests_w, b"r")  # hold the queue
+    files = [rig.file(b"file %d" % i) for i in range(5)]
+    rig.prefetcher.offer_files(rig.root, files)
+    rig.root.removed = True
+    os.read(rig.session.fd, 1)
+    assert settled(lambda: not rig.prefetcher._files)
+    assert rig.prefetcher.pushed <= 1  # at most the one taken before the removal

@@ -63,6 +63,9 @@ class FakePrefetcher:
     def offer_directories(self, root, directories) -> None:  # type: ignore[no-untyped-def]
         self.directories += directories
 
+    def wait_for(self, node) -> None:  # type: ignore[no-untyped-def]
+        pass  # never parsing anything
+
 
 class Rig:
     def __init__(self, tmp_path, passthrough: bool = True, per_action: int | None = None,  # type: ignore[no-untyped-def]
