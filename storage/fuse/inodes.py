@@ -121,7 +121,8 @@ class FileInode:
     # The roots that looked it up, weakly (a WeakSet per inode cost ~2 µs of each listed
     # file's ~5: see live_roots).
     roots: "list[weakref.ref[ActionRoot]]" = field(default_factory=list)
-    offered: bool = False  # pushed to the kernel's page cache, or read: never pushed (again)
+    offered: bool = False  # queued to be pushed into the kernel's page cache: not again
+    read: bool = False  # a READ put it into the kernel's page cache: a push is not needed
 
     def add_root(self, root: ActionRoot) -> None:
         ref = weakref.ref(root)  # CPython hands out the same ref while one lives

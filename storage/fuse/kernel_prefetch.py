@@ -34,7 +34,8 @@ The rules, and why:
 * **A thread of its own**: a store waits on the page's lock, which a READ of the same
   page holds until its reply arrives; pushed from the loop's thread, that reply would
   never come.
-* **Only for live roots**: what is still queued for a root that is removed is dropped.
+* **Only what is still needed**: what is queued for a root that is removed, or for a
+  file a READ brought into the page cache meanwhile (the reader overtook us), is dropped.
 * **ENOENT is retried**: the kernel makes a listed entry's inode only when the listing
   thread processes the reply, which may be after the first try: the file is tried again
   after the others (a millisecond later if only retries are left), at most :data:`TRIES`
@@ -183,7 +184,7 @@ class Prefetcher:
                     return directory, None, False
             while self._files:
                 file = self._files.popleft()
-                if not file[1].removed:
+                if not file[1].removed and not file[0].read:  # read: the reader overtook us
                     return None, file, file[2] > 0 and (not self._files or self._files[0][2] > 0)
             self._wake.clear()
             return None, None, False

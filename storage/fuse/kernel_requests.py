@@ -263,7 +263,7 @@ class KernelRequests:
         """Entries of directory ``ino`` from ``offset``. With OPENDIR the handle is the
         directory's inode; without (the page-cache mode) it is 0 and the request's node id
         says which directory, and one not loaded yet is loaded here (no OPENDIR did it).
-        In that mode the listed files are offered to the pusher (kernel_push.py)."""
+        In that mode the listed files are offered to the prefetcher (kernel_prefetch.py)."""
         if ino == ROOT_INODE:
             return b""  # the roots are not listed: each action knows only its own by name
         head = fuse.DIRENT_HEAD.size + (fuse.ENTRY_OUT_HEAD.size + fuse.ATTR.size if plus else 0)
@@ -394,7 +394,7 @@ class KernelRequests:
             file = self._known(ino)
             if type(file) is not FileInode:
                 raise FuseError(errno.EISDIR if type(file) is DirInode else errno.EINVAL)
-            file.offered = True  # in the page cache now: never push it
+            file.offered = file.read = True  # in the page cache now: never push it
             self.table.note_read(file)
         fd = open_local(file.store, file.digest)
         if fd is None:

@@ -196,3 +196,13 @@ def test_what_is_queued_for_a_removed_root_is_dropped(rig):
     os.read(rig.session.fd, 1)
     assert settled(lambda: not rig.prefetcher._files)
     assert rig.prefetcher.pushed <= 1  # at most the one taken before the removal
+
+
+def test_a_file_read_before_its_push_is_not_pushed(rig):
+    os.write(rig.session.requests_w, b"r")  # hold the queue
+    overtaken, other = rig.file(b"read first"), rig.file(b"not read")
+    rig.prefetcher.offer_files(rig.root, [rig.file(b"maybe taken already"), overtaken, other])
+    overtaken.read = True  # a READ served it meanwhile
+    os.read(rig.session.fd, 1)
+    assert settled(lambda: other.ino in rig.session.stored)
+    assert overtaken.ino not in rig.session.stored
