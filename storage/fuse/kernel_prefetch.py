@@ -22,12 +22,13 @@ The rules, and why:
   from the remote (that would pin a missing blob's failure on an action that never read
   it, and spend the network on guesses).
 * **Bounded**: a file is pushed only up to :data:`FILE_BYTES`; a root gets at most
-  :data:`ROOT_BYTES` (files pushed and Directories parsed) over its life; the queue holds
-  at most :data:`QUEUE_ITEMS` (offers past it are dropped). One listing reply names at
-  most a page's worth of entries (~25), so one READDIRPLUS offers ~25 × FILE_BYTES at
-  most. An action listing huge trees gets ROOT_BYTES prefetched, then plain requests; the
-  daemon's work stays bounded. Pushed pages are the kernel's page cache: reclaimable, and
-  dropped with the inode.
+  :data:`ROOT_BYTES` (the pages of the files pushed — a 100-byte file takes a 4 KiB
+  page — and the bytes of the Directories parsed) over its life; the queue holds at most
+  :data:`QUEUE_ITEMS` (offers past it are dropped). One listing reply names at most a
+  page's worth of entries (~25), so one READDIRPLUS offers ~25 × FILE_BYTES at most. An
+  action listing huge trees gets ROOT_BYTES prefetched, then plain requests; the daemon's
+  work stays bounded. Pushed pages are the kernel's page cache (charged to the worker's
+  memory cgroup, not the action's): reclaimable, and dropped with the inode.
 * **Requests first**: an item is taken only while the loop has found /dev/fuse empty
   (``session.idle``), and each one first checks (``poll``, no wait) that no request is
   pending; an action never waits behind prefetching.
@@ -63,6 +64,7 @@ FILE_BYTES = 64 * 1024
 ROOT_BYTES = 256 * 1024 * 1024
 QUEUE_ITEMS = 16384
 TRIES = 4
+_PAGE = 4096
 
 
 class _Session(Protocol):
@@ -114,7 +116,7 @@ class Prefetcher:
         with self._lock:
             for file in files:
                 size = file.digest.size_bytes
-                if file.offered or size == 0 or size > FILE_BYTES or not self._take(root, size):
+                if file.offered or size == 0 or size > FILE_BYTES or not self._take(root, -(-size // _PAGE) * _PAGE):
                     continue
                 file.offered = True
                 self._files.append((file, root, 0))

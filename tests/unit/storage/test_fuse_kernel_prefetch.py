@@ -95,17 +95,15 @@ def test_small_local_files_are_pushed_whole_once(rig):
     assert rig.prefetcher.pushed == 1 and rig.cache.find_missing([absent.digest]) == {absent.digest}  # never fetched
 
 
-def test_a_root_gets_its_budget_and_no_more(tmp_path):
-    rig = Rig(tmp_path, root_bytes=25)
+def test_a_root_gets_its_budget_in_pages_and_no_more(tmp_path):
+    rig = Rig(tmp_path, root_bytes=3 * 4096 + 100)
     try:
-        files = [rig.file(b"ten bytes%d" % i) for i in range(4)]  # 10 bytes each
+        files = [rig.file(b"ten bytes%d" % i) for i in range(3)] + [rig.file(b"x" * 4097)]  # a page, a page, a page, 2
         rig.prefetcher.offer_files(rig.root, files)
-        assert settled(lambda: rig.prefetcher.pushed == 2)
-        assert sorted(rig.session.stored) == [files[0].ino, files[1].ino] and rig.root.pushed_bytes == 20
-        rig.prefetcher.offer_files(rig.root, [rig.file(b"more")])  # 24 <= 25: still fits
         assert settled(lambda: rig.prefetcher.pushed == 3)
+        assert sorted(rig.session.stored) == [file.ino for file in files[:3]] and rig.root.pushed_bytes == 3 * 4096
         rig.prefetcher.offer_files(rig.root, [rig.file(b"past it")])
-        assert rig.root.pushed_bytes == 24
+        assert rig.root.pushed_bytes == 3 * 4096 and not rig.prefetcher._files
     finally:
         rig.close()
 
