@@ -87,6 +87,7 @@ class Prefetcher:
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stopping = False
+        self.stopped = threading.Event()  # set when its thread has ended
         self._parsing: CasDirectory | None = None  # the directory being loaded, if any
         self._parsed = threading.Condition(self._lock)
         self.pushed = 0  # files stored so far (tests, benchmarks)
@@ -144,6 +145,14 @@ class Prefetcher:
             self._parsed.wait_for(lambda: self._parsing is not node, timeout)
 
     def _run(self) -> None:
+        try:
+            self._prefetch()
+        except Exception:  # noqa: BLE001 - prefetching is an optimisation: never the daemon's end
+            log.exception("the FUSE prefetcher failed; serving without it")
+        finally:
+            self.stopped.set()
+
+    def _prefetch(self) -> None:
         poller = select.poll()
         poller.register(self._session.fd, select.POLLIN)
         idle = self._session.idle

@@ -219,6 +219,28 @@ class KernelSession:
                 return error.errno or errno.EIO
         return 0
 
+    def refuse_until(self, done: threading.Event, timeout: float) -> None:
+        """After :meth:`serve` ended: answer EIO to every request still queued, until
+        ``done`` is set or ``timeout`` passes. A :meth:`store` may wait on a page whose
+        READ is queued and will otherwise never be answered; this lets it through."""
+        deadline = time.monotonic() + timeout
+        buffer = bytearray(BUFFER_BYTES)
+        poller = select.poll()
+        poller.register(self.fd, select.POLLIN)
+        while not done.is_set() and not self._closed and time.monotonic() < deadline:
+            if not poller.poll(10):
+                continue
+            try:
+                length = os.readv(self.fd, [buffer])
+            except (BlockingIOError, InterruptedError):
+                continue
+            except OSError:
+                return  # ENODEV: the connection is gone, and its requests with it
+            if length >= fuse.IN_HEADER.size:
+                _, opcode, unique, *_ = fuse.IN_HEADER.unpack_from(buffer)
+                if opcode not in fuse.NO_REPLY_OPCODES:
+                    self.reply(unique, -errno.EIO)
+
     def backing_open(self, fd: int) -> int | None:
         """Register ``fd`` as a backing file; its id, or None if the kernel refuses."""
         try:

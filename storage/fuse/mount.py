@@ -417,6 +417,9 @@ def _serve_kernel(kernel: KernelSession, requests: KernelRequests) -> None:
     finally:
         if prefetcher is not None:
             prefetcher.stop()
+            # A push in flight may wait on a page that a queued READ holds locked: with the
+            # loop gone, that READ is answered (EIO) here, or closing would wait for it.
+            kernel.refuse_until(prefetcher.stopped, timeout=5.0)
 
 
 def _terminate() -> None:

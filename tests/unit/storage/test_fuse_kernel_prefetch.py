@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import os
+import socket
 import threading
 import time
 from collections import Counter
@@ -204,3 +205,29 @@ def test_a_file_read_before_its_push_is_not_pushed(rig):
     os.read(rig.session.fd, 1)
     assert settled(lambda: other.ino in rig.session.stored)
     assert overtaken.ino not in rig.session.stored
+
+
+def test_after_the_loop_queued_requests_are_refused_until_the_prefetcher_is_out(tmp_path):
+    """KernelSession.refuse_until, on a socket pair standing for /dev/fuse (one message
+    per read, as the device gives): a READ nobody would answer any more gets EIO, so a
+    push waiting on its page gets through; FORGET gets no answer, as ever."""
+    from reapi_worker.storage.fuse import protocol as fuse
+    from reapi_worker.storage.fuse.kernel_session import KernelSession
+
+    kernel_end, daemon_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    session = KernelSession(str(tmp_path))
+    session.fd = daemon_end.fileno()
+    for unique, opcode in ((11, fuse.FORGET), (12, fuse.READ)):
+        kernel_end.send(fuse.IN_HEADER.pack(fuse.IN_HEADER.size + 24, opcode, unique, 5, 0, 0, 0, 0, 0) + bytes(24))
+    done = threading.Event()
+    refusing = threading.Thread(target=session.refuse_until, args=(done, 10.0))
+    refusing.start()
+    answer = kernel_end.recv(100)
+    assert fuse.OUT_HEADER.unpack(answer) == (fuse.OUT_HEADER.size, -errno.EIO, 12)  # the READ; FORGET: none
+    done.set()  # the prefetcher is out
+    refusing.join(10)
+    assert not refusing.is_alive()
+    session.fd = -1  # the socket is closed below, the session's own pipe here
+    session.close(1.0)
+    kernel_end.close()
+    daemon_end.close()
