@@ -363,3 +363,21 @@ def test_page_cache_mode_fetches_a_missing_blob_on_read_and_records_it(tmp_path)
     failure = rig.table.roots()[-1].failure
     assert error == -errno.EIO and ghost in getattr(failure, "digests", ()), failure
     rig.cache.close()
+
+
+def test_page_cache_mode_answers_malformed_and_hostile_requests_with_an_errno(cached):
+    root = cached.lookup(ROOT_INODE, "tok")
+    g = cached.lookup(root, "g")
+    allowed = (0, -errno.EINVAL, -errno.EISDIR, -errno.ESTALE, -errno.ENOTDIR, -errno.ENOSYS)
+    for opcode, node, body in [
+        (fuse.READ, g, b"\0" * 7), (fuse.READDIRPLUS, root, b""), (fuse.READDIR, root, b"\1"), (fuse.OPEN, g, b""),
+        (fuse.READ, 987654321, fuse.READ_IN.pack(0, 0, 10) + bytes(20)),
+        (fuse.READ, g, fuse.READ_IN.pack(0, (1 << 64) - 1, 1 << 31) + bytes(20)),  # past any offset pread takes
+        (fuse.READ, ROOT_INODE, fuse.READ_IN.pack(0, 0, 10) + bytes(20)),
+        (fuse.READDIRPLUS, 987654321, fuse.READ_IN.pack(0, 0, 4096) + bytes(20)),
+        (fuse.READDIRPLUS, root, fuse.READ_IN.pack(0, 1 << 40, 4096) + bytes(20)),  # past the end: empty
+        (fuse.READDIRPLUS, root, fuse.READ_IN.pack(0, 0, 0) + bytes(20)),  # no room for an entry
+    ]:
+        error, _ = cached.ask(opcode, node, body)
+        assert error in allowed, (opcode, node, error)
+    assert cached.ask(fuse.READ, g, fuse.READ_IN.pack(0, 0, 5) + bytes(20)) == (0, b"world")  # still serving
