@@ -78,8 +78,9 @@ class _Session(Protocol):
 
 
 class Prefetcher:
-    """Prefetches what is offered (module docstring): :meth:`start`, offers from the loop
-    (with the inode table's lock held), :meth:`stop` when the session ends."""
+    """Prefetches what is offered (module docstring): :meth:`start`, offers from the loop,
+    :meth:`stop` when the session ends. Its queues and the roots' budgets are guarded by
+    its own lock."""
 
     def __init__(self, session: _Session, root_bytes: int = ROOT_BYTES, queue_items: int = QUEUE_ITEMS) -> None:
         self._session = session
@@ -114,8 +115,8 @@ class Prefetcher:
         return True
 
     def offer_files(self, root: ActionRoot, files: list[FileInode]) -> None:
-        """Push ``files`` (just listed or looked up in ``root``) if they are small, not
-        pushed or read before, and within the bounds."""
+        """Push ``files`` (just listed in ``root``) if they are small, not pushed or read
+        before, and within the bounds."""
         taken = False
         with self._lock:
             for file in files:
