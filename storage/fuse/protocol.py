@@ -48,7 +48,7 @@ FOPEN_NOFLUSH = 1 << 5  # no FLUSH on close: nothing to flush
 FOPEN_PASSTHROUGH = 1 << 7
 
 NOTIFY_INVAL_ENTRY = 3
-#: Puts bytes into a file inode's page cache without a request (see kernel_push.py).
+#: Puts bytes into a file inode's page cache without a request (see kernel_prefetch.py).
 NOTIFY_STORE = 4
 
 # -- /dev/fuse ioctls: _IOW(229, nr, size) ---------------------------------------------
