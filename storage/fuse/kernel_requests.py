@@ -17,8 +17,8 @@ What differs from the pyfuse3 backend, and why:
     (:mod:`.open_files`) has nothing to count in this mode. The :mod:`.kernel_prefetch`
     thread pushes listed small files into the page cache before they are read, and
     loads listed directories, so ``find . -type f -exec cat {} +`` over 10,000 new
-    files costs READDIRPLUS requests only (docs/measured.md: 3x the floor, against 9x
-    with passthrough). The price: a big input's first read goes through READ requests
+    files costs READDIRPLUS requests only (docs/measured.md: ~3x the floor, against
+    4-10x with passthrough). The price: a big input's first read goes through READ requests
     (1 MiB at most each, MAX_PAGES): ~3x ``cat`` of the cache file, where passthrough
     is ~1x; later reads, by any action, hit the page cache while the kernel keeps the
     inode (file inodes are shared by blob, :mod:`.inodes`), which holds a second copy
