@@ -10,7 +10,11 @@ For trees of 1k/10k/50k distinct ~2 KiB files (bench_staging.py's shape), run af
   executor (its SubtreeReadOnly memory empty) and stager every run — the row the lazy mount
   is for: nothing of the tree is read before the command but its root and a shallow walk
   of its Directories (storage/fuse/stager.py);
-* the same for ``read all`` (every input opened and read through the mount).
+* the same for ``read all`` (every input opened and read through the mount);
+* ``big file`` (``--big-mib``, 0 for none): ``cat`` of one input of that many MiB, read
+  for the first time through the mount (a new blob every run), beside ``cat`` of the same
+  blob's file in the cache: what a big input costs where reads go through READ requests
+  (the page-cache mode) rather than passthrough.
 
 Each row is measured per FUSE backend (``--backends``, storage/fuse/mount.py: ``pyfuse3``
 through libfuse, ``kernel`` speaking /dev/fuse with passthrough reads, ``kernel-read`` the
@@ -23,7 +27,11 @@ Everything on /dev/shm (docs/measured.md: ext4 churn). Prints medians of ``--run
 ratio to the floor; never asserts. Needs root (bubblewrap as another uid, FUSE, overlays).
 
 Usage: python bench/bench_fuse.py [--sizes 1000,10000,50000] [--runs 5] [--read-all-sizes 10000]
-                                  [--backends pyfuse3,kernel] [--count-pyfuse3]
+                                  [--backends pyfuse3,kernel] [--count-pyfuse3] [--big-mib 100]
+
+``--backends`` names: see :data:`VARIANTS` (``kernel``: the page-cache mode with its
+prefetcher; ``kernel-passthrough``; ``kernel-noprefetch``, ``kernel-read``:
+variants for comparison).
 """
 
 from __future__ import annotations
@@ -63,6 +71,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--backends", default="pyfuse3,kernel")
     parser.add_argument("--count-pyfuse3", action="store_true", help="count pyfuse3's requests (slower)")
+    parser.add_argument("--big-mib", type=int, default=100, help="MiB of the big-file row (0: no such row)")
     args = parser.parse_args()
     pyfuse3_counts: dict[str, int] = {}
     if args.count_pyfuse3:
@@ -79,9 +88,7 @@ def main() -> None:
         CasDirectory.from_digest(cache, root).export_files(os.path.join(work, f"src-{files}"))
     try:
         for backend in args.backends.split(","):
-            # "kernel-read": the kernel backend without passthrough (as under two stacked overlays).
-            mount = FuseMount(os.path.join(work, "fuse"), backend=backend.partition("-")[0],
-                              stacked_overlays=2 if backend == "kernel-read" else 1).open()
+            mount = FuseMount(os.path.join(work, "fuse"), **VARIANTS[backend]).open()  # type: ignore[arg-type]
             try:
                 print(f"  backend {backend}: {mount.backend_in_use} serves", file=sys.stderr, flush=True)
                 os.makedirs(os.path.join(work, backend), mode=0o755)  # a build root per backend
@@ -89,6 +96,8 @@ def main() -> None:
                 for files in sizes:
                     measure(args.runs, bench, cache, files, roots[files], files in read_all, work, backend, times,
                             requests, pyfuse3_counts)
+                if args.big_mib:
+                    measure_big_file(args.runs, args.big_mib, bench, cache, backend, times)
             finally:
                 mount.close()
     finally:
@@ -97,7 +106,8 @@ def main() -> None:
     print(f"Whole action on {SHM}, warm cache, median of {args.runs} runs, ms; ratio to the floor of the same runs")
     print(f"{'files':>6} {'workload':9} {'backend':11} {'what':24} {'median':>9} {'min':>9} {'max':>9} {'/floor':>7}")
     for (files, workload, backend, what), values in sorted(times.items()):
-        floor_median = statistics.median(times[(files, workload, backend, FLOOR)])
+        floor_median = statistics.median(next(
+            floor for key, floor in times.items() if key[:3] == (files, workload, backend) and key[3].startswith("floor")))
         median = statistics.median(values)
         print(f"{files:>6} {workload:9} {backend:11} {what:24} {median:9.1f} {min(values):9.1f} {max(values):9.1f} "
               f"{median / floor_median:6.2f}x")
@@ -107,6 +117,15 @@ def main() -> None:
 
 
 FLOOR = "floor: cp -al + bwrap"
+#: What each ``--backends`` name mounts (FuseMount's arguments).
+VARIANTS = {
+    "pyfuse3": {"backend": "pyfuse3"},
+    "kernel": {"backend": "kernel"},  # the page-cache mode, pushing listed files
+    "kernel-noprefetch": {"backend": "kernel", "prefetch": False},
+    "kernel-passthrough": {"backend": "kernel-passthrough"},
+    # passthrough's fallback: READ per file (as with two overlays stacked on the mount)
+    "kernel-read": {"backend": "kernel-passthrough", "stacked_overlays": 2},
+}
 OPCODE_NAMES = {getattr(protocol, name): name for name in (
     "LOOKUP", "FORGET", "GETATTR", "READLINK", "OPEN", "READ", "STATFS", "RELEASE", "GETXATTR", "LISTXATTR",
     "FLUSH", "OPENDIR", "READDIR", "RELEASEDIR", "INTERRUPT", "BATCH_FORGET", "READDIRPLUS", "ACCESS", "STATX")}
@@ -131,7 +150,7 @@ def count_pyfuse3_requests(counts: dict[str, int]) -> None:
 
 def served(mount: FuseMount, pyfuse3_counts: dict[str, int]) -> dict[str, int]:
     """Requests the mount's daemon answered so far, by name."""
-    if mount.backend_in_use == "kernel":  # also kernel-read
+    if (mount.backend_in_use or "").startswith("kernel"):
         return {OPCODE_NAMES.get(op, str(op)): n for op, n in mount.request_counts().items()}
     return {name.upper(): n for name, n in pyfuse3_counts.items()}
 
@@ -164,6 +183,29 @@ def measure(runs: int, bench: Bench, cache: LocalCAS, files: int, root: Digest, 
                 requests[(files, workload, backend)] = {
                     name: n - before.get(name, 0) for name, n in after.items() if n > before.get(name, 0)}
         print(f"  {backend}, {files} files: run {run + 1}/{runs} done", file=sys.stderr, flush=True)
+
+
+def measure_big_file(runs: int, mib: int, bench: Bench, cache: LocalCAS, backend: str,
+                     times: dict[tuple[int, str, str, str], list[float]]) -> None:
+    """``cat`` of a ``mib`` MiB input read for the first time through the mount (a blob
+    never served before, each run), beside ``cat`` of its cache file (in memory too)."""
+    stager = bench.stager("fuse", cache, TreeFacts())
+    workload = f"cat {mib} MiB"
+    for run in range(runs):
+        tree = CasDirectory.empty(cache)
+        tree.write_bytes("big", f"{backend} {run}\n".encode().ljust(4096, b"-") * (mib * 256))
+        digest = tree.entries()["big"].digest  # type: ignore[union-attr]
+        cached = cache.object_path(digest)
+        times.setdefault((1, workload, backend, "floor: cat of the cache file"), []).append(
+            timed(lambda: subprocess.run(["cat", cached], stdout=subprocess.DEVNULL, check=True)))
+        staged = stager.stage(CasDirectory.from_digest(cache, tree.digest()), os.path.join(bench.build_root, "big"))
+        try:
+            path = os.path.join(staged.path, "big")
+            times.setdefault((1, workload, backend, "fuse: cat, first read"), []).append(
+                timed(lambda: subprocess.run(["cat", path], stdout=subprocess.DEVNULL, check=True)))
+        finally:
+            staged.close()
+            bench.remover.drain()
 
 
 if __name__ == "__main__":

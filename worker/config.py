@@ -61,7 +61,7 @@ Platform = tuple[tuple[str, str], ...]
 
 #: The stagers ``staging`` may name (built by :func:`~.compose.make_stager`).
 STAGINGS = ("hardlink", "fuse", "auto", "cached")
-FUSE_BACKENDS = ("auto", "pyfuse3", "kernel")  # storage/fuse/mount.py BACKENDS
+FUSE_BACKENDS = ("auto", "pyfuse3", "kernel", "kernel-passthrough")  # storage/fuse/mount.py BACKENDS
 #: The first uid of ``sandbox_uid_range = "auto"``: above the ids Debian gives to users
 #: (below 60000), to subordinate id ranges (useradd's 100000-600100000) and to containers
 #: (systemd's 524288-1879048191), below 2**31 (tools that read ids as signed numbers).
@@ -300,9 +300,11 @@ class WorkerConfig:
     )
     fuse_backend: str = _setting(
         "auto", group=EXECUTOR, kind="choice", choices=FUSE_BACKENDS, example='"pyfuse3"',
-        help="what serves the FUSE mount of fuse/auto staging: kernel (the worker speaks /dev/fuse itself "
-        "and the kernel reads inputs straight from the cache: FUSE passthrough, Linux 6.9+), pyfuse3 "
-        "(libfuse) or auto (kernel when a probe at start shows passthrough works, else pyfuse3)",
+        help="what serves the FUSE mount of fuse/auto staging: kernel (the worker speaks /dev/fuse itself; "
+        "no request per open, small inputs pushed into the page cache as their directory is listed, a big "
+        "input's first read through the worker), kernel-passthrough (the same, with a request per open and "
+        "every read by the kernel straight from the cache's file: Linux 6.9+), pyfuse3 (libfuse) or auto "
+        "(kernel where it starts, else pyfuse3)",
     )
     tree_cache_size: str = _setting(
         "4G", group=EXECUTOR, kind="size", example='"20G"',

@@ -10,8 +10,8 @@ Internal: :mod:`.inodes` (the inode table), :mod:`.open_files` (descriptors, quo
 :mod:`.kernel_mounts` (overlay mounts, stale-mount clean-up), and the two backends that
 serve the mount (:data:`.mount.BACKENDS`): :mod:`.operations` (pyfuse3's request
 handlers) and :mod:`.kernel_session` + :mod:`.kernel_requests` + :mod:`.protocol` (the
-/dev/fuse protocol spoken directly, with passthrough reads); :mod:`.blobs` is their shared
-access to the local cache.
+/dev/fuse protocol spoken directly, in a page-cache mode with :mod:`.kernel_prefetch`,
+or with passthrough reads); :mod:`.blobs` is their shared access to the local cache.
 """
 
 from .mount import FuseMount

@@ -80,6 +80,8 @@ class ActionRoot:
     failure: ReapiError | None = None
     inodes: list[int] = field(default_factory=list)
     missing: set[Digest] = field(default_factory=set)
+    pushed_bytes: int = 0  # offered to the kernel backend's prefetcher (kernel_prefetch.py)
+    removed: bool = False  # no longer served (what is still queued for it is dropped)
 
     def fail(self, error: ReapiError) -> None:
         if isinstance(error, MissingBlobs):
@@ -116,7 +118,25 @@ class FileInode:
     uid: int
     gid: int
     nlookup: int = 0
-    roots: "weakref.WeakSet[ActionRoot]" = field(default_factory=weakref.WeakSet)
+    # The roots that looked it up, weakly (a WeakSet per inode cost ~2 µs of each listed
+    # file's ~5: see live_roots).
+    roots: "list[weakref.ref[ActionRoot]]" = field(default_factory=list)
+    offered: bool = False  # queued to be pushed into the kernel's page cache: not again
+    read: bool = False  # a READ put it into the kernel's page cache: a push is not needed
+
+    def add_root(self, root: ActionRoot) -> None:
+        ref = weakref.ref(root)  # CPython hands out the same ref while one lives
+        roots = self.roots
+        if roots and roots[-1] is ref:
+            return
+        if ref not in roots:
+            if len(roots) >= 8:
+                roots[:] = [alive for alive in roots if alive() is not None]
+            roots.append(ref)
+
+    def live_roots(self) -> list[ActionRoot]:
+        """The roots that looked it up and are still registered somewhere."""
+        return [root for root in (ref() for ref in self.roots) if root is not None]
 
 
 def file_links(inode: object) -> int:
@@ -140,7 +160,9 @@ class InodeTable:
         self._next = itertools.count(ROOT_INODE + 1)
         self._inodes: dict[int, Inode] = {}
         self._roots: dict[str, ActionRoot] = {}
-        self._files: dict[tuple[LocalContent, Digest, bool, int, int], FileInode] = {}
+        # Keyed by the digest's hash string, not the Digest: a str caches its hash, a
+        # dataclass recomputes it in Python on every lookup (one per listed file).
+        self._files: dict[tuple[LocalContent, str, int, bool, int, int], FileInode] = {}
         self.open_files = OpenFiles(open_files_per_action)
         self._opened: dict[LocalContent, set[Digest]] = {}  # blobs read since last taken
 
@@ -157,6 +179,7 @@ class InodeTable:
         when the kernel forgets them."""
         root = self._roots.pop(token, None)
         if root is not None:
+            root.removed = True
             for ino in root.inodes:
                 self._inodes.pop(ino, None)
             root.inodes.clear()
@@ -186,6 +209,11 @@ class InodeTable:
         entry = entries.get(name)
         if entry is None:
             return None
+        return self.child(directory, name, entry)
+
+    def child(self, directory: DirInode, name: str, entry: "FileEntry | LinkEntry | CasDirectory") -> Inode:
+        """The inode of ``entry``, found at ``name`` in the loaded ``directory`` (what
+        :meth:`lookup` does once it has the entry; a listing calls it per entry)."""
         if type(entry) is FileEntry:
             return self._file(entry, directory.root)
         ino = directory.children.get(name)
@@ -222,7 +250,8 @@ class InodeTable:
         inode.nlookup -= count
         if inode.nlookup <= 0:
             del self._inodes[ino]
-            del self._files[(inode.store, inode.digest, inode.executable, inode.uid, inode.gid)]
+            digest = inode.digest
+            del self._files[(inode.store, digest.hash, digest.size_bytes, inode.executable, inode.uid, inode.gid)]
 
     def share_handle(self, file: FileInode, opener: Opener) -> int | None:
         """A handle on ``file``'s blob if a descriptor of it is open, else None (open one and
@@ -238,6 +267,15 @@ class InodeTable:
         handle = self.open_files.add((file.store, file.digest), fd, opener)
         self._opened.setdefault(file.store, set()).add(file.digest)
         return handle
+
+    def note_read(self, file: FileInode) -> None:
+        """Record a use of ``file`` that no open announced (the page-cache mode, where the
+        kernel sends no OPEN: a lookup, a listing, a READ)."""
+        self._opened.setdefault(file.store, set()).add(file.digest)
+
+    def note_reads(self, store: LocalContent, files: list[FileInode]) -> None:
+        """:meth:`note_read` for many files of ``store``."""
+        self._opened.setdefault(store, set()).update(file.digest for file in files)
 
     def take_opened(self, store: LocalContent) -> set[Digest]:
         """The blobs of ``store`` opened since the last call (to record their use in the
@@ -262,7 +300,8 @@ class InodeTable:
         self._opened.clear()
 
     def _file(self, entry: FileEntry, root: ActionRoot) -> FileInode:
-        key = (root.store, entry.digest, entry.executable, root.dir_uid, root.dir_gid)
+        digest = entry.digest
+        key = (root.store, digest.hash, digest.size_bytes, entry.executable, root.dir_uid, root.dir_gid)
         inode = self._files.get(key)
         if inode is None:
             inode = FileInode(next(self._next), root.store, entry.digest, entry.executable, root.fetch_timeout,
@@ -270,5 +309,5 @@ class InodeTable:
             self._files[key] = inode
             self._inodes[inode.ino] = inode
         inode.nlookup += 1
-        inode.roots.add(root)
+        inode.add_root(root)
         return inode

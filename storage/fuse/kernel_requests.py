@@ -3,10 +3,33 @@ and the same answers as :mod:`.operations` (pyfuse3), decoded and encoded by han
 
 What differs from the pyfuse3 backend, and why:
 
-* **OPEN with passthrough**: the blob's descriptor is registered with the kernel once
-  (a backing id, shared by every handle on the blob, closed with its descriptor: see
-  :mod:`.open_files`); reads and mmaps then go to the cache file without reaching this
-  daemon. If the kernel refuses (a cache on an overlay, say), that blob is served by READ.
+* **Two modes** (``page_cache``), because every synchronous round trip per file costs
+  more than the file (~85 µs on a 2-vCPU VM: each one wakes the other CPU):
+
+  - **the page-cache mode** (the default, ``kernel``): OPEN and OPENDIR answer ENOSYS,
+    which the kernel takes as "no open needed" for the whole connection
+    (FUSE_NO_OPEN_SUPPORT, FUSE_NO_OPENDIR_SUPPORT): it never sends OPEN, RELEASE,
+    OPENDIR or RELEASEDIR again, and opens files with KEEP_CACHE (fs/fuse/file.c,
+    "Default for no-open"), so a file's pages outlive its opens. Reads come as READ
+    by node id (the handle is 0), one per small file the first time only, answered
+    from a descriptor opened and closed for that READ: the daemon holds no descriptor
+    for what actions hold open, so the per-action quota of open files
+    (:mod:`.open_files`) has nothing to count in this mode. The :mod:`.kernel_prefetch`
+    thread pushes listed small files into the page cache before they are read, and
+    loads listed directories, so ``find . -type f -exec cat {} +`` over 10,000 new
+    files costs READDIRPLUS requests only (docs/measured.md: ~3x the floor, against
+    4-10x with passthrough). The price: a big input's first read goes through READ requests
+    (1 MiB at most each, MAX_PAGES): ~3x ``cat`` of the cache file, where passthrough
+    is ~1x; later reads, by any action, hit the page cache while the kernel keeps the
+    inode (file inodes are shared by blob, :mod:`.inodes`), which holds a second copy
+    of the bytes in memory (reclaimable). Since reads may never reach the daemon, the
+    cache's LRU learns of a blob when a path to it is looked up or listed.
+  - **passthrough** (``kernel-passthrough``): OPEN registers the blob's descriptor
+    with the kernel once (a backing id, shared by every handle on the blob, closed with
+    its descriptor: see :mod:`.open_files`); reads and mmaps then go to the cache file
+    without reaching this daemon. If the kernel refuses (a cache on an overlay, two
+    overlays stacked on the mount), that blob is served by READ. An OPEN and a RELEASE
+    per file, whatever its size.
 * **Synchronous**: a request is answered in the loop's thread when it can be from memory
   or the local cache; only a directory or blob that must come from the remote is handled
   in a thread of its own (with the same deadlines), which replies when done. There is no
@@ -38,6 +61,7 @@ from ..directory.cas import CasDirectory
 from . import protocol as fuse
 from .blobs import fetch_and_open, is_local, open_local
 from .inodes import ROOT_INODE, ActionRoot, DirInode, FileInode, Inode, InodeTable, LinkInode, NotLoaded, file_links
+from .kernel_prefetch import Prefetcher
 from .kernel_session import KernelSession
 from .open_files import QuotaExceeded, opener_of
 from .operations import CACHE_SECONDS, INPUT_MTIME_NS
@@ -52,9 +76,11 @@ _VALID = int(CACHE_SECONDS)
 _ATTR_OUT_HEAD = fuse.ATTR_OUT_HEAD.pack(_VALID, 0, 0)
 _NEGATIVE_ENTRY = fuse.ENTRY_OUT_HEAD.pack(0, 0, _VALID, 0, 0, 0) + bytes(fuse.ATTR.size)
 _STATFS = fuse.KSTATFS.pack(0, 0, 0, 0, 0, 4096, 255, 4096, 0)
-_DEFERRED = object()
+_DEFERRED = object()  # the handler answers later, from a thread
 _DT_REG, _DT_DIR, _DT_LNK = stat.S_IFREG >> 12, stat.S_IFDIR >> 12, stat.S_IFLNK >> 12
-_PADDING = bytes(8)  # the handler answers later, from a thread
+_PADDING = bytes(8)
+_ENTRY_OUT_HEAD_PACK = fuse.ENTRY_OUT_HEAD.pack
+_DIRENT_HEAD_PACK = fuse.DIRENT_HEAD.pack
 
 
 class FuseError(Exception):
@@ -71,8 +97,13 @@ class KernelRequests:
     """Answers the requests of ``session`` from ``table`` (module docstring). ``uid``/``gid``
     own the files, as in :class:`~.operations.InputFileSystem`."""
 
-    def __init__(self, table: InodeTable, uid: int, gid: int, session: KernelSession) -> None:
+    def __init__(self, table: InodeTable, uid: int, gid: int, session: KernelSession, *, page_cache: bool = False,
+                 prefetcher: Prefetcher | None = None) -> None:
         self.table = table
+        # The page-cache mode (module docstring): OPEN and OPENDIR answer ENOSYS once, and
+        # the kernel sends neither again; ``prefetcher`` (that mode only) works ahead.
+        self._page_cache = page_cache
+        self.prefetcher = prefetcher if page_cache else None
         self._uid = uid
         self._gid = gid
         self._session = session
@@ -170,6 +201,8 @@ class KernelRequests:
         try:
             with self.table.lock:
                 inode = self.table.lookup(parent, text)
+                if self._page_cache and type(inode) is FileInode:
+                    self.table.note_read(inode)  # its reads may never reach us: see the module docstring
         except NotLoaded as pending:
             return self._after_load(pending, unique, lambda: self._lookup_name(unique, parent, text))
         except KeyError:
@@ -206,6 +239,8 @@ class KernelRequests:
         return link.target
 
     def _opendir(self, unique: int, ino: int, pid: int, body: memoryview) -> Any:
+        if self._page_cache:
+            raise FuseError(errno.ENOSYS)  # no OPENDIR/RELEASEDIR from now on
         with self.table.lock:
             directory = self._known(ino)
         if directory is not None and type(directory) is not DirInode:
@@ -216,39 +251,66 @@ class KernelRequests:
         # The handle is the inode; the listing never changes, so the kernel may keep it.
         return fuse.OPEN_OUT.pack(ino, fuse.FOPEN_KEEP_CACHE | fuse.FOPEN_CACHE_DIR, 0)
 
-    def _readdir(self, unique: int, ino: int, pid: int, body: memoryview) -> bytes:
-        return self._list(body, plus=False)
-
-    def _readdirplus(self, unique: int, ino: int, pid: int, body: memoryview) -> bytes:
-        return self._list(body, plus=True)
-
-    def _list(self, body: memoryview, plus: bool) -> bytes:
+    def _readdir(self, unique: int, ino: int, pid: int, body: memoryview) -> Any:
         fh, offset, size = fuse.READ_IN.unpack_from(body)
-        if fh == ROOT_INODE:
+        return self._list(unique, fh or ino, offset, size, plus=False)
+
+    def _readdirplus(self, unique: int, ino: int, pid: int, body: memoryview) -> Any:
+        fh, offset, size = fuse.READ_IN.unpack_from(body)
+        return self._list(unique, fh or ino, offset, size, plus=True)
+
+    def _list(self, unique: int, ino: int, offset: int, size: int, plus: bool) -> Any:
+        """Entries of directory ``ino`` from ``offset``. With OPENDIR the handle is the
+        directory's inode; without (the page-cache mode) it is 0 and the request's node id
+        says which directory, and one not loaded yet is loaded here (no OPENDIR did it).
+        In that mode the listed files are offered to the prefetcher (kernel_prefetch.py)."""
+        if ino == ROOT_INODE:
             return b""  # the roots are not listed: each action knows only its own by name
         head = fuse.DIRENT_HEAD.size + (fuse.ENTRY_OUT_HEAD.size + fuse.ATTR.size if plus else 0)
         parts: list[bytes] = []
+        listed: list[FileInode] = []
+        subdirectories: list[CasDirectory] = []
         used = 0
         with self.table.lock:
-            directory = self._known(fh)
+            directory = self._known(ino)
             if type(directory) is not DirInode:
                 raise FuseError(errno.ENOTDIR)
-            names = self.table.names(directory)
-            for index in range(offset, len(names)):
-                name = os.fsencode(names[index])
-                step = fuse.dirent_size(head, len(name))
-                if used + step > size:
-                    break
-                inode = self.table.lookup(fh, names[index])  # counts a lookup of a file: sent below
-                assert inode is not None
-                kind = _DT_REG if type(inode) is FileInode else _DT_DIR if type(inode) is DirInode else _DT_LNK
-                if plus:
-                    parts.append(fuse.ENTRY_OUT_HEAD.pack(inode.ino, 0, _VALID, _VALID, 0, 0))
-                    parts.append(self._attr(inode, inode.ino))
-                parts.append(fuse.DIRENT_HEAD.pack(inode.ino, index + 1, len(name), kind))
-                parts.append(name)
-                parts.append(_PADDING[:(8 - len(name)) % 8])
-                used += step
+            entries = directory.node.loaded_entries()
+            if entries is None:
+                loading: NotLoaded | None = NotLoaded(directory.node, directory.root)
+            else:
+                loading = None
+                names = self.table.names(directory)
+                child, attr, entry_head = self.table.child, self._attr, _ENTRY_OUT_HEAD_PACK  # per entry: no lookups
+                for index in range(offset, len(names)):
+                    text = names[index]
+                    name = text.encode("utf-8", "surrogateescape")  # os.fsencode, without its Python frame
+                    step = (head + len(name) + 7) & ~7  # fuse.dirent_size
+                    if used + step > size:
+                        break
+                    inode = child(directory, text, entries[text])  # counts a lookup of a file: sent below
+                    kind = _DT_REG if type(inode) is FileInode else _DT_DIR if type(inode) is DirInode else _DT_LNK
+                    if plus:
+                        parts.append(entry_head(inode.ino, 0, _VALID, _VALID, 0, 0))
+                        parts.append(attr(inode, inode.ino))
+                        if kind == _DT_REG:
+                            listed.append(inode)  # type: ignore[arg-type]
+                        elif kind == _DT_DIR:
+                            subdirectories.append(inode.node)  # type: ignore[union-attr]
+                    parts.append(_DIRENT_HEAD_PACK(inode.ino, index + 1, len(name), kind))
+                    parts.append(name)
+                    parts.append(_PADDING[:(8 - len(name)) % 8])
+                    used += step
+                if self._page_cache and listed:
+                    # Its reads may never reach us: see the module docstring.
+                    self.table.note_reads(directory.root.store, listed)
+                if self.prefetcher is not None:
+                    if subdirectories:
+                        self.prefetcher.offer_directories(directory.root, subdirectories)
+                    if listed:
+                        self.prefetcher.offer_files(directory.root, listed)
+        if loading is not None:
+            return self._after_load(loading, unique, lambda: self._list(unique, ino, offset, size, plus))
         return b"".join(parts)
 
     def _releasedir(self, unique: int, ino: int, pid: int, body: memoryview) -> bytes:
@@ -266,6 +328,8 @@ class KernelRequests:
         flags, _ = fuse.OPEN_IN.unpack_from(body)
         if flags & _WRITE_FLAGS:
             raise FuseError(errno.EROFS)
+        if self._page_cache:
+            raise FuseError(errno.ENOSYS)  # no OPEN/RELEASE from now on (module docstring)
         # Who opens matters only for a quota (a /proc lookup per open otherwise).
         opener = opener_of(pid) if self.table.open_files.per_action is not None else None
         try:
@@ -311,18 +375,32 @@ class KernelRequests:
         except QuotaExceeded:
             raise FuseError(errno.EMFILE) from None
 
-    def _read(self, unique: int, ino: int, pid: int, body: memoryview) -> bytes:
+    def _read(self, unique: int, ino: int, pid: int, body: memoryview) -> Any:
         fh, offset, size = fuse.READ_IN.unpack_from(body)
+        if fh == 0 and self._page_cache:
+            return self._read_inode(unique, ino, offset, size)
         with self.table.lock:
             fd = self.table.descriptor(fh)
         if fd is None:
             raise FuseError(errno.EBADF)
-        try:
-            return os.pread(fd, min(size, fuse_read_limit), offset)
-        except OverflowError:
-            raise FuseError(errno.EINVAL) from None
-        except OSError as error:
-            raise FuseError(error.errno or errno.EIO) from None
+        return _pread(fd, offset, size)
+
+    def _read_inode(self, unique: int, ino: int, offset: int, size: int) -> Any:
+        """READ without OPEN (the page-cache mode): the blob is opened for this one read
+        and closed again, so the daemon holds no descriptor for what actions hold open
+        (and there is nothing for a quota of open files to count: see the module
+        docstring). A blob that is not local is fetched first, in a thread."""
+        with self.table.lock:
+            file = self._known(ino)
+            if type(file) is not FileInode:
+                raise FuseError(errno.EISDIR if type(file) is DirInode else errno.EINVAL)
+            file.offered = file.read = True  # in the page cache now: never push it
+            self.table.note_read(file)
+        fd = open_local(file.store, file.digest)
+        if fd is None:
+            self._in_thread(unique, lambda: _pread_closing(self._fetch(file), offset, size))
+            return _DEFERRED
+        return _pread_closing(fd, offset, size)
 
     def _release(self, unique: int, ino: int, pid: int, body: memoryview) -> bytes:
         (fh,) = fuse.RELEASE_IN.unpack_from(body)
@@ -335,6 +413,10 @@ class KernelRequests:
     def _after_load(self, pending: NotLoaded, unique: int, retry: Callable[[], Any]) -> Any:
         """Load ``pending``'s directory, then answer with ``retry()``: inline if it is in
         the local cache (a file read), else in a thread with the root's deadline."""
+        if self.prefetcher is not None:
+            self.prefetcher.wait_for(pending.node)  # parsing it already: not twice at once
+            if pending.node.loaded_entries() is not None:
+                return retry()
         if is_local(pending.root.store, pending.node.digest()):
             try:
                 pending.node.entries()
@@ -395,7 +477,7 @@ class KernelRequests:
         except ReapiError as error:
             error.within(f"fetching input blob {file.digest} on first read")
             with self.table.lock:
-                for root in list(file.roots):
+                for root in file.live_roots():
                     root.fail(error)
             raise FuseError(errno.EIO) from None
         finally:
@@ -412,6 +494,22 @@ class KernelRequests:
 
 #: The most one READ answers (the kernel asks for at most max_pages pages).
 fuse_read_limit = 1 << 20
+
+
+def _pread(fd: int, offset: int, size: int) -> bytes:
+    try:
+        return os.pread(fd, min(size, fuse_read_limit), offset)
+    except OverflowError:
+        raise FuseError(errno.EINVAL) from None
+    except OSError as error:
+        raise FuseError(error.errno or errno.EIO) from None
+
+
+def _pread_closing(fd: int, offset: int, size: int) -> bytes:
+    try:
+        return _pread(fd, offset, size)
+    finally:
+        os.close(fd)
 
 
 def _name(body: memoryview) -> bytes:

@@ -3,11 +3,14 @@ libfuse — mounted with ``mount(2)``, INIT answered here, requests read in a lo
 
 Why not libfuse: passthrough (the kernel reads a file's bytes from a descriptor the
 daemon registered, ``FUSE_DEV_IOC_BACKING_OPEN``, without a READ request per call) needs
-libfuse >= 3.16, and pyfuse3 adds ~50 µs of wrapping to each request besides. The protocol
+libfuse >= 3.16, pyfuse3 adds ~50 µs of wrapping to each request besides, and neither
+offers pushing into the page cache from a thread of ours (the page-cache mode,
+:mod:`.kernel_requests`). The protocol
 a read-only file system needs is small (:mod:`.protocol`); the request handlers are in
 :mod:`.kernel_requests`.
 
-Stack depth: the mount is the lower layer of each action's overlayfs, which adds one to
+Stack depth (passthrough only; without it the mount has depth 0 like any FUSE mount):
+the mount is the lower layer of each action's overlayfs, which adds one to
 the depth of the file systems below it, and the kernel allows 2 in all
 (FILESYSTEM_MAX_STACK_DEPTH). The depth answered in INIT becomes this mount's own, so it
 must be 1 — and passthrough is impossible when two overlays are stacked on the mount
@@ -16,9 +19,10 @@ view, storage/bounded_staging.py). Backing files must
 then live on a file system of depth 0 (not an overlay), else BACKING_OPEN fails (ELOOP)
 and that blob is served by READ requests instead.
 
-Threads: :meth:`serve` runs the loop in the caller's thread; replies may be written from
-any thread (each is one ``write``, which the kernel takes whole). :meth:`stop` ends the
-loop from another thread through a pipe the loop polls when ``/dev/fuse`` is idle.
+Threads: :meth:`serve` runs the loop in the caller's thread; replies and notifications
+may be written from any thread (each is one ``write``, which the kernel takes whole).
+:meth:`stop` ends the loop from another thread through a pipe the loop polls when
+``/dev/fuse`` is idle; :attr:`idle` tells a prefetching thread when that is.
 """
 
 from __future__ import annotations
@@ -51,17 +55,22 @@ MAX_WRITE = 4096  # nothing is written through the mount; the kernel's minimum
 _OUT_HEADER_PACK = fuse.OUT_HEADER.pack
 _OUT_HEADER_SIZE = fuse.OUT_HEADER.size
 _WANTED_FLAGS = (fuse.ASYNC_READ | fuse.DO_READDIRPLUS | fuse.PARALLEL_DIROPS | fuse.CACHE_SYMLINKS
-                 | fuse.INIT_EXT | fuse.PASSTHROUGH)
+                 | fuse.INIT_EXT | fuse.PASSTHROUGH | fuse.MAX_PAGES)
+#: Pages one READ may ask for (with MAX_PAGES agreed; 32 without): up to 1 MiB per READ
+#: of a big input without passthrough. What it asks for is its readahead's choice: 256 KiB
+#: per READ for ``cat`` of 100 MiB here (docs/measured.md).
+MAX_PAGES = 256
 
 
 class KernelSession:
     """A FUSE mount at ``mount_dir`` and its connection (module docstring). Construct,
     :meth:`mount`, then :meth:`serve` in a thread; :meth:`stop` and :meth:`close` after."""
 
-    def __init__(self, mount_dir: str, max_stack_depth: int = 1) -> None:
+    def __init__(self, mount_dir: str, max_stack_depth: int = 1, passthrough: bool = True) -> None:
         self.mount_dir = mount_dir
         # See the module docstring: 2 minus the overlays stacked on the mount; 0 for none.
         self.max_stack_depth = max_stack_depth
+        self._passthrough_wanted = passthrough  # False: the page-cache mode (kernel_requests)
         self.fd = -1
         self.passthrough = False  # INIT agreed on it and a BACKING_OPEN worked
         self.kernel_minor = 0
@@ -74,6 +83,9 @@ class KernelSession:
         # Invalidations vs. close: a notification may wait on a directory lock the kernel
         # holds while it waits for a reply, so it must never hold the replies' lock.
         self._notify_lock = threading.Lock()
+        #: Set when the loop found /dev/fuse empty: work that must never delay a request
+        #: (kernel_prefetch.py) waits for it.
+        self.idle = threading.Event()
 
     # -- setting up -------------------------------------------------------------------
 
@@ -129,13 +141,13 @@ class KernelSession:
             raise Internal(f"the kernel speaks FUSE {major}.{minor}; 7.31 or later is needed")
         offered = flags | (flags2 << 32 if flags & fuse.INIT_EXT else 0)
         agreed = offered & _WANTED_FLAGS
-        if self.max_stack_depth < 1:
+        if self.max_stack_depth < 1 or not self._passthrough_wanted:
             agreed &= ~fuse.PASSTHROUGH
         self.kernel_minor = minor
         self.passthrough = bool(agreed & fuse.PASSTHROUGH)
         self.reply(unique, 0, fuse.INIT_OUT.pack(
             fuse.KERNEL_VERSION, min(minor, fuse.KERNEL_MINOR), max_readahead, agreed & 0xFFFFFFFF,
-            16, 12, MAX_WRITE, 1, 0, 0, agreed >> 32, self.max_stack_depth if self.passthrough else 0))
+            16, 12, MAX_WRITE, 1, MAX_PAGES, 0, agreed >> 32, self.max_stack_depth if self.passthrough else 0))
 
     # -- serving ----------------------------------------------------------------------
 
@@ -147,10 +159,13 @@ class KernelSession:
         poller = select.poll()
         poller.register(self.fd, select.POLLIN)
         poller.register(self._wake_r, select.POLLIN)
+        idle = self.idle
         while not self._stopping:
             try:
                 length = os.readv(self.fd, [buffer])
             except BlockingIOError:
+                if not idle.is_set():
+                    idle.set()
                 poller.poll()
                 continue
             except InterruptedError:
@@ -188,6 +203,44 @@ class KernelSession:
                          + body)
             except OSError:
                 pass  # ENOENT: the kernel never looked it up
+
+    def store(self, nodeid: int, data: bytes) -> int:
+        """Put ``data`` into the page cache of inode ``nodeid`` from offset 0 (NOTIFY_STORE):
+        0, or the errno (ENOENT: the kernel does not know the inode, or not yet). May block
+        while a READ of the same pages waits for its reply: never call it from the loop's
+        thread (kernel_prefetch.py)."""
+        body = fuse.NOTIFY_STORE_OUT.pack(nodeid, 0, len(data), 0)
+        with self._notify_lock:
+            if self._closed:
+                return errno.ENODEV
+            try:
+                os.writev(self.fd, (_OUT_HEADER_PACK(_OUT_HEADER_SIZE + len(body) + len(data), fuse.NOTIFY_STORE, 0),
+                                    body, data))
+            except OSError as error:
+                return error.errno or errno.EIO
+        return 0
+
+    def refuse_until(self, done: threading.Event, timeout: float) -> None:
+        """After :meth:`serve` ended: answer EIO to every request still queued, until
+        ``done`` is set or ``timeout`` passes. A :meth:`store` may wait on a page whose
+        READ is queued and will otherwise never be answered; this lets it through."""
+        deadline = time.monotonic() + timeout
+        buffer = bytearray(BUFFER_BYTES)
+        poller = select.poll()
+        poller.register(self.fd, select.POLLIN)
+        while not done.is_set() and not self._closed and time.monotonic() < deadline:
+            if not poller.poll(10):
+                continue
+            try:
+                length = os.readv(self.fd, [buffer])
+            except (BlockingIOError, InterruptedError):
+                continue
+            except OSError:
+                return  # ENODEV: the connection is gone, and its requests with it
+            if length >= fuse.IN_HEADER.size:
+                _, opcode, unique, *_ = fuse.IN_HEADER.unpack_from(buffer)
+                if opcode not in fuse.NO_REPLY_OPCODES:
+                    self.reply(unique, -errno.EIO)
 
     def backing_open(self, fd: int) -> int | None:
         """Register ``fd`` as a backing file; its id, or None if the kernel refuses."""

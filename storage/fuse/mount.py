@@ -21,9 +21,11 @@ Lifecycle and who cleans up:
   directory; the kernel drops it when a worker dies, even by ``kill -9``), lazily unmounts
   whatever a dead worker left mounted there, mounts, and starts the FUSE thread, waiting
   at most ``start_timeout`` for it. What serves (``backend``, :data:`BACKENDS`): the
-  /dev/fuse protocol spoken here with passthrough reads (:mod:`.kernel_session`: OPEN and
-  RELEASE per file reach Python, reads do not), or trio + pyfuse3 (OPEN, READ, RELEASE
-  per file); ``auto`` probes passthrough at each mount (INIT and a BACKING_OPEN).
+  /dev/fuse protocol spoken here (:mod:`.kernel_session`) in its page-cache mode (no
+  OPEN or RELEASE at all, small listed files pushed into the page cache ahead of their
+  reads: :mod:`.kernel_requests`) or with passthrough (OPEN and RELEASE per file reach
+  Python, reads do not), or trio + pyfuse3 (OPEN, READ, RELEASE per file); ``auto`` is
+  the page-cache mode where the kernel speaks FUSE 7.31+, else pyfuse3.
 * :meth:`FuseMount.close` (the owner — the composition root — calls it) stops the thread
   and unmounts; idempotent.
 * If the FUSE thread dies (a pyfuse3 or kernel error, the connection aborted), it unmounts
@@ -55,6 +57,7 @@ from ..digests import Digest
 from ..directory.cas import CasDirectory
 from . import kernel_mounts
 from .inodes import ROOT_INODE, ActionRoot, InodeTable
+from .kernel_prefetch import Prefetcher
 from .kernel_requests import KernelRequests
 from .kernel_session import KernelSession
 from .operations import InputFileSystem
@@ -65,10 +68,11 @@ log = logging.getLogger(__name__)
 #: the sandbox's uid is not the mounter's (allow_other), nothing is ever written (ro).
 MOUNT_OPTIONS = frozenset({"default_permissions", "allow_other", "ro", "fsname=reapi-worker-inputs", "subtype=reapi"})
 
-#: Which code serves the mount: ``kernel`` speaks /dev/fuse itself with passthrough reads
-#: (:mod:`.kernel_session`), ``pyfuse3`` goes through libfuse; ``auto`` takes ``kernel``
-#: when a probe at mount time shows passthrough works, else ``pyfuse3``.
-BACKENDS = ("auto", "pyfuse3", "kernel")
+#: Which code serves the mount: ``kernel`` speaks /dev/fuse itself in its page-cache mode,
+#: ``kernel-passthrough`` the same protocol with an OPEN per file and passthrough reads
+#: (:mod:`.kernel_requests` says when each pays), ``pyfuse3`` goes through libfuse;
+#: ``auto`` takes ``kernel`` if it starts, else ``pyfuse3``.
+BACKENDS = ("auto", "pyfuse3", "kernel", "kernel-passthrough")
 
 _process_lock = threading.Lock()
 _process_mount: "FuseMount | None" = None  # pyfuse3 allows one session per process
@@ -83,9 +87,11 @@ class FuseMount:
     (EMFILE past it, see :mod:`.open_files`); ``None`` for no quota. ``backend``: one of
     :data:`BACKENDS`; :attr:`backend_in_use` says which one serves after :meth:`open`.
     ``stacked_overlays``: how many overlayfs are mounted on top of each root (1: the
-    stager's; 2 under a BoundedStager), since the kernel stacks at most two file systems
-    and passthrough makes this mount count as one: with 2, ``auto`` means pyfuse3 and
-    ``kernel`` serves without passthrough.
+    stager's; 2 with two stacked), since the kernel stacks at most two file systems and
+    passthrough makes this mount count as one: with 2, ``kernel-passthrough`` serves
+    without passthrough (a READ per read); the page-cache mode does not care.
+    ``prefetch``: whether the page-cache mode prefetches (:mod:`.kernel_prefetch`; off
+    only to measure what it brings).
     """
 
     def __init__(
@@ -99,10 +105,12 @@ class FuseMount:
         open_files_per_action: int | None = None,
         backend: str = "auto",
         stacked_overlays: int = 1,
+        prefetch: bool = True,
     ) -> None:
         if backend not in BACKENDS:
             raise InvalidArgument(f"FUSE backend {backend!r} is none of {', '.join(BACKENDS)}")
         self.backend = backend
+        self._prefetch = prefetch
         self._stacked_overlays = stacked_overlays
         self.backend_in_use: str | None = None
         self._requests: KernelRequests | None = None
@@ -263,29 +271,28 @@ class FuseMount:
         self._start_pyfuse3()
 
     def _start_kernel(self) -> bool:
-        """Serve through /dev/fuse directly; False (nothing mounted) if ``auto`` finds
-        passthrough unavailable. The probe registers the directory's lock file as a backing
-        file: on the build root's file system, like the cache usually is."""
-        kernel = KernelSession(self.mount_dir, max_stack_depth=2 - self._stacked_overlays)
+        """Serve through /dev/fuse directly; False (nothing mounted) if that fails under
+        ``auto``. For passthrough, the probe registers the directory's lock file as a
+        backing file: on the build root's file system, like the cache usually is."""
+        passthrough = self.backend == "kernel-passthrough"
+        kernel = KernelSession(self.mount_dir, max_stack_depth=2 - self._stacked_overlays, passthrough=passthrough)
         try:
             kernel.mount(self._start_timeout, probe_fd=self._lock_fd)
         except Internal as error:
             kernel.close(self._stop_timeout)
-            if self.backend == "kernel":
+            if self.backend != "auto":
                 raise
             log.warning("the /dev/fuse backend did not start (%s); using pyfuse3", error)
             return False
-        if self.backend == "auto" and not kernel.passthrough:
-            kernel.close(self._stop_timeout)
-            log.info("FUSE passthrough is not available here; using pyfuse3")
-            return False
-        requests = self._requests = KernelRequests(self._table, self._uid, self._gid, kernel)
-        self.backend_in_use = "kernel"
+        prefetcher = Prefetcher(kernel) if self._prefetch and not passthrough else None
+        requests = self._requests = KernelRequests(self._table, self._uid, self._gid, kernel, page_cache=not passthrough,
+                                                   prefetcher=prefetcher)
+        self.backend_in_use = "kernel-passthrough" if passthrough else "kernel"
         session = self._session = _Session(kernel)
         ready = threading.Event()
         ready.set()  # mounted and INIT answered already
         self._thread = threading.Thread(
-            target=self._serve, args=(session, ready, lambda: kernel.serve(requests.handle)), name="fuse", daemon=True)
+            target=self._serve, args=(session, ready, lambda: _serve_kernel(kernel, requests)), name="fuse", daemon=True)
         self._thread.start()
         threading.Thread(target=_invalidate_loop, args=(session,), name="fuse-invalidate", daemon=True).start()
         return True
@@ -399,6 +406,20 @@ def _invalidate_loop(session: _Session) -> None:
                     pyfuse3.invalidate_entry(ROOT_INODE, token.encode())
             except OSError:
                 pass  # ENOENT: the kernel never looked the root up
+
+
+def _serve_kernel(kernel: KernelSession, requests: KernelRequests) -> None:
+    prefetcher = requests.prefetcher
+    if prefetcher is not None:
+        prefetcher.start()
+    try:
+        kernel.serve(requests.handle)
+    finally:
+        if prefetcher is not None:
+            prefetcher.stop()
+            # A push in flight may wait on a page that a queued READ holds locked: with the
+            # loop gone, that READ is answered (EIO) here, or closing would wait for it.
+            kernel.refuse_until(prefetcher.stopped, timeout=5.0)
 
 
 def _terminate() -> None:

@@ -302,7 +302,7 @@ class InputFileSystem(pyfuse3.Operations):
         except ReapiError as error:
             error.within(f"fetching input blob {file.digest} on first read")  # once: shared below
             with self.table.lock:
-                for root in list(file.roots):
+                for root in file.live_roots():
                     root.fail(error)
             raise pyfuse3.FUSEError(errno.EIO) from None
         finally:

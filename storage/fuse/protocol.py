@@ -48,6 +48,8 @@ FOPEN_NOFLUSH = 1 << 5  # no FLUSH on close: nothing to flush
 FOPEN_PASSTHROUGH = 1 << 7
 
 NOTIFY_INVAL_ENTRY = 3
+#: Puts bytes into a file inode's page cache without a request (see kernel_prefetch.py).
+NOTIFY_STORE = 4
 
 # -- /dev/fuse ioctls: _IOW(229, nr, size) ---------------------------------------------
 BACKING_OPEN = (1 << 30) | (16 << 16) | (229 << 8) | 1  # struct fuse_backing_map (16 bytes)
@@ -95,6 +97,8 @@ KSTATFS = struct.Struct("<QQQQQIIII24x")
 #: fuse_notify_inval_entry_out: parent, namelen, flags (then the name and a NUL).
 NOTIFY_INVAL_ENTRY_OUT = struct.Struct("<QII")
 #: fuse_backing_map: fd, flags, padding.
+#: fuse_notify_store_out: nodeid, offset, size, padding (then the bytes).
+NOTIFY_STORE_OUT = struct.Struct("<QQII")
 BACKING_MAP = struct.Struct("<iIQ")
 BACKING_ID = struct.Struct("<I")
 

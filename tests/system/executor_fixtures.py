@@ -4,7 +4,7 @@
 suite runs over both (``STAGINGS``). FUSE needs root (``/dev/fuse`` and overlay mounts),
 ``fusermount3`` and one FUSE mount per process: :func:`shared_fuse_mount` opens it once
 and every FUSE farm of the session uses it — reopened when a test asks for the other
-backend (``FUSE_BACKENDS``; staging ``fuse-pyfuse3``/``fuse-kernel`` name one, plain
+backend (``FUSE_BACKENDS``; staging ``fuse-pyfuse3``/``fuse-kernel``/``fuse-kernel-passthrough`` name one, plain
 ``fuse`` takes :data:`fuse_backend`, which suites parametrize).
 """
 
@@ -39,7 +39,7 @@ from reapi_worker.worker.platform_properties import PlatformPolicy
 
 STAGINGS = ("hardlink", "fuse", "cached")
 
-FUSE_BACKENDS = ("pyfuse3", "kernel")
+FUSE_BACKENDS = ("pyfuse3", "kernel", "kernel-passthrough")
 #: The backend of plain ``fuse`` staging (storage/fuse/mount.py; ``auto``: as a worker
 #: would choose). Suites that run on both set it per module.
 fuse_backend = "auto"
@@ -202,7 +202,7 @@ def make_farm(
     stager: Stager
     if staging == "hardlink":
         stager = HardlinkStager(source, remover, parsed=ParsedTrees())
-    elif staging in ("fuse", "fuse-pyfuse3", "fuse-kernel"):
+    elif staging in ("fuse", "fuse-pyfuse3", "fuse-kernel", "fuse-kernel-passthrough"):
         mount = shared_fuse_mount(staging.partition("-")[2] or None)
         # Under a bound, as a worker does: bare FUSE views, the bound's overlay on them.
         stager = FuseStager(source, remover, mount, os.path.join(top, "builds"), fetch_timeout=fetch_timeout,

@@ -1,5 +1,8 @@
-"""The /dev/fuse backend on real mounts: passthrough really used, backing ids released,
-the fallbacks, and requests the kernel passes on from hostile callers.
+"""The /dev/fuse backend on real mounts, in both modes: the page-cache mode (no OPEN,
+RELEASE or OPENDIR reaches the daemon, listed files are pushed into the page cache and
+read with no request, a file read once is read again with no request, the daemon holds
+no descriptor for open files) and passthrough (really used, backing ids released), the
+fallbacks, and requests the kernel passes on from hostile callers.
 
 Each test opens its own FuseMount (one per process at a time: the shared one of
 executor_fixtures is closed first).
@@ -68,6 +71,9 @@ class Rig:
     def reads(self) -> int:
         return self.mount.request_counts().get(fuse.READ, 0)
 
+    def count(self, opcode: int) -> int:
+        return self.mount.request_counts().get(opcode, 0)
+
     def close(self) -> None:
         for staged in self.staged:
             staged.close()  # idempotent
@@ -112,9 +118,88 @@ def read_all(path: str) -> dict[str, bytes]:
     return found
 
 
-def test_reads_go_to_the_backing_files_not_to_the_daemon(rigs):
+def settled(condition) -> bool:  # type: ignore[no-untyped-def]
+    """Whether ``condition`` holds within 10 s (the prefetcher pushes from its own thread)."""
+    deadline = time.monotonic() + 10
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return condition()
+
+
+def test_the_page_cache_mode_reads_listed_files_and_files_read_before_with_no_request(rigs):
     rig = rigs("kernel")
-    assert rig.mount.backend_in_use == "kernel"
+    assert rig.mount.backend_in_use == "kernel" and not rig.mount._session.kernel.passthrough
+    prefetcher = rig.mount._requests.prefetcher
+    staged = rig.stage()
+    f3 = os.path.join(staged.path, "d", "f3")
+    reads = rig.reads()
+    assert open(f3, "rb").read() == b"3\n" * 1000
+    assert rig.reads() > reads  # looked up, not listed: its first read is a READ
+    reads = rig.reads()
+    assert open(f3, "rb").read() == b"3\n" * 1000 and rig.reads() == reads  # from the page cache
+    pushed = prefetcher.pushed
+    assert len(os.listdir(os.path.join(staged.path, "d"))) == 20  # READDIRPLUS: the other 19 are pushed
+    assert settled(lambda: prefetcher.pushed - pushed == 19 and not prefetcher._files)
+    for i in range(20):
+        assert open(os.path.join(staged.path, "d", f"f{i}"), "rb").read() == b"%d\n" % i * 1000
+    assert rig.reads() == reads  # not one READ for the listed files
+    with open(f3, "rb") as stream:  # mmap, and exec of an ELF, through the page cache
+        with mmap.mmap(stream.fileno(), 0, prot=mmap.PROT_READ) as mapped:
+            assert mapped[:4] == b"3\n3\n"
+    subprocess.run([os.path.join(staged.path, "bin", "true")], check=True)
+    assert read_all(staged.path)["same-2"] == b"same blob\n"
+    # The first OPEN and OPENDIR answered ENOSYS: the kernel sent no other, and no RELEASE.
+    assert rig.count(fuse.OPEN) <= 1 and rig.count(fuse.OPENDIR) <= 1
+    assert rig.count(fuse.RELEASE) == rig.count(fuse.RELEASEDIR) == 0
+    staged.close()
+
+
+def test_the_page_cache_mode_holds_no_descriptor_for_files_actions_hold_open(rigs):
+    """No OPEN, so no descriptor per open file and nothing for a quota of open files to
+    count: the daemon's descriptors stay bounded however many files actions hold open."""
+    rig = rigs("kernel")
+    staged = rig.stage()
+    blobs_dir = os.path.dirname(os.path.dirname(rig.cache.object_path(Digest.of_bytes(b""))))
+
+    def daemon_descriptors_on_the_cache() -> int:  # the daemon runs in this process
+        found = 0
+        for fd in os.listdir("/proc/self/fd"):
+            try:
+                found += os.readlink(f"/proc/self/fd/{fd}").startswith(blobs_dir + "/")
+            except OSError:
+                pass
+        return found
+
+    held = [open(os.path.join(staged.path, "d", f"f{i % 20}"), "rb") for i in range(200)]
+    try:
+        assert all(stream.read(1) for stream in held)  # read: the daemon served them
+        assert rig.mount.open_files() == rig.mount.open_descriptors() == 0
+        assert daemon_descriptors_on_the_cache() == 0
+    finally:
+        for stream in held:
+            stream.close()
+    staged.close()
+
+
+def test_a_big_input_is_read_through_read_requests_then_from_the_page_cache(rigs):
+    rig = rigs("kernel")
+    tree = CasDirectory.from_digest(rig.cache, rig.tree)
+    big = bytes(range(256)) * (12 * 4096)  # 12 MiB: larger than one READ (1 MiB at most)
+    tree.write_bytes("big", big)
+    rig.tree = tree.digest()
+    staged = rig.stage()
+    path = os.path.join(staged.path, "big")
+    reads = rig.reads()
+    assert open(path, "rb").read() == big
+    assert rig.reads() > reads
+    reads = rig.reads()
+    assert open(path, "rb").read() == big and rig.reads() == reads
+    staged.close()
+
+
+def test_passthrough_reads_go_to_the_backing_files_not_to_the_daemon(rigs):
+    rig = rigs("kernel-passthrough")
+    assert rig.mount.backend_in_use == "kernel-passthrough"
     staged = rig.stage()
     contents = read_all(staged.path)
     assert contents["d/f7"] == b"7\n" * 1000 and contents["same-2"] == b"same blob\n" and len(contents) == 24  # with the link
@@ -130,7 +215,7 @@ def test_reads_go_to_the_backing_files_not_to_the_daemon(rigs):
 
 
 def test_a_blob_held_open_keeps_one_backing_id_shared_by_its_opens(rigs):
-    rig = rigs("kernel")
+    rig = rigs("kernel-passthrough")
     staged = rig.stage()
     kernel = rig.mount._session.kernel
     with open(os.path.join(staged.path, "same-1"), "rb") as one, open(os.path.join(staged.path, "same-2"), "rb") as two:
@@ -140,30 +225,31 @@ def test_a_blob_held_open_keeps_one_backing_id_shared_by_its_opens(rigs):
     staged.close()
 
 
-def test_under_two_stacked_overlays_the_kernel_backend_serves_reads_itself(rigs):
-    rig = rigs("kernel", stacked_overlays=2)
-    assert rig.mount.backend_in_use == "kernel" and not rig.mount._session.kernel.passthrough
+def test_under_two_stacked_overlays_passthrough_gives_way_to_reads(rigs):
+    rig = rigs("kernel-passthrough", stacked_overlays=2)
+    assert rig.mount.backend_in_use == "kernel-passthrough" and not rig.mount._session.kernel.passthrough
     staged = rig.stage()
     assert read_all(staged.path)["d/f19"] == b"19\n" * 1000
     assert rig.reads() > 0
     staged.close()
 
 
-def test_auto_takes_the_kernel_backend_when_passthrough_works(rigs):
-    rig = rigs("auto")  # this host: Linux 6.9+, cache and build root on tmpfs or ext4
-    assert rig.mount.backend_in_use == "kernel" and rig.mount._session.kernel.passthrough
+def test_auto_takes_the_page_cache_mode(rigs):
+    rig = rigs("auto")
+    assert rig.mount.backend_in_use == "kernel" and not rig.mount._session.kernel.passthrough
 
 
-def test_auto_under_two_overlays_is_pyfuse3(rigs):
-    rig = rigs("auto", stacked_overlays=2)
-    assert rig.mount.backend_in_use == "pyfuse3"
+def test_the_page_cache_mode_serves_under_two_stacked_overlays(rigs):
+    rig = rigs("auto", stacked_overlays=2)  # no passthrough: the mount has depth 0
+    assert rig.mount.backend_in_use == "kernel"
     staged = rig.stage()
     assert read_all(staged.path)["d/f2"] == b"2\n" * 1000
     staged.close()
 
 
-def test_requests_hostile_callers_can_make_get_errors_and_the_mount_lives_on(rigs):
-    rig = rigs("kernel")
+@pytest.mark.parametrize("backend", ["kernel", "kernel-passthrough"])
+def test_requests_hostile_callers_can_make_get_errors_and_the_mount_lives_on(rigs, backend):
+    rig = rigs(backend)
     staged = rig.stage()
     lower = os.path.join(rig.mount.path_of(staged._root), "d", "f1")
     with pytest.raises(OSError) as caught:
@@ -193,11 +279,11 @@ def test_requests_hostile_callers_can_make_get_errors_and_the_mount_lives_on(rig
 
 
 @pytest.mark.parametrize("build_dir_size", ["off", "64M"])
-def test_the_worker_takes_passthrough_with_or_without_a_bounded_build_directory(build_dir_size):
-    """Through the composition root: a bounded build directory's overlay is the only one
-    over the FUSE view (FuseStager(overlay=False)), so passthrough fits under it; with
-    two overlays the mount would be too deep and auto would have to take pyfuse3."""
-    backend = "kernel"
+@pytest.mark.parametrize("backend", ["auto", "kernel-passthrough"])
+def test_the_worker_takes_its_kernel_backend_with_or_without_a_bounded_build_directory(build_dir_size, backend):
+    """Through the composition root: ``auto`` is the page-cache mode; with passthrough, a
+    bounded build directory's overlay is the only one over the FUSE view
+    (FuseStager(overlay=False)), so passthrough fits under it."""
     require_tool("bwrap")
     require(os.geteuid() == 0 and os.path.exists("/dev/fuse"), "FUSE needs root and /dev/fuse")
     executor_fixtures._close_shared_mount()  # one FUSE mount per process at a time
@@ -208,6 +294,7 @@ def test_the_worker_takes_passthrough_with_or_without_a_bounded_build_directory(
             cfg = load_config(None, {
                 "remote": f"grpc://{cas.address}", "cache_dir": os.path.join(top, "cache"),
                 "build_root": os.path.join(top, "builds"), "staging": "fuse", "build_dir_size": build_dir_size,
+                "fuse_backend": backend,
             })
             blob = cas.put(b"input bytes\n")
             root = cas.put(serialize(re_pb2.Directory(files=[re_pb2.FileNode(name="in", digest=blob.to_proto())])))
@@ -219,6 +306,7 @@ def test_the_worker_takes_passthrough_with_or_without_a_bounded_build_directory(
                 assert outcome.status.code == code_pb2.OK, outcome.status
                 assert graph.cache.read(Digest.from_proto(outcome.result.stdout_digest)) == b"input bytes\n"
                 mounts = [m for m in gc.get_objects() if isinstance(m, FuseMount) and m.mount_dir.startswith(top)]
-                assert [m.backend_in_use for m in mounts] == [backend]
+                assert [m.backend_in_use for m in mounts] == ["kernel" if backend == "auto" else backend]
+                assert mounts[0]._session.kernel.passthrough == (backend == "kernel-passthrough")
     finally:
         shutil.rmtree(top, ignore_errors=True)

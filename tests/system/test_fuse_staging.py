@@ -54,7 +54,7 @@ def patch_open_local(monkeypatch, replacement) -> None:  # type: ignore[no-untyp
 
 def end_serving_loop(mount) -> None:  # type: ignore[no-untyped-def]
     """From a request handler: make the mount's serving thread end, as a crash would."""
-    if mount.backend_in_use == "kernel":
+    if mount.backend_in_use.startswith("kernel"):
         mount._session.kernel.stop()
     else:
         operations.pyfuse3.terminate()

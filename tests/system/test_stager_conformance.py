@@ -36,7 +36,7 @@ from reapi_worker.storage.tree_facts import TreeFacts
 
 OWNER = Owner(NOBODY.uid, NOBODY.gid)
 STAGERS = (
-    "hardlink", "hardlink-parsed", "fuse", "fuse-kernel", "auto-eager", "auto-lazy", "cached",
+    "hardlink", "hardlink-parsed", "fuse", "fuse-kernel", "fuse-kernel-passthrough", "auto-eager", "auto-lazy", "cached",
     "hardlink+bound", "fuse+bound", "fuse-kernel+bound", "cached+bound", "hardlink+guard",
 )
 
@@ -81,9 +81,9 @@ def rig(request) -> Iterator[Rig]:
             stager = stack.enter_context(CachedTreeStager(cache, remover, trees, build_root))
         elif not kind.startswith("hardlink"):
             facts = TreeFacts()
-            # "fuse" (and auto) on pyfuse3, "fuse-kernel" on the /dev/fuse backend.
-            # Under a bound, as a worker does: bare FUSE views, the bound's overlay on them.
-            mount = shared_fuse_mount("kernel" if kind == "fuse-kernel" else "pyfuse3")
+            # "fuse" (and auto) on pyfuse3, "fuse-kernel[-passthrough]" on the /dev/fuse
+            # backend. Under a bound, as a worker does: bare FUSE views, the bound's overlay on them.
+            mount = shared_fuse_mount(kind.removeprefix("fuse-") if kind.startswith("fuse-") else "pyfuse3")
             lazy = FuseStager(cache, remover, mount, build_root, facts=facts, overlay=wrapper != "bound")
             stager = lazy
             if kind.startswith("auto"):
@@ -93,7 +93,7 @@ def rig(request) -> Iterator[Rig]:
             stager = BoundedStager(stager, 16 << 20)
         elif wrapper == "guard":
             stager = FreeSpaceGuard(stager, reserve_bytes=0)
-        lazy = kind in ("fuse", "fuse-kernel", "auto-lazy")
+        lazy = kind in ("fuse", "fuse-kernel", "fuse-kernel-passthrough", "auto-lazy")
         yield Rig(stager, cache, remover, build_root, os.path.join(top, "source"), lazy)
         remover.drain()
     shutil.rmtree(top, ignore_errors=True)

@@ -16,6 +16,8 @@ import time
 
 import pytest
 
+from reapi_worker.protos import re_pb2
+from reapi_worker.storage.digests import Digest, serialize
 from reapi_worker.storage.directory.cas import CasDirectory
 from reapi_worker.storage.fuse import kernel_requests
 from reapi_worker.storage.fuse import protocol as fuse
@@ -48,8 +50,26 @@ class FakeSession:
         self.closed.append(backing)
 
 
+class FakePrefetcher:
+    """Records what the page-cache mode offers to prefetch."""
+
+    def __init__(self) -> None:
+        self.files: list[str] = []
+        self.directories: list[object] = []
+
+    def offer_files(self, root, files) -> None:  # type: ignore[no-untyped-def]
+        self.files += [str(file.digest) for file in files]
+
+    def offer_directories(self, root, directories) -> None:  # type: ignore[no-untyped-def]
+        self.directories += directories
+
+    def wait_for(self, node) -> None:  # type: ignore[no-untyped-def]
+        pass  # never parsing anything
+
+
 class Rig:
-    def __init__(self, tmp_path, passthrough: bool = True, per_action: int | None = None) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, tmp_path, passthrough: bool = True, per_action: int | None = None,  # type: ignore[no-untyped-def]
+                 page_cache: bool = False) -> None:
         self.cache = LocalCAS(str(tmp_path / "cache"), max_bytes=1 << 30)
         tree = CasDirectory.empty(self.cache)
         tree.mkdir("d")
@@ -60,7 +80,9 @@ class Rig:
         self.root = ActionRoot("tok", CasDirectory.from_digest(self.cache, tree.digest()), self.cache, 0, 0, 5.0)
         self.table.add_root(self.root)
         self.session = FakeSession(passthrough)
-        self.requests = KernelRequests(self.table, 0, 0, self.session)  # type: ignore[arg-type]
+        self.prefetcher = FakePrefetcher()
+        self.requests = KernelRequests(self.table, 0, 0, self.session, page_cache=page_cache,  # type: ignore[arg-type]
+                                       prefetcher=self.prefetcher)  # type: ignore[arg-type]
         self._unique = 100
 
     def send(self, opcode: int, nodeid: int, body: bytes = b"", *, pid: int = 0, length: int | None = None) -> bool:
@@ -277,3 +299,85 @@ def test_a_directory_missing_everywhere_is_eio_and_recorded_as_missing(tmp_path)
     assert error == -errno.EIO
     assert d_digest in getattr(rig.root.failure, "digests", ())
     rig.cache.close()
+
+
+# -- the page-cache mode --------------------------------------------------------------------
+
+
+@pytest.fixture
+def cached(tmp_path):  # type: ignore[no-untyped-def]
+    made = Rig(tmp_path, page_cache=True)
+    yield made
+    made.cache.close()
+
+
+def test_page_cache_mode_refuses_open_and_opendir_with_enosys_so_the_kernel_stops_sending_them(cached):
+    root = cached.lookup(ROOT_INODE, "tok")
+    g = cached.lookup(root, "g")
+    assert cached.open(g)[0] == -errno.ENOSYS  # FUSE_NO_OPEN_SUPPORT
+    assert cached.ask(fuse.OPENDIR, root, bytes(8))[0] == -errno.ENOSYS  # FUSE_NO_OPENDIR_SUPPORT
+    assert cached.open(g, os.O_WRONLY)[0] == -errno.EROFS
+    assert cached.table.open_files.descriptors == 0
+
+
+def test_page_cache_mode_reads_by_node_id_holding_no_descriptor(cached):
+    root = cached.lookup(ROOT_INODE, "tok")
+    g = cached.lookup(root, "g")
+    assert cached.ask(fuse.READ, g, fuse.READ_IN.pack(0, 1, 3) + bytes(20)) == (0, b"orl")  # handle 0: no OPEN
+    assert cached.ask(fuse.READ, g, fuse.READ_IN.pack(0, 1 << 62, 3) + bytes(20)) == (0, b"")
+    assert cached.ask(fuse.READ, root, fuse.READ_IN.pack(0, 0, 3) + bytes(20))[0] == -errno.EISDIR
+    assert cached.ask(fuse.READ, 987654, fuse.READ_IN.pack(0, 0, 3) + bytes(20))[0] == -errno.ESTALE
+    assert cached.table.open_files.descriptors == 0 and len(os.listdir("/proc/self/fd")) < 200
+    g_digest = cached.root.tree.entries()["g"].digest  # type: ignore[union-attr]
+    assert g_digest in cached.table.take_opened(cached.cache)  # the cache's LRU still learns of it
+
+
+def test_page_cache_mode_lists_by_node_id_loading_the_directory_and_offers_the_listing(cached):
+    root = cached.lookup(ROOT_INODE, "tok")
+    d = cached.lookup(root, "d")  # not loaded: no OPENDIR will load it
+    assert cached.root.tree.entries()["d"].loaded_entries() is None  # type: ignore[union-attr]
+    error, payload = cached.ask(fuse.READDIRPLUS, d, fuse.READ_IN.pack(0, 0, 4096) + bytes(20))
+    head = fuse.ENTRY_OUT_HEAD.size + fuse.ATTR.size + fuse.DIRENT_HEAD.size
+    assert error == 0 and payload[head:head + 1] == b"f"
+    error, payload = cached.ask(fuse.READDIRPLUS, root, fuse.READ_IN.pack(0, 0, 4096) + bytes(20))
+    assert error == 0 and payload.count(b"link") == 1
+    entries = cached.root.tree.entries()
+    assert cached.prefetcher.files == [str(entries["d"].loaded_entries()["f"].digest),  # type: ignore[union-attr]
+                                       str(entries["g"].digest)]  # type: ignore[union-attr]
+    assert cached.prefetcher.directories == [entries["d"]]  # a listed directory: loaded ahead
+    assert cached.ask(fuse.READDIR, root, fuse.READ_IN.pack(0, 0, 4096) + bytes(20))[0] == 0
+    assert cached.ask(fuse.READDIRPLUS, cached.lookup(root, "g"), fuse.READ_IN.pack(0, 0, 4096) + bytes(20))[0] == \
+        -errno.ENOTDIR
+
+
+def test_page_cache_mode_fetches_a_missing_blob_on_read_and_records_it(tmp_path):
+    rig = Rig(tmp_path, page_cache=True)
+    ghost = Digest.of_bytes(b"never stored")
+    proto = re_pb2.Directory(files=[re_pb2.FileNode(name="ghost", digest=ghost.to_proto())])
+    rig.table.add_root(ActionRoot("ghosts", CasDirectory.from_digest(rig.cache, rig.cache.write(serialize(proto))),
+                                  rig.cache, 0, 0, 5.0))
+    ino = rig.lookup(rig.lookup(ROOT_INODE, "ghosts"), "ghost")  # no remote to ask
+    before = len(rig.session.replies)
+    rig.send(fuse.READ, ino, fuse.READ_IN.pack(0, 0, 5) + bytes(20))
+    unique, error, _ = _wait_for_reply(rig, before + 1)
+    failure = rig.table.roots()[-1].failure
+    assert error == -errno.EIO and ghost in getattr(failure, "digests", ()), failure
+    rig.cache.close()
+
+
+def test_page_cache_mode_answers_malformed_and_hostile_requests_with_an_errno(cached):
+    root = cached.lookup(ROOT_INODE, "tok")
+    g = cached.lookup(root, "g")
+    allowed = (0, -errno.EINVAL, -errno.EISDIR, -errno.ESTALE, -errno.ENOTDIR, -errno.ENOSYS)
+    for opcode, node, body in [
+        (fuse.READ, g, b"\0" * 7), (fuse.READDIRPLUS, root, b""), (fuse.READDIR, root, b"\1"), (fuse.OPEN, g, b""),
+        (fuse.READ, 987654321, fuse.READ_IN.pack(0, 0, 10) + bytes(20)),
+        (fuse.READ, g, fuse.READ_IN.pack(0, (1 << 64) - 1, 1 << 31) + bytes(20)),  # past any offset pread takes
+        (fuse.READ, ROOT_INODE, fuse.READ_IN.pack(0, 0, 10) + bytes(20)),
+        (fuse.READDIRPLUS, 987654321, fuse.READ_IN.pack(0, 0, 4096) + bytes(20)),
+        (fuse.READDIRPLUS, root, fuse.READ_IN.pack(0, 1 << 40, 4096) + bytes(20)),  # past the end: empty
+        (fuse.READDIRPLUS, root, fuse.READ_IN.pack(0, 0, 0) + bytes(20)),  # no room for an entry
+    ]:
+        error, _ = cached.ask(opcode, node, body)
+        assert error in allowed, (opcode, node, error)
+    assert cached.ask(fuse.READ, g, fuse.READ_IN.pack(0, 0, 5) + bytes(20)) == (0, b"world")  # still serving
