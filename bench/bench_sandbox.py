@@ -23,7 +23,10 @@ the cgroup lock waits an RCU grace period only when it was idle):
 * ``runner, cgroup`` — the runner with this host's cgroup controller and the default bounds
   (memory, pids, /tmp size, open files), started through its spawner;
 * ``runner, cgroup, /etc entry by entry (before)`` — the same runner without the view;
-* ``runner, rlimit`` / ``runner, no limits`` — the rlimit fallback, and no confinement at all.
+* ``runner, rlimit`` / ``runner, no limits`` — the rlimit fallback, and no confinement at all;
+* ``runner, cgroup, the client's PWD (no env shim)`` — the first runner row for a request
+  whose client sent ``PWD`` = its working directory (or a CHROOT one): no ``env`` exec in the
+  sandbox (:mod:`reapi_worker.sandbox.bwrap_args` says why there is one otherwise).
 
 Usage: python bench/bench_sandbox.py [--runs 31] [--pause 0.05]. Needs root. Never asserts.
 """
@@ -88,6 +91,14 @@ def main() -> None:
                                  stdout_path=str(base / "out"), stderr_path=str(base / "err"), limits=limits)
         return lambda: runner.run(request)
 
+    def run_with_pwd(runner: BubblewrapRunner, limits: ResourceLimits) -> Callable[[], object]:
+        probe = SandboxRequest(arguments=("/bin/true",), environment={}, input_root=str(root),
+                               stdout_path=str(base / "out"), stderr_path=str(base / "err"), limits=limits)
+        request = SandboxRequest(arguments=("/bin/true",), environment={"PWD": probe.sandbox_working_directory},
+                                 input_root=str(root), stdout_path=str(base / "out"), stderr_path=str(base / "err"),
+                                 limits=limits)
+        return lambda: runner.run(request)
+
     plain = next(iter(runners.values()))[0]
     assert plain.etc_view is not None, "the bench runs as root: the runner has its /etc view"
     request = SandboxRequest(arguments=("/bin/true",), environment={}, input_root=str(root),
@@ -112,6 +123,7 @@ def main() -> None:
         "exec chain (before): sh + setpriv + bwrap, the runner's options":
             lambda: exec_chain(controller, options, same.command),
         **{name: run(runner, limits) for name, (runner, limits) in runners.items()},
+        f"runner, {controller.kind}, the client's PWD (no env shim)": run_with_pwd(plain, BOUNDS),
     }
     times: dict[str, list[float]] = {name: [] for name in cases}
     try:
