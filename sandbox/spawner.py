@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import array
 import json
+import logging
 import os
 import socket
 import struct
@@ -40,6 +41,8 @@ from dataclasses import dataclass
 
 from .errors import SandboxSetupError
 from .identity import RunAs
+
+log = logging.getLogger(__name__)
 
 _LENGTH = struct.Struct("<I")
 _PROGRAM = os.path.join(os.path.dirname(os.path.abspath(__file__)), "spawner_process.py")
@@ -127,8 +130,13 @@ class Spawner:
             self._forget()
 
     def _connected(self) -> socket.socket:
-        if self._socket is not None and self._process is not None and self._process.poll() is None:
-            return self._socket
+        if self._socket is not None and self._process is not None:
+            status = self._process.poll()
+            if status is None:
+                return self._socket
+            # Every sandbox it had started died with it: say so where operators look.
+            log.warning("the sandbox spawner (pid %d) exited with status %d; starting a new one",
+                        self._process.pid, status)
         self._forget()
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:

@@ -178,7 +178,7 @@ def test_many_threads_spawn_at_once(spawner, tmp_path):
     assert sorted(results, key=int) == [str(i) for i in range(24)]
 
 
-def test_a_dead_spawner_is_replaced_by_the_next_call(spawner, tmp_path):
+def test_a_dead_spawner_is_replaced_by_the_next_call_and_logged(spawner, tmp_path, caplog):
     run(spawner, tmp_path, "true")
     process = spawner._process
     assert process is not None
@@ -187,6 +187,7 @@ def test_a_dead_spawner_is_replaced_by_the_next_call(spawner, tmp_path):
     out, _, _ = run(spawner, tmp_path, "echo again")
     assert out == "again\n"
     assert spawner._process is not None and spawner._process.pid != process.pid
+    assert f"sandbox spawner (pid {process.pid}) exited with status -9" in caplog.text
 
 
 def test_a_spawner_that_dies_mid_call_fails_that_call_only(spawner, tmp_path, monkeypatch):
