@@ -36,13 +36,14 @@ from __future__ import annotations
 
 import itertools
 import os
+import stat
 import threading
 import weakref
 from dataclasses import dataclass, field
 
 from reapi_worker.protos.errors import MissingBlobs, ReapiError
 
-from ..content import LocalContent
+from ..content import BLOB_MODES, LocalContent
 from ..digests import Digest
 from ..directory.cas import CasDirectory, FileEntry, LinkEntry
 from .open_files import Opener, OpenFiles
@@ -150,6 +151,32 @@ def file_links(inode: object) -> int:
 
 
 Inode = DirInode | LinkInode | FileInode
+
+
+@dataclass(frozen=True, slots=True)
+class Attributes:
+    """What both FUSE backends report for an inode (each packs it its own way)."""
+
+    size: int
+    mode: int
+    nlink: int
+    uid: int
+    gid: int
+
+
+def attributes(inode: Inode | None, top_uid: int, top_gid: int) -> Attributes:
+    """The attributes of ``inode``; ``None`` is the mount's top directory, owned by
+    ``top_uid``/``top_gid`` and open to them only (overlayfs reads below as its mounter).
+    Files are owned by their root's uid and moded as the local cache stores blobs
+    (:data:`~..content.BLOB_MODES`); directories and symlinks by their root's owner."""
+    if type(inode) is FileInode:
+        return Attributes(inode.digest.size_bytes, stat.S_IFREG | BLOB_MODES[inode.executable], file_links(inode),
+                          inode.uid, inode.gid)
+    if type(inode) is LinkInode:
+        return Attributes(len(inode.target), stat.S_IFLNK | 0o777, 1, inode.root.dir_uid, inode.root.dir_gid)
+    if type(inode) is DirInode:
+        return Attributes(0, stat.S_IFDIR | 0o755, 1, inode.root.dir_uid, inode.root.dir_gid)
+    return Attributes(0, stat.S_IFDIR | 0o700, 1, top_uid, top_gid)
 
 
 class InodeTable:

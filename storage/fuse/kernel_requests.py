@@ -56,11 +56,10 @@ from typing import Any, TypeVar
 
 from reapi_worker.protos.errors import Internal, ReapiError, Unavailable
 
-from ..content import BLOB_MODES
 from ..directory.cas import CasDirectory
 from . import protocol as fuse
 from .blobs import fetch_and_open, is_local, open_local
-from .inodes import ROOT_INODE, ActionRoot, DirInode, FileInode, Inode, InodeTable, LinkInode, NotLoaded, file_links
+from .inodes import ROOT_INODE, ActionRoot, DirInode, FileInode, Inode, InodeTable, LinkInode, NotLoaded, attributes
 from .kernel_prefetch import Prefetcher
 from .kernel_session import KernelSession
 from .open_files import QuotaExceeded, opener_of
@@ -167,17 +166,9 @@ class KernelRequests:
     # -- attributes -----------------------------------------------------------------------
 
     def _attr(self, inode: Inode | None, ino: int) -> bytes:
-        if type(inode) is FileInode:
-            size = inode.digest.size_bytes
-            mode, uid, gid = stat.S_IFREG | BLOB_MODES[inode.executable], inode.uid, inode.gid
-        elif type(inode) is LinkInode:
-            size, mode, uid, gid = len(inode.target), stat.S_IFLNK | 0o777, inode.root.dir_uid, inode.root.dir_gid
-        elif type(inode) is DirInode:
-            size, mode, uid, gid = 0, stat.S_IFDIR | 0o755, inode.root.dir_uid, inode.root.dir_gid
-        else:  # the mount's top directory: root only (overlayfs reads below as its mounter)
-            size, mode, uid, gid = 0, stat.S_IFDIR | 0o700, self._uid, self._gid
-        return fuse.ATTR.pack(ino, size, (size + 511) // 512, _SECONDS, _SECONDS, _SECONDS, _NANOS, _NANOS, _NANOS,
-                              mode, file_links(inode), uid, gid, 0, 4096, 0)
+        a = attributes(inode, self._uid, self._gid)
+        return fuse.ATTR.pack(ino, a.size, (a.size + 511) // 512, _SECONDS, _SECONDS, _SECONDS, _NANOS, _NANOS, _NANOS,
+                              a.mode, a.nlink, a.uid, a.gid, 0, 4096, 0)
 
     def _entry(self, inode: Inode) -> bytes:
         return fuse.ENTRY_OUT_HEAD.pack(inode.ino, 0, _VALID, _VALID, 0, 0) + self._attr(inode, inode.ino)

@@ -32,7 +32,6 @@ import errno
 import functools
 import logging
 import os
-import stat
 import threading
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, Concatenate, ParamSpec, TypeVar
@@ -42,13 +41,12 @@ import trio
 
 from reapi_worker.protos.errors import Internal, ReapiError, Unavailable
 
-from ..content import BLOB_MODES
 from ..digests import Digest
 from ..directory.cas import CasDirectory
 from .blobs import fetch_and_open as _fetch_and_open
 from .blobs import is_local as _is_local
 from .blobs import open_local as _open_local
-from .inodes import ROOT_INODE, ActionRoot, DirInode, FileInode, InodeTable, LinkInode, NotLoaded, file_links
+from .inodes import ROOT_INODE, ActionRoot, DirInode, FileInode, InodeTable, LinkInode, NotLoaded, attributes
 from .open_files import QuotaExceeded, opener_of
 
 log = logging.getLogger(__name__)
@@ -112,22 +110,9 @@ class InputFileSystem(pyfuse3.Operations):
         attrs.attr_timeout = CACHE_SECONDS
         attrs.st_atime_ns = attrs.st_mtime_ns = attrs.st_ctime_ns = INPUT_MTIME_NS
         attrs.st_blksize = 4096
-        attrs.st_nlink = file_links(inode)
-        if type(inode) is FileInode:
-            attrs.st_mode = stat.S_IFREG | BLOB_MODES[inode.executable]
-            attrs.st_size = inode.digest.size_bytes
-            attrs.st_blocks = (inode.digest.size_bytes + 511) // 512
-            attrs.st_uid, attrs.st_gid = inode.uid, inode.gid
-        elif type(inode) is LinkInode:
-            attrs.st_mode = stat.S_IFLNK | 0o777
-            attrs.st_size = len(inode.target)
-            attrs.st_uid, attrs.st_gid = inode.root.dir_uid, inode.root.dir_gid
-        elif type(inode) is DirInode:
-            attrs.st_mode = stat.S_IFDIR | 0o755
-            attrs.st_uid, attrs.st_gid = inode.root.dir_uid, inode.root.dir_gid
-        else:  # the mount's top directory: root only (overlayfs reads below as its mounter)
-            attrs.st_mode = stat.S_IFDIR | 0o700
-            attrs.st_uid, attrs.st_gid = self._uid, self._gid
+        these = attributes(inode, self._uid, self._gid)
+        attrs.st_mode, attrs.st_nlink, attrs.st_uid, attrs.st_gid = these.mode, these.nlink, these.uid, these.gid
+        attrs.st_size, attrs.st_blocks = these.size, (these.size + 511) // 512
         return attrs
 
     def _known(self, ino: int) -> DirInode | LinkInode | FileInode | None:
