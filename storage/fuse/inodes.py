@@ -215,6 +215,18 @@ class InodeTable:
     def roots(self) -> list[ActionRoot]:
         return list(self._roots.values())
 
+    def fail_roots(self, error: ReapiError) -> None:
+        """Record ``error`` on every registered root (an error that cannot be pinned on one)."""
+        with self.lock:
+            for root in self._roots.values():
+                root.fail(error)
+
+    def fail_readers(self, file: FileInode, error: ReapiError) -> None:
+        """Record ``error`` on every live root that looked ``file`` up (its blob failed)."""
+        with self.lock:
+            for root in file.live_roots():
+                root.fail(error)
+
     # -- requests (the FUSE thread) -------------------------------------------------------
 
     def get(self, ino: int) -> Inode | None:

@@ -154,7 +154,7 @@ class KernelRequests:
             error = errno.EINVAL
         except Exception as failure:  # noqa: BLE001 - the one place every bug becomes EIO
             log.exception("FUSE opcode %d on %d failed", opcode, nodeid)
-            self.record_for_all(Internal(f"the input file system failed in opcode {opcode}: {failure!r}"))
+            self.table.fail_roots(Internal(f"the input file system failed in opcode {opcode}: {failure!r}"))
             error = errno.EIO
         if opcode in fuse.NO_REPLY_OPCODES:
             return
@@ -467,20 +467,12 @@ class KernelRequests:
             return _with_deadline(lambda: fetch_and_open(file.store, file.digest), file.fetch_timeout)
         except ReapiError as error:
             error.within(f"fetching input blob {file.digest} on first read")
-            with self.table.lock:
-                for root in file.live_roots():
-                    root.fail(error)
+            self.table.fail_readers(file, error)
             raise FuseError(errno.EIO) from None
         finally:
             with self._slow_lock:
                 del self._fetching[key]
             done.set()
-
-    def record_for_all(self, error: ReapiError) -> None:
-        """Fail every registered root (an error that cannot be pinned on one)."""
-        with self.table.lock:
-            for root in self.table.roots():
-                root.fail(error)
 
 
 #: The most one READ answers (the kernel asks for at most max_pages pages).

@@ -78,7 +78,7 @@ def _handler(
             raise
         except Exception as error:  # noqa: BLE001 - the one place every bug becomes EIO
             log.exception("FUSE %s%r failed", method.__name__, args[:2])
-            self.record_for_all(Internal(f"the input file system failed in {method.__name__}: {error!r}"))
+            self.table.fail_roots(Internal(f"the input file system failed in {method.__name__}: {error!r}"))
             raise pyfuse3.FUSEError(errno.EIO) from None
 
     return wrapper
@@ -286,19 +286,11 @@ class InputFileSystem(pyfuse3.Operations):
             return await _in_thread(functools.partial(_fetch_and_open, file.store, file.digest), file.fetch_timeout)
         except ReapiError as error:
             error.within(f"fetching input blob {file.digest} on first read")  # once: shared below
-            with self.table.lock:
-                for root in file.live_roots():
-                    root.fail(error)
+            self.table.fail_readers(file, error)
             raise pyfuse3.FUSEError(errno.EIO) from None
         finally:
             del self._fetching[key]
             done.set()
-
-    def record_for_all(self, error: ReapiError) -> None:
-        """Fail every registered root (an error that cannot be pinned on one)."""
-        with self.table.lock:
-            for root in self.table.roots():
-                root.fail(error)
 
 
 class _Ticket:
