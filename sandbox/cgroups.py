@@ -28,6 +28,7 @@ v1 (one hierarchy per controller, possibly co-mounted): ``memory.limit_in_bytes`
 
 from __future__ import annotations
 
+import abc
 import errno
 import itertools
 import os
@@ -243,6 +244,99 @@ def _action_name() -> str:
     return f"{os.getpid()}-{next(_SEQUENCE)}"
 
 
+# --- what v1 and v2 share -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Bounds:
+    """What of an action's limits its cgroups enforce: a spare prepared with equal bounds is
+    ready to use as it is."""
+
+    memory_bytes: int | None
+    max_pids: int | None
+    cpu_cores: float | None
+
+    @classmethod
+    def of(cls, limits: ResourceLimits) -> "_Bounds":
+        return cls(limits.memory_bytes, limits.max_pids, limits.cpu_cores)
+
+
+def _usable_spare(spares: SpareCgroups | None, bounds: _Bounds) -> tuple[str, bool] | None:
+    """A spare for an action with ``bounds``: its name and whether its limits are written
+    already (prepared for exactly these), or ``None``. One prepared for other bounds is
+    removed: rewriting limits in place has ordering traps (memsw >= limit) and would leave
+    a limit the action does not ask for."""
+    taken = spares.take() if spares else None
+    if taken is None or spares is None:
+        return None
+    name, prepared = taken
+    if prepared is None or prepared == bounds:
+        return name, prepared is not None
+    spares.remove(name)
+    return None
+
+
+class _ActionCgroupController(ResourceController):
+    """The life of an action's cgroups, whichever the version: take a spare made ahead
+    (:mod:`.cgroup_spares`) whose prepared bounds fit, else make them now; write the limits
+    unless the spare has them. Subclasses say how a set is made (:meth:`_make`), limited
+    (:meth:`_write_limits`) and named in errors (:meth:`_where`), and whether a spare can be
+    prepared for bounds (:meth:`_preparable`)."""
+
+    def _keep_spares(self, parents: Iterable[Path], count: int, remove_dir: Callable[[Path], None]) -> None:
+        """Start keeping ``count`` spares under ``parents`` (none for 0). Call it last in
+        ``__init__``: the spares' thread prepares them from then on."""
+        self._remove_dir = remove_dir
+        self._last: _Bounds | None = None  # the cgroup bounds of the latest action
+        parents = tuple(parents)
+        #: cgroups made ahead of the actions, or ``None``
+        self.spares = SpareCgroups(parents, _action_name, count, self._prepare, remove_dir) if count and parents else None
+
+    def confine(self, limits: ResourceLimits) -> Confinement:
+        bounds = self._last = _Bounds.of(limits)
+        spare = _usable_spare(self.spares, bounds)
+        name = spare[0] if spare else _action_name()
+        try:
+            confinement = self._make(name, bounds, limits.open_files, made_ahead=spare is not None)
+        except OSError as e:
+            raise SandboxSetupError(f"cannot create cgroup {self._where(name)}: {e}") from e
+        if spare is None or not spare[1]:
+            try:
+                self._write_limits(confinement, bounds)
+            except OSError as e:
+                confinement.close()
+                raise SandboxSetupError(f"cannot set limits on cgroup {self._where(name)}: {e}") from e
+        return confinement
+
+    def close(self) -> None:
+        if self.spares is not None:
+            self.spares.close()
+
+    def _prepare(self, name: str) -> _Bounds | None:
+        """Write the latest action's bounds into the spare ``name`` (the spares' thread)."""
+        bounds = self._last
+        if bounds is None or not self._preparable(bounds):
+            return None
+        self._write_limits(self._make(name, bounds, None, made_ahead=True), bounds)
+        return bounds
+
+    def _preparable(self, bounds: _Bounds) -> bool:
+        return True
+
+    @abc.abstractmethod
+    def _make(self, name: str, bounds: _Bounds, open_files: int | None, made_ahead: bool) -> Confinement:
+        """The confinement ``name`` for ``bounds``, its directories made unless ``made_ahead``
+        (those of a spare); raises OSError, having removed what it made."""
+
+    @abc.abstractmethod
+    def _write_limits(self, confinement: Confinement, bounds: _Bounds) -> None:
+        """Write ``bounds`` into the confinement's control files; raises OSError."""
+
+    @abc.abstractmethod
+    def _where(self, name: str) -> str:
+        """How an error names the cgroup ``name``."""
+
+
 # --- v2 ------------------------------------------------------------------------------------
 
 
@@ -297,7 +391,7 @@ class CgroupV2Confinement(Confinement):
         _remove(self.path, self._remove_dir)
 
 
-class CgroupV2Controller(ResourceController):
+class CgroupV2Controller(_ActionCgroupController):
     """Action cgroups under ``parent``, a v2 cgroup that holds no process and delegates
     ``controllers`` to its children (see :meth:`from_self`). ``remove_dir`` exists for tests
     on a fake tree."""
@@ -310,10 +404,7 @@ class CgroupV2Controller(ResourceController):
     ) -> None:
         self.parent = parent
         self.enforces = frozenset(controllers & {"memory", "pids", "cpu"})
-        self._remove_dir = remove_dir
-        self._last: _Bounds | None = None  # the cgroup bounds of the latest action
-        #: cgroups made ahead of the actions, or ``None``
-        self.spares = SpareCgroups([parent], _action_name, spares, self._prepare, remove_dir) if spares else None
+        self._keep_spares([parent], spares, remove_dir)
 
     @classmethod
     def from_self(
@@ -358,34 +449,18 @@ class CgroupV2Controller(ResourceController):
         sweep_dead_action_cgroups([parent], remove_dir=remove_dir)
         return cls(parent, frozenset(wanted), remove_dir, spares)
 
-    def close(self) -> None:
-        if self.spares is not None:
-            self.spares.close()
+    def _make(self, name: str, bounds: _Bounds, open_files: int | None, made_ahead: bool) -> Confinement:
+        path = self.parent / name
+        if not made_ahead:
+            path.mkdir()
+        return CgroupV2Confinement(path, self._remove_dir, open_files)
 
-    def confine(self, limits: ResourceLimits) -> Confinement:
-        bounds = self._last = _Bounds.of(limits)
-        spare = _usable_spare(self.spares, bounds)
-        path = self.parent / (spare[0] if spare else _action_name())
-        try:
-            if spare is None:
-                path.mkdir()
-        except OSError as e:
-            raise SandboxSetupError(f"cannot create cgroup {path}: {e}") from e
-        confinement = CgroupV2Confinement(path, self._remove_dir, limits.open_files)
-        if spare is None or not spare[1]:
-            try:
-                self._write_limits(path, bounds)
-            except OSError as e:
-                confinement.close()
-                raise SandboxSetupError(f"cannot set limits on cgroup {path}: {e}") from e
-        return confinement
+    def _where(self, name: str) -> str:
+        return str(self.parent / name)
 
-    def _prepare(self, name: str) -> "_Bounds | None":
-        if self._last is not None:
-            self._write_limits(self.parent / name, self._last)
-        return self._last
-
-    def _write_limits(self, path: Path, bounds: "_Bounds") -> None:
+    def _write_limits(self, confinement: Confinement, bounds: _Bounds) -> None:
+        assert isinstance(confinement, CgroupV2Confinement)
+        path = confinement.path
         if bounds.memory_bytes is not None and "memory" in self.enforces:
             _write(path / "memory.max", str(bounds.memory_bytes))
             try:
@@ -471,7 +546,7 @@ class CgroupV1Confinement(Confinement):
             raise errors[0]
 
 
-class CgroupV1Controller(ResourceController):
+class CgroupV1Controller(_ActionCgroupController):
     """Action cgroups under ``parents`` (controller -> the ``reapi-worker`` directory in that
     controller's hierarchy). ``memory``, ``pids`` and ``cpuacct`` are joined for every action
     (OOM detection, figures, the kill list); ``cpu`` only when a CPU limit is asked for."""
@@ -484,11 +559,10 @@ class CgroupV1Controller(ResourceController):
     ) -> None:
         self.parents = dict(parents)
         self.enforces = frozenset(self.parents) & {"memory", "pids", "cpu"}
-        self._remove_dir = remove_dir
         always = [parent for controller, parent in self.parents.items() if controller in self.ALWAYS]
-        self._last: _Bounds | None = None  # the cgroup bounds of the latest action
-        #: cgroups made ahead of the actions, or ``None``
-        self.spares = SpareCgroups(always, _action_name, spares, self._prepare, remove_dir) if spares and always else None
+        #: what a spare holds: a directory in each hierarchy of a controller every action joins
+        self._spare_parents = frozenset(always) if spares else frozenset()
+        self._keep_spares(always, spares, remove_dir)
 
     @classmethod
     def from_self(
@@ -525,28 +599,14 @@ class CgroupV1Controller(ResourceController):
         sweep_dead_action_cgroups(parents.values(), remove_dir=remove_dir)
         return cls(parents, remove_dir, spares)
 
-    def close(self) -> None:
-        if self.spares is not None:
-            self.spares.close()
+    def _make(self, name: str, bounds: _Bounds, open_files: int | None, made_ahead: bool) -> Confinement:
+        dirs = self._dirs(name, bounds, made_ahead=self._spare_parents if made_ahead else frozenset())
+        return CgroupV1Confinement(dirs, self._remove_dir, open_files)
 
-    def confine(self, limits: ResourceLimits) -> Confinement:
-        bounds = self._last = _Bounds.of(limits)
-        spare = _usable_spare(self.spares, bounds)
-        name = spare[0] if spare else _action_name()
-        try:
-            dirs = self._dirs(name, bounds, made_ahead=set(self.spares_parents) if spare else set())
-        except OSError as e:
-            raise SandboxSetupError(f"cannot create cgroup {name}: {e}") from e
-        confinement = CgroupV1Confinement(dirs, self._remove_dir, limits.open_files)
-        if spare is None or not spare[1]:
-            try:
-                self._write_limits(dirs, bounds)
-            except OSError as e:
-                confinement.close()
-                raise SandboxSetupError(f"cannot set limits on cgroup {name}: {e}") from e
-        return confinement
+    def _where(self, name: str) -> str:
+        return name
 
-    def _dirs(self, name: str, bounds: "_Bounds", made_ahead: set[Path]) -> dict[str, Path]:
+    def _dirs(self, name: str, bounds: _Bounds, made_ahead: frozenset[Path]) -> dict[str, Path]:
         """controller -> the action's directory, made where not ``made_ahead``; on a failure
         what was made is removed and OSError raised."""
         wanted = [c for c in self.parents if c in self.ALWAYS or (c == "cpu" and bounds.cpu_cores is not None)]
@@ -566,19 +626,13 @@ class CgroupV1Controller(ResourceController):
             raise
         return dirs
 
-    def _prepare(self, name: str) -> "_Bounds | None":
-        bounds = self._last
-        if bounds is None or (bounds.cpu_cores is not None and self.parents.get("cpu") not in self.spares_parents):
-            return None  # a cpu directory the spare lacks: the action makes its own
-        self._write_limits(self._dirs(name, bounds, made_ahead=set(self.spares_parents)), bounds)
-        return bounds
+    def _preparable(self, bounds: _Bounds) -> bool:
+        # A cpu directory the spare lacks: the action makes its own.
+        return bounds.cpu_cores is None or self.parents.get("cpu") in self._spare_parents
 
-    @property
-    def spares_parents(self) -> tuple[Path, ...]:
-        spares = getattr(self, "spares", None)  # the spares' thread may ask before __init__ is done
-        return spares.parents if spares else ()
-
-    def _write_limits(self, dirs: Mapping[str, Path], bounds: "_Bounds") -> None:
+    def _write_limits(self, confinement: Confinement, bounds: _Bounds) -> None:
+        assert isinstance(confinement, CgroupV1Confinement)
+        dirs = confinement.dirs
         if bounds.memory_bytes is not None and "memory" in dirs:
             _write(dirs["memory"] / "memory.limit_in_bytes", str(bounds.memory_bytes))
             try:
@@ -591,32 +645,3 @@ class CgroupV1Controller(ResourceController):
         if bounds.cpu_cores is not None and "cpu" in dirs:
             _write(dirs["cpu"] / "cpu.cfs_period_us", str(CPU_PERIOD_US))
             _write(dirs["cpu"] / "cpu.cfs_quota_us", str(max(1000, round(bounds.cpu_cores * CPU_PERIOD_US))))
-
-
-@dataclass(frozen=True)
-class _Bounds:
-    """What of an action's limits its cgroups enforce: a spare prepared with equal bounds is
-    ready to use as it is."""
-
-    memory_bytes: int | None
-    max_pids: int | None
-    cpu_cores: float | None
-
-    @classmethod
-    def of(cls, limits: ResourceLimits) -> "_Bounds":
-        return cls(limits.memory_bytes, limits.max_pids, limits.cpu_cores)
-
-
-def _usable_spare(spares: SpareCgroups | None, bounds: _Bounds) -> tuple[str, bool] | None:
-    """A spare for an action with ``bounds``: its name and whether its limits are written
-    already (prepared for exactly these), or ``None``. One prepared for other bounds is
-    removed: rewriting limits in place has ordering traps (memsw >= limit) and would leave
-    a limit the action does not ask for."""
-    taken = spares.take() if spares else None
-    if taken is None or spares is None:
-        return None
-    name, prepared = taken
-    if prepared is None or prepared == bounds:
-        return name, prepared is not None
-    spares.remove(name)
-    return None
