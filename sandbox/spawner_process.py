@@ -140,39 +140,41 @@ def _spawn(request: dict, fds: list[int]) -> tuple[dict, int | None]:
 def _spawn_as_asked(request: dict, received: list[int]) -> int:
     """Steps 1–6 of the module docstring; raises OSError (nothing spawned) for a step that
     fails, and exits the process if it cannot undo one."""
-    uid, gid = request["uid"], request["gid"]
     # Above every target first, so that no dup2 of the child overwrites a descriptor still
     # to move (the child's dup2 of a descriptor onto its own number would also keep it
     # close-on-exec).
     fds = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, len(received)) for fd in received]
     try:
-        return _spawn_with(request, fds, uid, gid)
+        return _spawn_with(request, fds)
     finally:
         for fd in fds:
             os.close(fd)
 
 
-def _spawn_with(request: dict, fds: list[int], uid: int | None, gid: int | None) -> int:
-    actions = [("join", tasks) for tasks in request["tasks"]]
+def _spawn_with(request: dict, fds: list[int]) -> int:
+    switch = request["uid"] is not None  # the worker sends uid and gid together
+    to_undo: set[str] = set()  # marked before each step: undoing a step not done is harmless
     try:
-        for _, tasks in actions:
-            _write_zero(tasks, "join cgroup")
+        if request["tasks"]:
+            to_undo.add("cgroups")
+            for tasks in request["tasks"]:
+                _write_zero(tasks, "join cgroup")
         if request["new_network"]:
-            actions.append(("network", ""))
+            to_undo.add("network")
             _check(_libc.unshare(_CLONE_NEWNET), "make a network namespace")
-        if uid is not None and gid is not None:
-            actions.append(("ids", ""))
+        if switch:
+            to_undo.add("ids")
             # Saved ids too: the kernel lets posix_spawn return once the child's exec has
             # replaced its memory, before it commits the new credentials (saved := effective),
             # and prlimit wants the child's real, effective *and* saved ids to be our real
             # ones. With an effective uid of 0 this process keeps its capabilities, so it can
             # still go back.
-            os.setresgid(gid, 0, gid)
-            os.setresuid(uid, 0, uid)
+            os.setresgid(request["gid"], 0, request["gid"])
+            os.setresuid(request["uid"], 0, request["uid"])
         pid = os.posix_spawn(
             request["argv"][0], request["argv"], request["env"],
             file_actions=[(os.POSIX_SPAWN_DUP2, fd, target) for target, fd in enumerate(fds)],
-            setsid=True, setsigdef=_DEFAULT_SIGNALS, resetids=uid is not None,
+            setsid=True, setsigdef=_DEFAULT_SIGNALS, resetids=switch,
         )
         try:
             for number, value in request["rlimits"]:
@@ -182,17 +184,17 @@ def _spawn_with(request: dict, fds: list[int], uid: int | None, gid: int | None)
             raise
         return pid
     finally:
-        _go_home(actions, request["home_tasks"])
+        _go_home(to_undo, request["home_tasks"])
 
 
-def _go_home(actions: list[tuple[str, str]], home_tasks: list[str]) -> None:
+def _go_home(to_undo: set[str], home_tasks: list[str]) -> None:
     try:
-        if ("ids", "") in actions:
+        if "ids" in to_undo:
             os.setresuid(0, 0, 0)
             os.setresgid(0, 0, 0)
-        if ("network", "") in actions:
+        if "network" in to_undo:
             _check(_libc.setns(_HOME_NETWORK, _CLONE_NEWNET), "return to its network namespace")
-        if any(kind == "join" for kind, _ in actions):
+        if "cgroups" in to_undo:
             for tasks in home_tasks:
                 _write_zero(tasks, "return to cgroup")
     except OSError as e:
