@@ -27,7 +27,6 @@ may be written from any thread (each is one ``write``, which the kernel takes wh
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import fcntl
 import logging
@@ -37,16 +36,13 @@ import threading
 import time
 from collections.abc import Callable
 
+from reapi_worker.host import mounts as host_mounts
 from reapi_worker.protos.errors import Internal
 
 from . import kernel_mounts
 from . import protocol as fuse
 
 log = logging.getLogger(__name__)
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.mount.argtypes = (ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p)
-MS_RDONLY = 1
 
 #: Bytes read per request: at least FUSE_MIN_READ_BUFFER and a WRITE of max_write. A
 #: larger request (a huge SETXATTR) is refused by the kernel itself (E2BIG).
@@ -99,11 +95,11 @@ class KernelSession:
             raise Internal(f"opening /dev/fuse: {error.strerror}") from None
         options = (f"fd={self.fd},rootmode=40000,user_id={os.geteuid()},group_id={os.getegid()},"
                    "allow_other,default_permissions")
-        flags = MS_RDONLY | kernel_mounts.MS_NOSUID | kernel_mounts.MS_NODEV
-        if _libc.mount(b"reapi-worker-inputs", os.fsencode(self.mount_dir), b"fuse.reapi", flags,
-                       options.encode()) != 0:
-            err = ctypes.get_errno()
-            raise Internal(f"mounting the input file system at {self.mount_dir}: {os.strerror(err)}")
+        try:
+            host_mounts.mount("reapi-worker-inputs", self.mount_dir, "fuse.reapi",
+                              host_mounts.MS_RDONLY | host_mounts.MS_NOSUID | host_mounts.MS_NODEV, options)
+        except OSError as error:
+            raise Internal(f"mounting the input file system at {self.mount_dir}: {error.strerror}") from None
         self._mounted = True
         self._answer_init(init_timeout)
         if self.passthrough and probe_fd is not None:
